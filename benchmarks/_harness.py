@@ -1,0 +1,158 @@
+"""Shared benchmark harness: header line, timing, output checks, table, skip lines and JSON.
+
+A bench script defines its cases, a setup per case and its providers, then calls `run`.
+"""
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import ht_kernels
+
+# Loose sanity bound on the relative RMS error of each output against the reference provider's.
+CHECK_BOUND = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 5e-3}
+# Errors that mean "this provider or case cannot run here": reported as skips, not raised.
+SKIPS = (ht_kernels.BackendUnavailableError, ImportError, NotImplementedError, torch.cuda.OutOfMemoryError)
+
+
+class Skip(Exception):
+    """A provider or case that cannot run here; the message says why."""
+
+
+def parse_args(description: str, quick_help: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--json", metavar="PATH", help="also write the header, rows and skips to PATH as JSON")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls can be slow on CPUs)")
+    p.add_argument("--providers", help="comma-separated subset to run (the reference always runs)")
+    args = p.parse_args()
+    args.device = torch.device(args.device)
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    return args
+
+
+def header(device: torch.device, dtype: torch.dtype) -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    cpu = next((ln.split(":")[1].strip() for ln in cpuinfo if ln.startswith("model name")), "")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu} CPU, {os.cpu_count()} cores"
+    repo = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True)  # noqa: E731
+    sha = git("rev-parse", "--short", "HEAD")
+    dirty = "-dirty" if git("status", "--porcelain").stdout.strip() else ""
+    triton = importlib.util.find_spec("triton") and importlib.metadata.version("triton")
+    return {"device": name, "torch": torch.__version__, "triton": triton or "none", "dtype": str(dtype)[6:],
+            "git": (sha.stdout.strip() if sha.returncode == 0 else "no-commit") + dirty}
+
+
+def time_fn(fn, warmup: float = 25, rep: float = 100, *, device: torch.device) -> tuple[float, float, float]:
+    """Median, p20 and p80 of one fn() call in microseconds. As in triton.testing.do_bench, warmup and
+    rep are budgets in ms (at least 1 and 10 calls); CUDA calls are timed with CUDA events."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    sync()
+    est_ms = max((time.perf_counter() - t0) / 3 * 1e3, 1e-3)
+    for _ in range(max(1, round(warmup / est_ms))):
+        fn()
+    n = max(10, round(rep / est_ms))
+    if cuda:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        sync()
+        us = [start.elapsed_time(end) * 1e3 for start, end in events]
+    else:
+        us = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            us.append((time.perf_counter() - t0) * 1e6)
+    deciles = statistics.quantiles(us, n=10)
+    return statistics.median(us), deciles[1], deciles[7]
+
+
+def run(args, cases: list[dict], setup, providers: dict, *, reference: str, baseline: str, metrics: dict) -> None:
+    """Checks and times every provider on every case; prints the table, then the skips; maybe JSON.
+
+    setup(case) -> inputs, or raises Skip. providers: {name: make(inputs) -> fn}, fn() -> output; make
+    or the first call raise Skip (or one of SKIPS) when the provider cannot run. Outputs are checked
+    against `reference`'s, the ratio column is baseline time / provider time, and metrics maps extra
+    columns to f(case, median_us).
+    """
+    if args.providers:
+        providers = {k: v for k, v in providers.items() if k in args.providers.split(",") or k == reference}
+    head = header(args.device, args.dtype)
+    print("  ".join(f"{k}: {v}" for k, v in head.items()))
+    columns = [*cases[0], "provider", "median us", "p20-p80 us", *metrics, f"x {baseline}"]
+    widths = [max(len(k), *(len(str(c[k])) for c in cases)) for k in cases[0]]
+    widths += [max(map(len, providers)), 10, 19, *(max(9, len(m)) for m in metrics), 9]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print(line(columns), line("-" * w for w in widths), sep="\n", flush=True)
+    rows, case_skips, provider_skips = [], [], {}
+    for case in cases:
+        try:
+            results = _run_case(args, case, setup(case), providers, reference, provider_skips)
+        except (Skip, *SKIPS) as e:
+            case_skips.append({"case": case, "reason": _reason(e)})
+            continue
+        base = results.get(baseline, {}).get("median_us")
+        for name, r in results.items():
+            if r["status"] == "ok":
+                r.update({m: f(case, r["median_us"]) for m, f in metrics.items()},
+                         ratio=base / r["median_us"] if base else None)
+                cells = [f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}-{r['p80_us']:.1f}",
+                         *(f"{r[m]:.4g}" for m in metrics), f"{r['ratio']:.2f}x" if base else "-"]
+            else:
+                cells = [f"MISMATCH (rel rms {r['rel_rms'] or float('nan'):.2g})"]
+            print(line([*case.values(), name, *cells]), flush=True)
+            rows.append({**case, "provider": name, **r})
+    for s in case_skips:
+        print(f"skipped: case {' '.join(f'{k}={v}' for k, v in s['case'].items())} ({s['reason']})")
+    n_run = len(cases) - len(case_skips)
+    for (name, reason), n in provider_skips.items():
+        print(f"skipped: {name} ({reason})" + (f" in {n} of {n_run} cases" if n != n_run else ""))
+    if args.json:
+        skips = [{"provider": p, "reason": r, "cases": n} for (p, r), n in provider_skips.items()]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"header": head, "rows": rows, "skipped_cases": case_skips, "skipped_providers": skips}, indent=1))
+
+
+def _run_case(args, case, inputs, providers, reference, provider_skips) -> dict:
+    results, ref = {}, None
+    for name in [reference, *(p for p in providers if p != reference)]:
+        try:
+            fn = providers[name](inputs)
+            out = fn()
+        except (Skip, *SKIPS) as e:
+            if name == reference:
+                raise Skip(f"the reference {name} cannot run: {_reason(e)}") from e
+            provider_skips[(name, _reason(e))] = provider_skips.get((name, _reason(e)), 0) + 1
+            continue
+        ref = out if name == reference else ref
+        err = ((out.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt()).item()
+        if not err < CHECK_BOUND[args.dtype]:  # NaN fails too
+            results[name] = {"status": "MISMATCH", "rel_rms": err if math.isfinite(err) else None}
+            continue
+        median, p20, p80 = time_fn(fn, device=args.device)
+        results[name] = {"status": "ok", "rel_rms": err, "median_us": median, "p20_us": p20, "p80_us": p80}
+    return {name: results[name] for name in providers if name in results}  # in the providers' order
+
+
+def _reason(e: Exception) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0][:160]

@@ -1,0 +1,116 @@
+"""Benchmark ht_kernels.tree_attention against PyTorch's SDPA and FlexAttention.
+
+One decoding step's tree attention: T tree queries per row over an unmasked prefix of L cached
+positions plus the T tree tokens under a random tree's ancestor mask. The tree's keys/values already
+sit in the cache (no k/v arguments), so no provider writes into the cache inside the timed region.
+Cases whose estimated footprint exceeds 90% of the device's memory are skipped, and say so.
+
+    python benchmarks/bench_tree_attention.py [--quick] [--json PATH] [--device D] [--dtype T]
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+
+import ht_kernels as ht
+from _harness import Skip, parse_args, run
+
+QUICK_HELP = ("small CPU-friendly set: B in {1, 2}, L in {256, 1024}, T in {16, 64}, Hq/Hkv 8/2, D 64 "
+              "(fp32 on CPU unless --dtype); well under a minute on a 2-core CPU")
+
+
+def cases(quick: bool) -> list[dict]:
+    if quick:
+        grid = itertools.product([(8, 2)], [1, 2], [256, 1024], [16, 64], [64])
+    else:
+        grid = itertools.product([(32, 8), (32, 32)], [1, 8, 32], [512, 4096, 16384], [16, 64, 128], [128])
+    return [dict(Hq=Hq, Hkv=Hkv, B=B, L=L, T=T, D=D) for (Hq, Hkv), B, L, T, D in grid]
+
+
+def random_tree_mask(T: int) -> torch.Tensor:
+    """[T, T] bool ancestor mask of a random tree: parents[i] uniform in [0, i)."""
+    parents = [-1] + [int(torch.randint(0, i, ())) for i in range(1, T)]
+    return ht.Tree.from_parents(parents).ancestor_mask
+
+
+def footprint(case: dict, itemsize: int) -> int:
+    """Rough peak bytes of a case: the cache and the providers' copies, masks, the reference's temporaries."""
+    B, S, T, Hq, Hkv, D = case["B"], case["L"] + case["T"], case["T"], case["Hq"], case["Hkv"], case["D"]
+    kv = 2 * B * S * D * itemsize * (2 * Hkv + Hq)  # the cache, flex's [B, Hkv, S, D] and sdpa's [B, Hq, S, D]
+    reference_row = 4 * S * Hq * (2 * D + 3 * T)  # fp32 K, V, scores, probabilities of one row
+    return kv + reference_row + B * T * S * (1 + itemsize) + 8 * B * T * Hq * D * itemsize
+
+
+def device_memory(device: torch.device) -> int:
+    """Total bytes of the device's memory (for the CPU: the machine's RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], QUICK_HELP)
+    dev, dtype = args.device, args.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def setup(case: dict) -> dict:
+        need, have = footprint(case, itemsize), device_memory(dev)
+        if need > 0.9 * have:
+            raise Skip(f"needs ~{need / 2**30:.0f} GiB of {have / 2**30:.0f} GiB")
+        B, L, T, Hq, Hkv, D = (case[k] for k in ("B", "L", "T", "Hq", "Hkv", "D"))
+        torch.manual_seed(0)
+        return dict(q=torch.randn(B, T, Hq, D, device=dev, dtype=dtype),
+                    k_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
+                    v_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
+                    cache_seqlens=torch.full((B,), L, dtype=torch.int32, device=dev),
+                    tree_mask=random_tree_mask(T).to(dev), L=L)
+
+    def backend(name: str, cuda_only: bool = False):
+        def make(x: dict):
+            if cuda_only and dev.type != "cuda":
+                raise Skip("CUDA only: under TRITON_INTERPRET=1 on CPU it is far too slow to time")
+            return lambda: ht.tree_attention(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"],
+                                             x["tree_mask"], backend=name)
+        return make
+
+    def sdpa(x: dict):
+        # [B, H, L+T, D] copies of the live positions, made outside the timed region. GQA: K/V heads are
+        # repeated up to Hq here too, not enable_gqa=True: on CUDA enable_gqa works only in the flash and
+        # math kernels, flash takes no mask, so enable_gqa would send this masked call to the math kernel.
+        B, T, Hq, _ = x["q"].shape
+        q = x["q"].transpose(1, 2).contiguous()
+        k, v = (c.transpose(1, 2).repeat_interleave(Hq // c.shape[2], dim=1).contiguous()
+                for c in (x["k_cache"], x["v_cache"]))
+        prefix = torch.ones(B, 1, T, x["L"], dtype=torch.bool, device=dev)
+        mask = torch.cat([prefix, x["tree_mask"].expand(B, 1, T, T)], dim=-1)  # [B, 1, T, L+T]
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+    def flex(x: dict):
+        if dev.type != "cuda":
+            raise Skip("CUDA only here: compiled FlexAttention is timed on GPUs")
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        torch._dynamo.config.recompile_limit = 1000  # one compile per shape; never fall back to eager
+        L, T, tree = x["L"], x["q"].shape[1], x["tree_mask"]
+        mask_mod = lambda b, h, i, j: (j < L) | tree[i, (j - L).clamp(min=0)]  # noqa: E731
+        block_mask = create_block_mask(mask_mod, None, None, T, L + T, device=dev)
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (x["q"], x["k_cache"], x["v_cache"]))
+        compiled = torch.compile(flex_attention)
+        return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+
+    def gb_per_s(case: dict, us: float) -> float:
+        # K/V of the live L+T positions read once, q read once, out written once.
+        kv = 2 * case["B"] * (case["L"] + case["T"]) * case["Hkv"] * case["D"]
+        q_out = 2 * case["B"] * case["T"] * case["Hq"] * case["D"]
+        return (kv + q_out) * itemsize / us / 1e3
+
+    providers = {"torch": backend("torch"), "sdpa": sdpa, "flex": flex,
+                 "triton": backend("triton", cuda_only=True), "cuda": backend("cuda")}
+    run(args, cases(args.quick), setup, providers, reference="torch", baseline="sdpa", metrics={"GB/s": gb_per_s})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Backend selection shared by every op: "auto" | "cuda" | "triton" | "torch"."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs here."""
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run under its CPU interpreter (`TRITON_INTERPRET=1`).
+
+    Triton reads the variable when a kernel is decorated, so it must be set before the first use of a
+    Triton backend in the process.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors of `device`; raises if a named one cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    if backend == "torch":
+        return backend
+    if backend == "triton":
+        if not triton_installed():
+            raise BackendUnavailableError(f"{op}: backend='triton' needs the triton package")
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return backend
+        raise BackendUnavailableError(
+            f"{op}: backend='triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; "
+            f"got tensors on {device}"
+        )
+    raise BackendUnavailableError(f"{op}: backend='cuda' is not available: the CUDA extension is not built")
+
+
+def device_guard(device: torch.device):
+    """Make `device` current for a kernel launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def shape_of(t) -> str:
+    """How a tensor argument is named in error messages: its shape, or the repr of a non-tensor."""
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else repr(t)

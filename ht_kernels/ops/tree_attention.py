@@ -1,0 +1,142 @@
+"""`ht_kernels.tree_attention`: attention of a tree of new tokens over a KV cache (public op)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..reference.tree_attention import tree_attention_ref
+from ._backend import device_guard, resolve_backend, shape_of
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_HEAD_DIM = 256
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention of T new (tree) tokens over a KV cache prefix plus the tree itself.
+
+    q: [B, T, Hq, D]; k_cache, v_cache: [B, S, Hkv, D] with Hq % Hkv == 0; fp16, bf16 or fp32.
+    cache_seqlens: [B] int32, the prefix length of each row. tree_mask: bool [T, T] or [B, T, T];
+    tree_mask[..., i, j] is True iff query i may see tree token j (any pattern, not only trees).
+    Query i of row b attends cache positions [0, cache_seqlens[b]) unmasked and tree positions
+    cache_seqlens[b] + j where tree_mask[b, i, j].
+    k, v: [B, T, Hkv, D] or None; when given they are written into the cache at cache_seqlens[b] + j
+    before attending, otherwise those cache slots must already hold the tree's keys/values.
+    softmax_scale: defaults to 1 / sqrt(D).
+    Returns out [B, T, Hq, D] in q's dtype, and with return_lse also lse [B, Hq, T] fp32 (natural
+    log). A query that sees nothing gets out 0 and lse -inf.
+    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" | "triton" | "torch".
+
+    The cache bound cache_seqlens + T <= S is checked against the values of cache_seqlens, which
+    costs one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured.
+    """
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v)
+    name = resolve_backend("tree_attention", backend, q.device)
+    if name == "triton" and q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        raise ValueError(
+            f"tree_attention: backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, "
+            f"got q of shape {tuple(q.shape)}"
+        )
+    scale = None if softmax_scale is None else float(softmax_scale)
+    out, lse = torch.ops.ht_kernels.tree_attention(
+        q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, scale, name
+    )
+    return (out, lse) if return_lse else out
+
+
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v) -> None:
+    def fail(msg: str):
+        raise ValueError(f"tree_attention: {msg}")
+
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            fail(f"{name} must be a 4-D tensor, got {shape_of(t)}")
+    B, T, Hq, D = q.shape
+    if q.dtype not in DTYPES:
+        fail(f"q must be fp16, bf16 or fp32, got {q.dtype}")
+    if k_cache.shape != v_cache.shape:
+        fail(f"k_cache and v_cache must have the same shape, got {shape_of(k_cache)} and {shape_of(v_cache)}")
+    Bc, S, Hkv, Dc = k_cache.shape
+    if Bc != B or Dc != D:
+        fail(f"k_cache must be [B={B}, S, Hkv, D={D}] for q of shape {shape_of(q)}, got {shape_of(k_cache)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        fail(f"the query heads Hq={Hq} of q {shape_of(q)} must be a multiple of the KV heads Hkv={Hkv} "
+             f"of k_cache {shape_of(k_cache)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            fail(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if (k is None) != (v is None):
+        fail(f"k and v must be given together, got k {shape_of(k)} and v {shape_of(v)}")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T, Hkv, D):
+                fail(f"{name} must be [B, T, Hkv, D] = {[B, T, Hkv, D]}, got {shape_of(t)}")
+            if t.dtype != q.dtype:
+                fail(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (B,):
+        fail(f"cache_seqlens must be [B] = [{B}], got {shape_of(cache_seqlens)}")
+    if cache_seqlens.dtype != torch.int32:
+        fail(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool:
+        fail(f"tree_mask must be a bool tensor, got {getattr(tree_mask, 'dtype', type(tree_mask))}")
+    if tuple(tree_mask.shape) not in ((T, T), (B, T, T)):
+        fail(f"tree_mask must be [T, T] or [B, T, T] with B={B}, T={T}, got {shape_of(tree_mask)}")
+    if S < T:
+        fail(f"the cache of k_cache {shape_of(k_cache)} is shorter than the T={T} tree tokens")
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens,
+               "tree_mask": tree_mask, "k": k, "v": v}
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            fail(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_cache_bounds(cache_seqlens: torch.Tensor, T: int, S: int) -> None:
+    """cache_seqlens + T must fit in the cache of capacity S (reads the lengths on the host)."""
+    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lo < 0 or hi + T > S:
+        raise ValueError(
+            f"tree_attention: cache_seqlens must lie in [0, S - T] = [0, {S - T}] for a cache of S={S} "
+            f"positions and T={T} tree tokens, got values in [{lo}, {hi}]"
+        )
+
+
+@torch.library.custom_op("ht_kernels::tree_attention", mutates_args=("k_cache", "v_cache"))
+def _tree_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    softmax_scale: Optional[float],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
+    if backend == "triton":
+        from ..triton.tree_attention import tree_attention_fwd
+
+        with device_guard(q.device):
+            return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
+    out, lse = tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
+    return out, lse.float()
+
+
+@_tree_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, backend):
+    B, T, Hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, Hq, T), dtype=torch.float32)

@@ -1,0 +1,240 @@
+"""tree_attention: every backend against the fp64 reference, cache writes, split-KV, errors, registration."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ht_kernels
+from helpers import BACKENDS, DEVICE, DTYPES, POISON, assert_close
+from ht_kernels.reference.tree_attention import tree_attention_ref
+
+
+def random_tree_mask(T: int) -> torch.Tensor:
+    """Ancestor mask [T, T] of a random tree in topological order (parents[i] < i)."""
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        mask[i] |= mask[torch.randint(0, i, ()).item()]
+    return mask
+
+
+def make_case(B, T, Hq, Hkv, D, dtype, lens, *, mask="tree", per_row=False, with_kv=True, extra=3):
+    """Random inputs; every cache slot beyond a row's live prefix (and the tree slots when k/v are
+    given) holds NaN, so reading one shows in the output."""
+    S = max(lens) + T + extra
+    q = torch.randn(B, T, Hq, D, dtype=dtype, device=DEVICE)
+    k_cache = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn(B, S, Hkv, D, dtype=dtype, device=DEVICE)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    k = v = None
+    for b, n in enumerate(lens):
+        stale = slice(n, None) if with_kv else slice(n + T, None)
+        k_cache[b, stale] = POISON
+        v_cache[b, stale] = POISON
+    if with_kv:
+        k = torch.randn(B, T, Hkv, D, dtype=dtype, device=DEVICE)
+        v = torch.randn(B, T, Hkv, D, dtype=dtype, device=DEVICE)
+    else:
+        for b, n in enumerate(lens):
+            k_cache[b, n:n + T] = torch.randn(T, Hkv, D, dtype=dtype)
+            v_cache[b, n:n + T] = torch.randn(T, Hkv, D, dtype=dtype)
+    n_masks = B if per_row else 1
+    if mask == "tree":
+        m = torch.stack([random_tree_mask(T) for _ in range(n_masks)])
+    else:  # any boolean pattern, with some rows that see no tree token
+        m = torch.rand(n_masks, T, T) < 0.3
+        m[:, ::7] = False
+    m = (m if per_row else m[0]).to(DEVICE)
+    return q, k_cache, v_cache, seqlens, m, k, v
+
+
+def reference(q, k_cache, v_cache, seqlens, mask, k, v, scale=None):
+    """fp64 reference on copies; returns (out, lse, k_cache after, v_cache after)."""
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    kd, vd = (None, None) if k is None else (k.double(), v.double())
+    out, lse = tree_attention_ref(q.double(), kc, vc, seqlens, mask, kd, vd, scale)
+    return out, lse, kc, vc
+
+
+def check(backend, case, scale=None, **launch):
+    q, k_cache, v_cache, seqlens, mask, k, v = case
+    ref_out, ref_lse, ref_kc, ref_vc = reference(*case, scale)
+    if launch:  # call the Triton launcher directly, with poisoned output buffers
+        from ht_kernels.triton.tree_attention import tree_attention_fwd
+
+        out = torch.full_like(q, POISON)
+        lse = torch.full(ref_lse.shape, POISON, device=q.device)
+        tree_attention_fwd(q, k_cache, v_cache, seqlens, mask, k, v, scale, out=out, lse=lse, **launch)
+    else:
+        out, lse = ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, mask, k=k, v=v,
+                                             softmax_scale=scale, return_lse=True, backend=backend)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(out, ref_out, q.dtype, "out")
+    assert_close(lse, ref_lse, torch.float32 if q.dtype == torch.float32 else q.dtype, "lse")
+    if k is not None:  # the tree slots hold k/v exactly; every other cache element is untouched
+        assert torch.equal(k_cache.double().nan_to_num(7.0), ref_kc.nan_to_num(7.0))
+        assert torch.equal(v_cache.double().nan_to_num(7.0), ref_vc.nan_to_num(7.0))
+
+
+# Each (GQA ratio, T) pair once, with head dims, dtypes and prefix lengths rotating through the
+# required values (prefix 0, 1 and lengths that are no multiple of any block size).
+SHAPES = [
+    (G, T, [32, 64, 80, 128][i % 4], DTYPES[i % 3], [[0, 1, 97], [133, 64, 5], [1, 0, 300]][i % 3])
+    for i, (G, T) in enumerate(itertools.product([1, 3, 4], [1, 63, 65, 130]))
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G,T,D,dtype,lens", SHAPES)
+def test_matches_reference(backend, G, T, D, dtype, lens):
+    check(backend, make_case(len(lens), T, 2 * G, 2, D, dtype, lens))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 64, 80, 128, 256])
+def test_head_dims_and_dtypes(backend, dtype, D):
+    check(backend, make_case(2, 9, 4, 1, D, dtype, [70, 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["tree", "any"])
+@pytest.mark.parametrize("with_kv", [True, False])
+def test_masks_per_row(backend, mask, with_kv):
+    check(backend, make_case(3, 37, 6, 2, 64, torch.float32, [0, 65, 129], mask=mask, per_row=True,
+                             with_kv=with_kv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_that_sees_nothing(backend):
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, 5, 2, 1, 32, torch.float16, [0, 4])
+    mask = mask.clone()
+    mask[2] = False
+    out, lse = ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, mask, k=k, v=v,
+                                         return_lse=True, backend=backend)
+    assert torch.all(out[0, 2] == 0) and torch.all(lse[0, :, 2] == -math.inf)
+    assert torch.isfinite(out).all() and torch.isfinite(lse[1]).all()  # row 1 still sees its prefix
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale_and_strided_inputs(backend):
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, 17, 4, 2, 48, torch.float32, [31, 8])
+    wide = torch.full((*k_cache.shape[:3], 80), POISON, device=DEVICE)
+    wide[..., 16:64] = k_cache
+    k_cache = wide[..., 16:64]  # a non-contiguous view
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    check(backend, (q, k_cache, v_cache, seqlens, mask, k, v), scale=0.3)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_kv(num_splits, dtype):
+    # 8 splits over at most 4 full blocks: empty splits must merge as nothing.
+    case = make_case(3, 20, 8, 2, 80, dtype, [260, 0, 129], per_row=True)
+    check("triton", case, num_splits=num_splits)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
+@given(
+    B=st.integers(1, 3), T=st.integers(1, 70), G=st.sampled_from([1, 2, 3, 4, 8]),
+    Hkv=st.integers(1, 3), D=st.sampled_from([16, 32, 40, 64, 72, 96, 128]),
+    dtype=st.sampled_from(DTYPES), data=st.data(),
+)
+@settings(max_examples=12, deadline=None)
+def test_random_cases(B, T, G, Hkv, D, dtype, data):
+    lens = data.draw(st.lists(st.integers(0, 200), min_size=B, max_size=B))
+    mask = data.draw(st.sampled_from(["tree", "any"]))
+    per_row = data.draw(st.booleans())
+    with_kv = data.draw(st.booleans())
+    splits = data.draw(st.integers(1, 4))
+    case = make_case(B, T, G * Hkv, Hkv, D, dtype, lens, mask=mask, per_row=per_row, with_kv=with_kv)
+    check("triton", case, num_splits=splits)
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    calls = []
+    import ht_kernels.triton.tree_attention as tri  # noqa: F401  (must not be needed on CPU)
+
+    monkeypatch.setattr(tri, "tree_attention_fwd", lambda *a, **kw: calls.append(1))
+    case = make_case(1, 3, 2, 1, 32, torch.float32, [5])
+    q, k_cache, v_cache, seqlens, mask, k, v = [t.cpu() if t is not None else None for t in case]
+    ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, mask, k=k, v=v)
+    assert not calls
+
+
+def test_named_backend_that_cannot_run_raises(monkeypatch):
+    case = [t.cpu() for t in make_case(1, 3, 2, 1, 32, torch.float32, [5], with_kv=False)[:5]]
+    with pytest.raises(ht_kernels.BackendUnavailableError, match="cuda"):
+        ht_kernels.tree_attention(*case, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ht_kernels.BackendUnavailableError, match="triton"):
+        ht_kernels.tree_attention(*case, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        ht_kernels.tree_attention(*case, backend="flash")
+
+
+def _bad_inputs():
+    B, T, Hq, Hkv, D, S = 2, 4, 4, 2, 32, 16
+    q = torch.randn(B, T, Hq, D)
+    kc = torch.randn(B, S, Hkv, D)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    mask = torch.ones(T, T, dtype=torch.bool)
+    kv = torch.randn(B, T, Hkv, D)
+    good = dict(q=q, k_cache=kc, v_cache=kc.clone(), cache_seqlens=lens, tree_mask=mask)
+    return good, [
+        ("q", dict(q=q[0])),
+        ("q", dict(q=q.double())),
+        ("k_cache", dict(k_cache=kc.half())),
+        ("k_cache", dict(k_cache=kc[:1], v_cache=kc[:1])),
+        ("v_cache", dict(v_cache=kc[:, :, :, :16])),
+        ("Hkv", dict(k_cache=torch.randn(B, S, 3, D), v_cache=torch.randn(B, S, 3, D))),
+        ("cache_seqlens", dict(cache_seqlens=lens.long())),
+        ("cache_seqlens", dict(cache_seqlens=lens[:1])),
+        ("cache_seqlens", dict(cache_seqlens=torch.tensor([3, 13], dtype=torch.int32))),
+        ("cache_seqlens", dict(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32))),
+        ("tree_mask", dict(tree_mask=mask.int())),
+        ("tree_mask", dict(tree_mask=mask[:3])),
+        ("tree_mask", dict(tree_mask=mask.expand(3, T, T))),
+        ("k and v", dict(k=kv)),
+        ("k must", dict(k=kv[:, :3], v=kv[:, :3])),
+        ("v must", dict(k=kv, v=kv.half())),
+        ("device|meta", dict(cache_seqlens=lens.to("meta"))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs()[1])))
+def test_bad_input_raises_value_error(case):
+    good, bad = _bad_inputs()
+    name, change = bad[case]
+    args = {**good, **change}
+    k, v = args.pop("k", None), args.pop("v", None)
+    with pytest.raises(ValueError, match=name):
+        ht_kernels.tree_attention(*args.values(), k=k, v=v, backend="torch")
+
+
+def test_opcheck_and_compile():
+    case = make_case(2, 6, 4, 2, 32, torch.float32, [9, 0], per_row=True)
+    case = [t.cpu() for t in case]
+    q, k_cache, v_cache, seqlens, mask, k, v = case
+    k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    torch.library.opcheck(torch.ops.ht_kernels.tree_attention.default,
+                          (q, k_cache, v_cache, seqlens, mask, k, v, None, "torch"))
+    torch.library.opcheck(torch.ops.ht_kernels.tree_attention.default,
+                          (q, k_cache, v_cache, seqlens, mask, None, None, 0.5, "torch"))
+
+    def step(q, k_cache, v_cache, seqlens, mask, k, v):
+        out, lse = ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, mask, k=k, v=v,
+                                             return_lse=True, backend="torch")
+        return out * 2, lse.exp()
+
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    expected = step(q, k_cache, v_cache, seqlens, mask, k, v)
+    got = torch.compile(step, fullgraph=True, backend="eager")(q, kc2, vc2, seqlens, mask, k, v)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(kc2, k_cache) and torch.equal(vc2, v_cache)
