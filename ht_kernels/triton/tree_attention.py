@@ -62,7 +62,9 @@ def _tree_attention_fwd_kernel(
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
-    b = pid_bh // HKV
+    # Scalar bases are 64-bit (a [B, S, Hkv, D] cache can exceed 2**31 elements); offsets inside a
+    # tile stay 32-bit, which keeps the per-element address math cheap.
+    b = (pid_bh // HKV).to(tl.int64)
     h = pid_bh % HKV
     seqlen = tl.load(SEQLENS + b)
     last_split = split == NUM_SPLITS - 1
@@ -74,25 +76,28 @@ def _tree_attention_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_n = tl.arange(0, BLOCK_N)
+    KC += b * skb + h * skh
+    VC += b * svb + h * svh
+    KN += b * snb + h * snh
+    VN += b * swb + h * swh
+    off_k = o_d[:, None] * skd + o_n[None, :] * sks  # K is loaded transposed: [BLOCK_D, BLOCK_N]
+    off_v = o_n[:, None] * svs + o_d[None, :] * svd  # [BLOCK_N, BLOCK_D]
 
     # Copy the new tree keys/values into the cache (one program per (b, h)).
     if HAS_KV:
         n_copy = tl.where((pid_m == 0) & last_split, T, 0)
         for j0 in range(0, n_copy, BLOCK_N):
             m_copy = ((j0 + o_n) < T)[:, None] & m_d[None, :]
-            o_c = (j0 + o_n)[:, None]
-            b_k = tl.load(KN + b * snb + o_c * snt + h * snh + o_d[None, :] * snd, mask=m_copy)
-            b_v = tl.load(VN + b * swb + o_c * swt + h * swh + o_d[None, :] * swd, mask=m_copy)
-            pos = seqlen + j0 + o_n
-            tl.store(KC + b * skb + pos[:, None] * sks + h * skh + o_d[None, :] * skd, b_k, mask=m_copy)
-            tl.store(VC + b * svb + pos[:, None] * svs + h * svh + o_d[None, :] * svd, b_v, mask=m_copy)
+            b_k = tl.load(KN + (j0 + o_n)[:, None] * snt + o_d[None, :] * snd, mask=m_copy)
+            b_v = tl.load(VN + (j0 + o_n)[:, None] * swt + o_d[None, :] * swd, mask=m_copy)
+            pos = (seqlen + j0).to(tl.int64)
+            tl.store(KC + pos * sks + o_n[:, None] * sks + o_d[None, :] * skd, b_k, mask=m_copy)
+            tl.store(VC + pos * svs + off_v, b_v, mask=m_copy)
 
     p_q = Q + b * sqb + o_t[:, None] * sqt + o_hq[:, None] * sqh + o_d[None, :] * sqd
     b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
     if DOT_F32:
         b_q = b_q.to(tl.float32)
-    p_k = KC + b * skb + h * skh + o_d[:, None] * skd  # K is loaded transposed: [BLOCK_D, BLOCK_N]
-    p_v = VC + b * svb + h * svh + o_d[None, :] * svd
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -103,14 +108,17 @@ def _tree_attention_fwd_kernel(
     per_split = tl.cdiv(n_full, NUM_SPLITS)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_full)
-    for blk in range(lo, hi):
-        o_s = blk * BLOCK_N + o_n
+    p_k = KC + (lo * BLOCK_N).to(tl.int64) * sks
+    p_v = VC + (lo * BLOCK_N).to(tl.int64) * svs
+    for _ in range(lo, hi):
         if EVEN_D:
-            b_k = tl.load(p_k + o_s[None, :] * sks)
-            b_v = tl.load(p_v + o_s[:, None] * svs)
+            b_k = tl.load(p_k + off_k)
+            b_v = tl.load(p_v + off_v)
         else:
-            b_k = tl.load(p_k + o_s[None, :] * sks, mask=m_d[:, None], other=0.0)
-            b_v = tl.load(p_v + o_s[:, None] * svs, mask=m_d[None, :], other=0.0)
+            b_k = tl.load(p_k + off_k, mask=m_d[:, None], other=0.0)
+            b_v = tl.load(p_v + off_v, mask=m_d[None, :], other=0.0)
+        p_k += BLOCK_N * sks
+        p_v += BLOCK_N * svs
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -120,25 +128,24 @@ def _tree_attention_fwd_kernel(
     # Tree stage (last split): the prefix tail, then the tree tokens under the packed ancestor bits.
     tail_lo = n_full * BLOCK_N
     tail_hi = tl.where(last_split, seqlen + T, tail_lo)
+    p_k = KC + tail_lo.to(tl.int64) * sks
+    p_v = VC + tail_lo.to(tl.int64) * svs
     for start in range(tail_lo, tail_hi, BLOCK_N):
-        o_s = start + o_n
-        m_pre = o_s < seqlen
-        o_j = o_s - seqlen  # tree token index
+        m_pre = start + o_n < seqlen
+        o_j = start + o_n - seqlen  # tree token index
         m_tree = (o_j >= 0) & (o_j < T)
         o_j = tl.where(m_tree, o_j, 0)
-        if HAS_KV:
-            p_knew = KN + b * snb + h * snh
-            p_vnew = VN + b * swb + h * swh
-            b_k = tl.load(p_k + o_s[None, :] * sks, mask=m_pre[None, :] & m_d[:, None], other=0.0)
-            b_k += tl.load(p_knew + o_j[None, :] * snt + o_d[:, None] * snd,
+        if HAS_KV:  # prefix tail from the cache, tree tokens from k / v
+            b_k = tl.load(p_k + off_k, mask=m_pre[None, :] & m_d[:, None], other=0.0)
+            b_k += tl.load(KN + o_j[None, :] * snt + o_d[:, None] * snd,
                            mask=m_tree[None, :] & m_d[:, None], other=0.0)
-            b_v = tl.load(p_v + o_s[:, None] * svs, mask=m_pre[:, None] & m_d[None, :], other=0.0)
-            b_v += tl.load(p_vnew + o_j[:, None] * swt + o_d[None, :] * swd,
+            b_v = tl.load(p_v + off_v, mask=m_pre[:, None] & m_d[None, :], other=0.0)
+            b_v += tl.load(VN + o_j[:, None] * swt + o_d[None, :] * swd,
                            mask=m_tree[:, None] & m_d[None, :], other=0.0)
         else:
             m_live = m_pre | m_tree
-            b_k = tl.load(p_k + o_s[None, :] * sks, mask=m_live[None, :] & m_d[:, None], other=0.0)
-            b_v = tl.load(p_v + o_s[:, None] * svs, mask=m_live[:, None] & m_d[None, :], other=0.0)
+            b_k = tl.load(p_k + off_k, mask=m_live[None, :] & m_d[:, None], other=0.0)
+            b_v = tl.load(p_v + off_v, mask=m_live[:, None] & m_d[None, :], other=0.0)
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -149,6 +156,8 @@ def _tree_attention_fwd_kernel(
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
+        p_k += BLOCK_N * sks
+        p_v += BLOCK_N * svs
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -170,7 +179,7 @@ def _tree_attention_merge_kernel(
 ):
     """Merge the per-split partial outputs of one query row by their log-sum-exp."""
     pid = tl.program_id(0)
-    b = pid // (T * HQ)
+    b = (pid // (T * HQ)).to(tl.int64)
     t = (pid // HQ) % T
     hq = pid % HQ
     o_sp = tl.arange(0, BLOCK_S)
@@ -188,6 +197,26 @@ def _tree_attention_merge_kernel(
     lse = tl.where(w_sum > 0.0, m_base + tl.log(tl.where(w_sum > 0.0, w_sum, 1.0)), float("-inf"))
     tl.store(O + b * sob + t * sot + hq * soh + o_d * sod, out.to(O.dtype.element_ty), mask=m_d)
     tl.store(LSE + b * slb + hq * slh + t * slt, lse)
+
+
+def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes and launch options of the attention kernel for `rows` = T * G packed query rows.
+
+    Chosen so that the kernel compiles without register spills and within the shared memory of sm_80
+    and sm_90 (tests/triton_aot.py checks it). fp32 dots run at "ieee" precision, without tensor
+    cores, so fp32 takes small tiles.
+    """
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if dtype == torch.float32:
+        BLOCK_M, stages = min(32 if BLOCK_D <= 128 else 16, max(16, triton.next_power_of_2(rows))), 1
+    else:
+        BLOCK_M, stages = min(128 if BLOCK_D <= 128 else 64, max(16, triton.next_power_of_2(rows))), 2
+    dot_f32 = interpret and dtype == torch.bfloat16  # bf16 tl.dot is wrong under the interpreter
+    return dict(
+        BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D,
+        DOT_F32=dot_f32, DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32",
+        num_warps=8 if BLOCK_M >= 128 or BLOCK_M * BLOCK_D >= 128 * 128 else 4, num_stages=stages,
+    )
 
 
 def _num_splits(programs: int, capacity: int, device: torch.device) -> int:
@@ -231,18 +260,14 @@ def tree_attention_fwd(
         bits = bits.unsqueeze(0).expand(B, -1, -1)  # stride 0 over rows: one shared mask
     bits_b = bits.stride(0)
 
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_N = 64 if BLOCK_D <= 128 else 32
-    BLOCK_M = min(128 if BLOCK_D <= 128 else 64, max(16, triton.next_power_of_2(T * G)))
-    m_tiles = triton.cdiv(T * G, BLOCK_M)
+    cfg = kernel_config(T * G, D, q.dtype, triton_interpreting())
+    m_tiles = triton.cdiv(T * G, cfg["BLOCK_M"])
     splits = num_splits or _num_splits(B * Hkv * m_tiles, S, q.device)
     if splits > 1:
         o_buf = torch.empty(splits, B, T, Hq, D, dtype=torch.float32, device=q.device)
         l_buf = torch.empty(splits, B, Hq, T, dtype=torch.float32, device=q.device)
     else:
         o_buf, l_buf = out.unsqueeze(0), lse.unsqueeze(0)
-    interpret = triton_interpreting()
-    dot_f32 = interpret and q.dtype == torch.bfloat16  # bf16 tl.dot is wrong under the interpreter
     has_kv = k is not None
     kn, vn = (k, v) if has_kv else (k_cache, v_cache)  # placeholders, never read without HAS_KV
     _tree_attention_fwd_kernel[(B * Hkv, m_tiles, splits)](
@@ -250,16 +275,13 @@ def tree_attention_fwd(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
         bits_b, bits.stride(1), *o_buf.stride(), *l_buf.stride(),
         T, Hkv, D, scale * LOG2E,
-        G=G, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NUM_SPLITS=splits,
-        HAS_KV=has_kv, EVEN_D=BLOCK_D == D, DOT_F32=dot_f32,
-        DOT_PREC="ieee" if q.dtype == torch.float32 or dot_f32 else "tf32",
-        num_warps=4 if BLOCK_M <= 64 else 8, num_stages=2,
+        G=G, NUM_SPLITS=splits, HAS_KV=has_kv, **cfg,
     )
     if splits > 1:
         _tree_attention_merge_kernel[(B * T * Hq,)](
             o_buf, l_buf, out, lse,
             *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
             T, Hq, D,
-            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D,
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=cfg["BLOCK_D"],
         )
     return out, lse
