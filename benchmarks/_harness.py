@@ -29,14 +29,18 @@ class Skip(Exception):
 
 def parse_args(description: str, quick_help: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--quick", action="store_true", help=quick_help + " (the default without a GPU)")
+    p.add_argument("--full", action="store_true", help="the full grid even on a CPU (hours)")
     p.add_argument("--json", metavar="PATH", help="also write the header, rows and skips to PATH as JSON")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls can be slow on CPUs)")
     p.add_argument("--providers", help="comma-separated subset to run (the reference always runs)")
     args = p.parse_args()
     args.device = torch.device(args.device)
+    if args.device.type == "cpu" and not args.full and not args.quick:
+        print("no GPU: running the --quick set (--full runs the whole grid on the CPU)")
+        args.quick = True
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
 
@@ -100,7 +104,7 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
     print("  ".join(f"{k}: {v}" for k, v in head.items()))
     columns = [*cases[0], "provider", "median us", "p20-p80 us", *metrics, f"x {baseline}"]
     widths = [max(len(k), *(len(str(c[k])) for c in cases)) for k in cases[0]]
-    widths += [max(map(len, providers)), 10, 19, *(max(9, len(m)) for m in metrics), 9]
+    widths += [max(8, *map(len, providers)), 10, 19, *(max(9, len(m)) for m in metrics), 9]
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     print(line(columns), line("-" * w for w in widths), sep="\n", flush=True)
     rows, case_skips, provider_skips = [], [], {}
@@ -139,10 +143,11 @@ def _run_case(args, case, inputs, providers, reference, provider_skips) -> dict:
         try:
             fn = providers[name](inputs)
             out = fn()
-        except (Skip, *SKIPS) as e:
+        except Exception as e:  # reported with the skips: one failing provider must not end the run
+            reason = _reason(e) if isinstance(e, (Skip, *SKIPS)) else f"FAILED: {type(e).__name__}: {_reason(e)}"
             if name == reference:
-                raise Skip(f"the reference {name} cannot run: {_reason(e)}") from e
-            provider_skips[(name, _reason(e))] = provider_skips.get((name, _reason(e)), 0) + 1
+                raise Skip(f"the reference {name} cannot run: {reason}") from e
+            provider_skips[(name, reason)] = provider_skips.get((name, reason), 0) + 1
             continue
         ref = out if name == reference else ref
         err = ((out.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt()).item()

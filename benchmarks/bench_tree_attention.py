@@ -77,9 +77,10 @@ def main() -> None:
         return make
 
     def sdpa(x: dict):
-        # [B, H, L+T, D] copies of the live positions, made outside the timed region. GQA: K/V heads are
-        # repeated up to Hq here too, not enable_gqa=True: on CUDA enable_gqa works only in the flash and
-        # math kernels, flash takes no mask, so enable_gqa would send this masked call to the math kernel.
+        # [B, H, L+T, D] copies of the cache (it holds just the L+T live positions), made outside the
+        # timed region. GQA: the K/V heads are repeated up to Hq here too, rather than enable_gqa=True:
+        # on CUDA enable_gqa works only in the flash and math kernels, and flash takes no mask, so
+        # enable_gqa would send this masked call to the slow math kernel.
         B, T, Hq, _ = x["q"].shape
         q = x["q"].transpose(1, 2).contiguous()
         k, v = (c.transpose(1, 2).repeat_interleave(Hq // c.shape[2], dim=1).contiguous()
