@@ -5,6 +5,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# One intra-op thread: the tests run many small ops, where OpenMP's thread hand-offs cost more than they
+# bring, and stall badly when another process holds the second core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

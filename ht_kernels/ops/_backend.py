@@ -29,12 +29,23 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The backend that runs `op` on tensors of `device`; raises if a named one cannot run."""
+def resolve_backend(
+    op: str, backend: str, device: torch.device, available: tuple[str, ...] = ("cuda", "triton", "torch")
+) -> str:
+    """The backend that runs `op` on tensors of `device`; raises if a named one cannot run.
+
+    available: the backends `op` has an implementation for ("torch" always among them); "auto" picks
+    only among them, and a named one outside them raises BackendUnavailableError.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+        use_triton = "triton" in available and device.type == "cuda" and triton_installed()
+        return "triton" if use_triton else "torch"
+    if backend not in available:
+        raise BackendUnavailableError(
+            f"{op}: backend={backend!r} is not implemented for this op (it has {list(available)})"
+        )
     if backend == "torch":
         return backend
     if backend == "triton":

@@ -1,0 +1,219 @@
+"""Lossless hidden-transfer decoding, and the plain one-token-per-step baseline, over a batch of prompts.
+
+A step feeds the tree [root + drafts] through layers 1..t, turns the hidden state of every chosen node
+into K pseudo states (`hidden_transfer`), runs real and pseudo nodes through layers t+1..L (real nodes
+never see pseudo nodes), verifies the drafts against the real nodes' logits, moves the accepted nodes'
+keys/values to their committed slots (`compact_kv`), and drafts the next tree from the pseudo logits of
+the last accepted node. The root of every step is the target's own choice, so every emitted token is
+what plain decoding would emit (greedy), or a sample of the same distribution (sampling).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..ops.compact_kv import compact_kv
+from ..ops.hidden_transfer import hidden_transfer
+from ..ops.verify_tree import verify_tree_greedy
+from .sampling import sample, verify_tree_sampling, warp_probs
+from .transfer import resolve_transfer
+from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
+
+
+@dataclass
+class GenerateOutput:
+    """sequences: the new tokens of each row (eos included when it ends a row). accept_lengths: the
+    tokens each forward pass emitted for each row, the prefill's first token included, so they sum to
+    len(sequences[b]); the mean of accept_lengths[b][1:] is the mean accepted length per step."""
+
+    sequences: list[list[int]]
+    accept_lengths: list[list[int]]
+
+
+class HiddenTransferDecoder:
+    """model: an ht_kernels Transformer (or a transformers Llama-family model, wrapped without copying).
+    transfer: "default" (the weights shipped for the model), a weights file, TransferWeights, or None
+    (untrained maps). tree: None (a static Medusa-style tree), a list of top-k rank paths, "dynamic" (the
+    best `budget` nodes by draft probability, per row) or a TreePolicy. n_chains: pseudo chains hang under
+    every real node (None) or under the n_chains best-scoring ones.
+    """
+
+    def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None):
+        if not hasattr(model, "run_layers"):
+            from ..loading import load_model
+
+            model = load_model(model)
+        self.model = model
+        cfg = model.config
+        weights = resolve_transfer(transfer, cfg.name, cfg.dim, cfg.n_layers)
+        param = next(model.parameters())
+        self.transfer = weights
+        self.weight = weights.weight.to(param.device, param.dtype)
+        self.bias = weights.bias.to(param.device, param.dtype)
+        K = weights.K
+        if isinstance(tree, TreePolicy):
+            self.tree = tree
+        elif tree == "dynamic":
+            self.tree = TreePolicy(K, None, budget=budget)
+        else:
+            paths = [p for p in DEFAULT_PATHS if len(p) <= K] if tree is None else tree
+            self.tree = TreePolicy(K, paths)
+        if self.tree.K != K:
+            raise ValueError(f"tree: a TreePolicy for K={self.tree.K} drafts, but the transfer has K={K}")
+        self.n_chains = n_chains
+
+    def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None, eos_token_id=None,
+                 callback: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
+        """Hidden-transfer decoding. input_ids: list of token-id lists (ragged) or LongTensor [B, S].
+        temperature 0: the greedy continuation; otherwise a sample of the model's own warped
+        distribution. eos_token_id: an id or ids that end a row (None: rows run max_new_tokens).
+        callback(new_tokens) receives each forward pass's new tokens per row."""
+        return self._generate(input_ids, max_new_tokens, temperature, top_p, top_k, generator, eos_token_id,
+                              callback, speculative=True)
+
+    def generate_ar(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, generator: torch.Generator | None = None, eos_token_id=None,
+                    callback: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
+        """Plain decoding, one token per forward pass; same arguments and result as `generate`."""
+        return self._generate(input_ids, max_new_tokens, temperature, top_p, top_k, generator, eos_token_id,
+                              callback, speculative=False)
+
+    @torch.inference_mode()
+    def _generate(self, input_ids, max_new_tokens, temperature, top_p, top_k, generator, eos_token_id,
+                  callback, speculative: bool) -> GenerateOutput:
+        m, cfg = self.model, self.model.config
+        prompts = _prompts(input_ids, cfg.vocab_size)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        B, P = len(prompts), max(map(len, prompts))
+        step_len = self.tree.budget * (1 + self.transfer.K) if speculative else 1
+        need = P + max_new_tokens + step_len
+        if need > cfg.max_seq_len:
+            raise ValueError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) + one step "
+                             f"({step_len} tokens) need {need} positions, more than the model's {cfg.max_seq_len}")
+        cache = m.new_cache(B, need)
+        warp = None if temperature == 0 else (lambda x: warp_probs(x, temperature, top_k, top_p))
+
+        def choose(logits):
+            return logits.argmax(-1) if warp is None else sample(warp(logits), generator)
+
+        root = choose(self._prefill(prompts, cache))
+        seqs, steps = [[] for _ in range(B)], [[] for _ in range(B)]
+        active = torch.ones(B, dtype=torch.bool, device=root.device)
+        self._emit(root[:, None].tolist(), seqs, steps, active, max_new_tokens, eos, callback)
+        drafts = None
+        while bool(active.any()):
+            if speculative:
+                tree, accepted, accept_len, root, drafts = self._step(root, drafts, cache, warp, generator)
+                compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len)
+                new = torch.cat([tree.tokens.gather(1, accepted.clamp_min(0))[:, 1:], root[:, None]], dim=1)
+                rows = [row[:n] + [r] for row, n, r in zip(new.tolist(), (accept_len - 1).tolist(), root.tolist())]
+            else:
+                accept_len = torch.ones(B, dtype=torch.long, device=root.device)
+                root = choose(self._forward_all(root[:, None], cache.lengths[:, None].long(), cache)[:, 0])
+                rows = root[:, None].tolist()
+            self._emit(rows, seqs, steps, active, max_new_tokens, eos, callback)
+            # Commit the step's accepted nodes for the rows that go on; a retired row's cache stays as it
+            # was, so its later (ignored) steps stay inside the P + max_new_tokens + one step slots.
+            cache.lengths += (accept_len * active).to(cache.lengths.dtype)
+        return GenerateOutput(seqs, steps)
+
+    def _prefill(self, prompts: list[list[int]], cache) -> torch.Tensor:
+        """Run the right-padded prompts causally, commit them; logits [B, V] after each prompt's last token."""
+        m = self.model
+        dev = cache.k.device
+        B, P = len(prompts), max(map(len, prompts))
+        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        positions = torch.arange(P, device=dev).expand(B, P)
+        mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        h = m.run_layers(m.embed(tokens), positions, cache, mask, range(m.config.n_layers))
+        cache.lengths.copy_(lens)  # the pads' keys/values lie beyond the lengths: never attended
+        return m.logits(h[torch.arange(B, device=dev), lens - 1])
+
+    def _forward_all(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One plain step of tokens [B, 1] -> logits [B, 1, V]."""
+        m = self.model
+        mask = torch.ones(1, 1, dtype=torch.bool, device=tokens.device)
+        return m.logits(m.run_layers(m.embed(tokens), positions, cache, mask, range(m.config.n_layers)))
+
+    def _step(self, root, drafts, cache, warp, generator):
+        """One hidden-transfer step -> (tree, accepted [B, T], accept_len [B], next root [B], next drafts)."""
+        m, K, t = self.model, self.transfer.K, self.transfer.layer
+        tree = TreePolicy.root_only(root) if drafts is None else self.tree.choose(root, drafts)
+        lay = step_layout(tree, K, self.n_chains)
+        B, T, n = tree.tokens.shape[0], tree.size, lay.owners.shape[1]
+        positions = cache.lengths[:, None].long() + lay.offsets                      # [B, T + n K]
+        h = m.run_layers(m.embed(tree.tokens), positions[:, :T], cache, lay.real_mask, range(t))
+        hs = h.new_empty(B, T + n * K, h.shape[-1])
+        hs[:, :T] = h
+        owners_h = h.gather(1, lay.owners[..., None].expand(B, n, h.shape[-1]))
+        hidden_transfer(owners_h, self.weight, self.bias, out=hs[:, T:].view(B, n, K, -1))
+        hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
+        logits = m.logits(hs[:, :T])                                                 # [B, T, V]
+        if warp is None:
+            target = logits.argmax(-1)
+            accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
+            last = accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
+            nxt = target.gather(1, last[:, None]).squeeze(1)
+        else:
+            accepted, accept_len, nxt = verify_tree_sampling(warp(logits), tree, generator)
+            last = accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
+        return tree, accepted, accept_len, nxt, self._next_drafts(hs, tree, lay, last)
+
+    def _next_drafts(self, hs, tree: StepTree, lay, last) -> torch.Tensor:
+        """Draft log-probabilities [B, K, V] of depths 1..K below the next root, from the chain of the
+        deepest chain owner on the accepted path (the last accepted node itself when it has one): pseudo
+        j of an owner d levels above the last node predicts depth j - d; depths it cannot reach are
+        uniform."""
+        m, K = self.model, self.transfer.K
+        B, T = tree.tokens.shape
+        on_path = lay.real_mask.gather(1, last[:, None, None].expand(B, 1, T)).squeeze(1)    # [B, T]
+        owner_depth = tree.depths.gather(1, lay.owners)                                      # [B, n]
+        chain = torch.where(on_path.gather(1, lay.owners), owner_depth, -1).argmax(1)        # [B]
+        shift = tree.depths.gather(1, last[:, None]) - owner_depth.gather(1, chain[:, None])  # [B, 1]
+        j = torch.arange(K, device=hs.device) + shift                                        # pseudo j+1
+        rows = T + chain[:, None] * K + j.clamp_max(K - 1)
+        logp = m.logits(hs.gather(1, rows[..., None].expand(B, K, hs.shape[-1]))).log_softmax(-1)
+        return torch.where((j < K)[..., None], logp, -math.log(logp.shape[-1]))
+
+    @staticmethod
+    def _emit(rows, seqs, steps, active, max_new_tokens, eos, callback) -> None:
+        """Append each active row's new tokens, cut at max_new_tokens and after an eos; retire rows."""
+        new = []
+        for b, toks in enumerate(rows):
+            if not active[b]:
+                new.append([])
+                continue
+            toks = toks[: max_new_tokens - len(seqs[b])]
+            end = next((i for i, x in enumerate(toks) if x in eos), None)
+            toks = toks if end is None else toks[: end + 1]
+            seqs[b] += toks
+            steps[b].append(len(toks))
+            if end is not None or len(seqs[b]) >= max_new_tokens:
+                active[b] = False
+            new.append(toks)
+        if callback is not None:
+            callback(new)
+
+
+def _prompts(input_ids, vocab_size: int) -> list[list[int]]:
+    """input_ids: list of token-id lists or LongTensor [B, S] -> list of non-empty int lists."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [B, S], got {input_ids.dtype} {list(input_ids.shape)}")
+        input_ids = input_ids.tolist()
+    if not isinstance(input_ids, (list, tuple)) or not input_ids or \
+            not all(isinstance(p, (list, tuple)) and p for p in input_ids):
+        raise ValueError("input_ids must be a non-empty list of non-empty token-id lists, or a tensor [B, S]")
+    bad = [x for p in input_ids for x in p if not isinstance(x, int) or not 0 <= x < vocab_size]
+    if bad:
+        raise ValueError(f"input_ids must hold token ids in [0, {vocab_size}), got {bad[:5]}")
+    return [list(p) for p in input_ids]

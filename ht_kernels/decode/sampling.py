@@ -1,0 +1,71 @@
+"""Sampling: the warped target distribution, and tree verification that keeps it exactly.
+
+Verification walks the tree from the root. At node u with target distribution p, the children are tried
+in order: child c (token x) is accepted with probability p(x) / sum(p); on rejection p(x) is set to 0
+(the rest renormalises). If a child is accepted the walk moves to it; otherwise, or at a leaf, the next
+token is drawn from what is left of p. With deterministic drafts each emitted token is distributed as p
+(EAGLE's strict speculative sampling; SpecInfer proves the general case).
+"""
+from __future__ import annotations
+
+import torch
+
+from .trees import StepTree
+
+
+def warp_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> fp32 probabilities after temperature, top-k and top-p (nucleus) filtering.
+
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p (at least one token).
+    """
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before it reached top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs [B, V] -> [B] int64 tokens."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def verify_tree_sampling(
+    probs: torch.Tensor, tree: StepTree, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs: [B, T, V] target distribution after each node; tree: the step's nodes.
+
+    Returns accepted [B, T] int64 (the accepted path's nodes from the root, padded with -1),
+    accept_len [B] int64 (>= 1) and the next token [B] int64. Runs on the host, row by row.
+    """
+    B, T = tree.tokens.shape
+    probs, tokens, parents = probs.float().cpu(), tree.tokens.cpu(), tree.parents.cpu()
+    accepted = torch.full((B, T), -1, dtype=torch.long)
+    accept_len = torch.zeros(B, dtype=torch.long)
+    bonus = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        children = [[] for _ in range(T)]
+        for c, p in enumerate(parents[b].tolist()[1:], start=1):
+            children[p].append(c)
+        path, u = [0], 0
+        while True:
+            p = probs[b, u].clone()
+            for c in children[u]:
+                x = int(tokens[b, c])
+                if torch.rand((), generator=generator) * p.sum() < p[x]:
+                    path.append(c)
+                    u = c
+                    break
+                p[x] = 0.0
+            else:
+                bonus[b] = torch.multinomial(p, 1, generator=generator).item()
+                break
+        accepted[b, : len(path)] = torch.tensor(path)
+        accept_len[b] = len(path)
+    dev = tree.tokens.device
+    return accepted.to(dev), accept_len.to(dev), bonus.to(dev)

@@ -1,0 +1,76 @@
+"""Hidden-transfer weights: K linear maps applied after layer t, stored as safetensors with metadata."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SHIPPED = Path(__file__).resolve().parent.parent / "weights"  # <model name>.safetensors, per model
+
+
+@dataclass
+class TransferWeights:
+    """weight: [K, D, D] and bias: [K, D] (pseudo_i = weight[i] @ h + bias[i], h the hidden state after
+    `layer` layers, 1 <= layer < n_layers); meta: string metadata (model, how the maps were trained)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    layer: int
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:
+        return self.weight.shape[0]
+
+    @classmethod
+    def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
+        """Zero maps at layer n_layers // 2: useless drafts, still lossless decoding."""
+        return cls(torch.zeros(K, dim, dim), torch.zeros(K, dim), n_layers // 2 if layer is None else layer,
+                   {"trained": "no"})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TransferWeights:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+        if "layer" not in meta:
+            raise ValueError(f"TransferWeights.load: {path} has no 'layer' in its metadata")
+        return cls(weight, bias, int(meta.pop("layer")), meta)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        meta = {**self.meta, "layer": str(self.layer), "K": str(self.K), "dim": str(self.weight.shape[1])}
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
+
+
+def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWeights:
+    """transfer: "default" (the weights shipped for model `name`, else untrained maps with a warning),
+    a path, a TransferWeights, or None (untrained) -> TransferWeights checked against the model."""
+    if transfer is None:
+        weights = TransferWeights.untrained(dim, n_layers)
+    elif isinstance(transfer, TransferWeights):
+        weights = transfer
+    elif transfer == "default":
+        shipped = SHIPPED / f"{name}.safetensors"
+        if shipped.exists():
+            weights = TransferWeights.load(shipped)
+        else:
+            warnings.warn(f"no transfer weights are shipped for model {name!r}: decoding with untrained maps "
+                          f"(lossless, but the drafts are useless)", stacklevel=3)
+            weights = TransferWeights.untrained(dim, n_layers)
+    elif isinstance(transfer, (str, Path)) and Path(transfer).is_file():
+        weights = TransferWeights.load(transfer)
+    else:
+        raise ValueError(f"transfer must be 'default', a weights file, TransferWeights or None, got {transfer!r}")
+    K = weights.K
+    if tuple(weights.weight.shape) != (K, dim, dim) or tuple(weights.bias.shape) != (K, dim):
+        raise ValueError(f"transfer weights must be [K, {dim}, {dim}] and [K, {dim}] for this model, got "
+                         f"{list(weights.weight.shape)} and {list(weights.bias.shape)}")
+    if not 1 <= weights.layer < n_layers:
+        raise ValueError(f"transfer layer must be in [1, {n_layers}) for a {n_layers}-layer model, got {weights.layer}")
+    return weights

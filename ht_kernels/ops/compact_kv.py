@@ -1,0 +1,137 @@
+"""`ht_kernels.compact_kv`: move the accepted tree nodes' keys/values behind the prefix (public op)."""
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend, shape_of
+
+BACKENDS = ("torch",)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def compact_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accepted: torch.Tensor,
+    accept_len: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """After verification, move each row's accepted nodes to the slots right after its prefix, in place.
+
+    A step wrote the K/V of its T tree nodes at slots cache_seqlens[b] + i (i = node index) of every
+    layer; row b accepted the path accepted[b, :accept_len[b]]. For every layer and row, with
+    n = cache_seqlens[b] and i < accept_len[b]:
+        cache[..., b, n + i] = old cache[..., b, n + accepted[b, i]]
+    All sources are read before any slot is written, so source and destination ranges may overlap and
+    any index list works (a path of a topologically ordered tree has accepted[b, i] >= i, but nothing
+    relies on it). Slots from n + accept_len[b] on keep whatever they held (scratch); every other
+    element is untouched. cache_seqlens is not updated: the caller adds accept_len.
+
+    k_cache, v_cache: [L, B, S, H, D] (all layers stacked) or [B, S, H, D] (one layer), one shape and
+    one floating dtype, any strides. cache_seqlens: [B] int32. accepted: [B, A] int64 or int32, the
+    path's node indices in order (accepted[b, 0] = 0, the root); entries at index >= accept_len[b]
+    are ignored (e.g. -1 padding). accept_len: [B] int32 or int64 with 1 <= accept_len <= A.
+    backend: "auto" | "torch" (the only one so far; "triton" and "cuda" raise BackendUnavailableError).
+
+    Shapes, dtypes and devices are always checked. The values (1 <= accept_len <= A, cache_seqlens
+    >= 0, 0 <= accepted[b, i] and cache_seqlens[b] + max(accept_len[b] - 1, accepted[b, i]) < S) are
+    checked only for CPU tensors: on a GPU that would cost a host sync, and out-of-range values are
+    undefined behaviour there.
+    """
+    _check_inputs(k_cache, v_cache, cache_seqlens, accepted, accept_len)
+    name = resolve_backend("compact_kv", backend, k_cache.device, available=BACKENDS)
+    torch.ops.ht_kernels.compact_kv(k_cache, v_cache, cache_seqlens, accepted, accept_len, name)
+
+
+def _check_inputs(k_cache, v_cache, cache_seqlens, accepted, accept_len) -> None:
+    def fail(msg: str):
+        raise ValueError(f"compact_kv: {msg}")
+
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() not in (4, 5):
+        fail(f"k_cache must be [L, B, S, H, D] or [B, S, H, D], got {shape_of(k_cache)}")
+    if not k_cache.dtype.is_floating_point:
+        fail(f"k_cache must have a floating dtype, got {k_cache.dtype}")
+    if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:
+        fail(f"k_cache and v_cache must have the same shape, got {shape_of(k_cache)} and {shape_of(v_cache)}")
+    if v_cache.dtype != k_cache.dtype:
+        fail(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    if v_cache is k_cache:
+        fail("k_cache and v_cache must be different tensors (the op would move the slots twice)")
+    B = k_cache.shape[-4]
+    if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (B,):
+        fail(f"cache_seqlens must be [B] = [{B}] for k_cache {shape_of(k_cache)}, "
+             f"got {shape_of(cache_seqlens)}")
+    if cache_seqlens.dtype != torch.int32:
+        fail(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if not isinstance(accepted, torch.Tensor) or accepted.dim() != 2 or accepted.shape[0] != B:
+        fail(f"accepted must be [B, A] with B={B} from k_cache {shape_of(k_cache)}, got {shape_of(accepted)}")
+    if accepted.shape[1] == 0:
+        fail(f"accepted must be [B, A] with A >= 1 (the root is always accepted), got {shape_of(accepted)}")
+    if accepted.dtype not in INDEX_DTYPES:
+        fail(f"accepted must be int64 or int32, got {accepted.dtype}")
+    if not isinstance(accept_len, torch.Tensor) or tuple(accept_len.shape) != (B,):
+        fail(f"accept_len must be [B] = [{B}] for k_cache {shape_of(k_cache)}, got {shape_of(accept_len)}")
+    if accept_len.dtype not in INDEX_DTYPES:
+        fail(f"accept_len must be int32 or int64, got {accept_len.dtype}")
+    tensors = (("v_cache", v_cache), ("cache_seqlens", cache_seqlens), ("accepted", accepted),
+               ("accept_len", accept_len))
+    for name, t in tensors:
+        if t.device != k_cache.device:
+            fail(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+
+
+def _check_values(S: int, cache_seqlens, accepted, accept_len) -> None:
+    """The data-dependent bounds (reads the tensors on the host: CPU tensors only)."""
+    A = accepted.shape[1]
+    for b, (n, count, row) in enumerate(zip(cache_seqlens.tolist(), accept_len.tolist(), accepted.tolist())):
+        if not 1 <= count <= A:
+            raise ValueError(f"compact_kv: accept_len[{b}] must be in [1, A] = [1, {A}] for accepted of "
+                             f"shape {shape_of(accepted)}, got {count}")
+        if n < 0:
+            raise ValueError(f"compact_kv: cache_seqlens[{b}] must be >= 0, got {n}")
+        nodes = row[:count]
+        top = max(count - 1, *nodes)
+        if min(nodes) < 0 or n + top >= S:
+            raise ValueError(
+                f"compact_kv: row {b} reads node indices {nodes} and writes {count} slots after a prefix of "
+                f"cache_seqlens[{b}] = {n}; indices must be >= 0 and the slots must lie below S = {S}"
+            )
+
+
+def _compact_kv_torch(k_cache, v_cache, cache_seqlens, accepted, accept_len) -> None:
+    """Gather-then-scatter of the accepted slots of every layer, without host syncs.
+
+    Padding entries (index >= accept_len[b]) are redirected to entry 0, so they rewrite slot n with
+    the value entry 0 writes there: duplicate writes of one value, fixed [L, B, A, H, D] work.
+    """
+    B, A = accepted.shape
+    i = torch.arange(A, device=accepted.device)
+    entry = torch.where(i < accept_len[:, None], i, 0)                       # [B, A]
+    nodes = accepted.long().gather(1, entry)                                # [B, A]
+    n = cache_seqlens.long()[:, None]
+    rows = torch.arange(B, device=accepted.device)[:, None]
+    src, dst = n + nodes, n + entry
+    for cache in (k_cache, v_cache):
+        layers = cache if cache.dim() == 5 else cache.unsqueeze(0)         # [L, B, S, H, D]
+        layers[:, rows, dst] = layers[:, rows, src]                         # the gather copies first
+
+
+@torch.library.custom_op("ht_kernels::compact_kv", mutates_args=("k_cache", "v_cache"))
+def _compact_kv_op(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accepted: torch.Tensor,
+    accept_len: torch.Tensor,
+    backend: str,
+) -> None:
+    if k_cache.device.type == "cpu":
+        _check_values(k_cache.shape[-3], cache_seqlens, accepted, accept_len)
+    _compact_kv_torch(k_cache, v_cache, cache_seqlens, accepted, accept_len)
+
+
+@_compact_kv_op.register_fake
+def _(k_cache, v_cache, cache_seqlens, accepted, accept_len, backend):
+    return None

@@ -1,0 +1,247 @@
+"""Decoding: hidden-transfer output equals plain decoding (greedy) or its distribution (sampling)."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.sampling import verify_tree_sampling, warp_probs
+from ht_kernels.decode.transfer import TransferWeights
+from ht_kernels.decode.trees import StepTree, TreePolicy
+from ht_kernels.model import ModelConfig, Transformer
+
+TIE = 1e-4  # greedy outputs may differ only where the top two logits are this close (fp32 rounding)
+
+
+def tiny_model(vocab: int = 16, dim: int = 64, n_layers: int = 4, max_seq_len: int = 1024,
+               out_std: float = 2.0) -> Transformer:
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=dim // 4,
+                      hidden_dim=2 * dim, max_seq_len=max_seq_len, name="tiny")
+    model = Transformer.from_config(cfg)
+    with torch.no_grad():  # unit-variance activations: attention matters and logits are spread
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+        model.tok_embeddings.weight.normal_(0, 1.0)
+        model.output.weight.normal_(0, out_std * dim**-0.5)
+    return model
+
+
+def random_transfer(model: Transformer, K: int = 3, layer: int = 2) -> TransferWeights:
+    D = model.config.dim
+    return TransferWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1, layer)
+
+
+def logits_after(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """Plain full forward over tokens -> logits [V] after the last one."""
+    n = len(tokens)
+    cache = model.new_cache(1, n)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    with torch.no_grad():
+        return model(torch.tensor([tokens]), torch.arange(n)[None], cache, mask)[0, -1]
+
+
+def assert_same_greedy(model, prompts, got, expected) -> None:
+    """Identical sequences, except that a difference is allowed where plain decoding faced a tie."""
+    for prompt, a, b in zip(prompts, got, expected):
+        if a == b:
+            continue
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else min(len(a), len(b))
+        top2 = logits_after(model, prompt + b[:i]).topk(2).values
+        assert top2[0] - top2[1] < TIE, f"differs at new token {i}: {a[i:i + 5]} vs plain {b[i:i + 5]}"
+
+
+class OracleDecoder(HiddenTransferDecoder):
+    """Drafts from the known plain continuation: at each depth the right token sits at rank 0 (60%),
+    rank 1 (20%) or nowhere (20%), so steps accept several drafts, rejections included."""
+
+    def __init__(self, *args, reference: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+
+    def _step(self, root, drafts, cache, warp, generator):
+        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
+        B, K, V = root.shape[0], self.transfer.K, self.model.config.vocab_size
+        logp = torch.randn(B, K, V)
+        root_pos = (cache.lengths.long() + accept_len).tolist()
+        for b, i in itertools.product(range(B), range(K)):
+            seq, pos = self.reference[b], root_pos[b] + i + 1
+            if pos < len(seq):
+                x, u = seq[pos], float(torch.rand(()))
+                if u < 0.6:
+                    logp[b, i, x] = 10.0
+                elif u < 0.8:
+                    logp[b, i, x], logp[b, i, (x + 1) % V] = 9.0, 10.0
+                else:
+                    logp[b, i, x] = -10.0
+        return tree, accepted, accept_len, nxt, logp.log_softmax(-1)
+
+
+class RandomDraftDecoder(HiddenTransferDecoder):
+    """Fresh random drafts every step: in a tiny vocabulary they often hold likely tokens."""
+
+    def _step(self, root, drafts, cache, warp, generator):
+        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
+        shape = (root.shape[0], self.transfer.K, self.model.config.vocab_size)
+        return tree, accepted, accept_len, nxt, (3 * torch.randn(shape)).log_softmax(-1)
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [3]]
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic", [(0,), (1,), (0, 0), (0, 0, 0)]])
+@pytest.mark.parametrize("n_chains", [None, 3])
+def test_untrained_and_random_transfer_are_lossless(tree, n_chains):
+    model = tiny_model()
+    for transfer in (None, random_transfer(model)):
+        dec = HiddenTransferDecoder(model, transfer, tree=tree, n_chains=n_chains)
+        ar, ht = dec.generate_ar(PROMPTS, max_new_tokens=30), dec.generate(PROMPTS, max_new_tokens=30)
+        assert_same_greedy(model, PROMPTS, ht.sequences, ar.sequences)
+        assert all(len(s) == 30 for s in ht.sequences) and ar.accept_lengths == [[1] * 30] * 3
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic"])
+@pytest.mark.parametrize("n_chains", [None, 4])
+def test_accepted_drafts_are_lossless(tree, n_chains):
+    model = tiny_model()
+    plain = HiddenTransferDecoder(model, random_transfer(model)).generate_ar(PROMPTS, max_new_tokens=60)
+    reference = [p + s for p, s in zip(PROMPTS, plain.sequences)]
+    dec = OracleDecoder(model, random_transfer(model), tree=tree, n_chains=n_chains, reference=reference)
+    out = dec.generate(PROMPTS, max_new_tokens=60)
+    assert_same_greedy(model, PROMPTS, out.sequences, plain.sequences)
+    for steps, seq in zip(out.accept_lengths, out.sequences):
+        assert sum(steps) == len(seq) == 60 and min(steps) >= 1
+        assert sum(steps[1:]) / len(steps[1:]) > 1.5  # drafts were accepted: the multi-token path ran
+
+
+def test_eos_max_new_tokens_and_streaming():
+    model = tiny_model()
+    dec = HiddenTransferDecoder(model, random_transfer(model))
+    plain = dec.generate_ar(PROMPTS, max_new_tokens=25)
+    reference = [p + s for p, s in zip(PROMPTS, plain.sequences)]
+    eos = plain.sequences[0][7]
+    streamed = [[] for _ in PROMPTS]
+    oracle = OracleDecoder(model, random_transfer(model), reference=reference)
+    out = oracle.generate(PROMPTS, max_new_tokens=25, eos_token_id=eos,
+                          callback=lambda new: [s.extend(t) for s, t in zip(streamed, new)])
+    expected = [ref[: ref.index(eos) + 1] if eos in ref else ref for ref in plain.sequences]
+    assert_same_greedy(model, PROMPTS, out.sequences, expected)
+    assert streamed == out.sequences
+    assert [sum(s) for s in out.accept_lengths] == [len(s) for s in out.sequences]
+
+
+def exact_marginal(model, prompt, n: int, warp) -> torch.Tensor:
+    """P(new token n) under plain sampling from the warped distribution, by enumerating all prefixes."""
+    V = model.config.vocab_size
+    probs = {(): 1.0}
+    for _ in range(n - 1):
+        probs = {pre + (x,): p * q for pre, p in probs.items()
+                 for x, q in enumerate(warp(logits_after(model, prompt + list(pre))).tolist())}
+    marginal = torch.zeros(V, dtype=torch.float64)
+    for pre, p in probs.items():
+        marginal += p * warp(logits_after(model, prompt + list(pre))).double()
+    return marginal
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic"])
+def test_sampling_keeps_the_model_distribution(tree):
+    """The 3rd and 4th new tokens (drafted and verified) follow the exact marginal distribution of plain
+    sampling: a chi-square test over 3000 samples at significance 1e-4."""
+    model = tiny_model(vocab=6, dim=32, n_layers=2)
+    temperature, top_k, top_p = 0.9, 5, 0.95
+
+    def warp(logits):
+        return warp_probs(logits, temperature, top_k, top_p)
+
+    dec = RandomDraftDecoder(model, random_transfer(model, layer=1), tree=tree)
+    prompt, N = [1, 2, 3], 3000
+    out = dec.generate([prompt] * N, max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,
+                       generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    steps = [s for row in out.accept_lengths for s in row[1:]]
+    assert sum(steps) / len(steps) > 1.2  # drafts were accepted
+    for n in (3, 4):
+        expected = exact_marginal(model, prompt, n, warp) * N
+        observed = torch.bincount(torch.tensor([s[n - 1] for s in out.sequences]), minlength=6).double()
+        keep = expected >= 5
+        chi2 = float(((observed - expected)[keep] ** 2 / expected[keep]).sum())
+        df = int(keep.sum()) - 1
+        assert chi2 < _chi2_critical(df), f"token {n}: chi2 {chi2:.1f} (df {df}), {observed} vs {expected}"
+        assert observed[~keep].sum() <= 5 * max(1, int((~keep).sum())) + 10
+
+
+def test_tree_sampling_rule_is_exact():
+    """verify_tree_sampling on one fixed tree, repeated over many rows: the first emitted token follows
+    the root's distribution, and the token after an accepted child follows that child's distribution."""
+    V, N = 5, 20000
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2])
+    tokens = torch.tensor([0, 1, 3, 1, 2, 4, 0])  # node 3 repeats node 1's token: it can never be accepted
+    probs = torch.distributions.Dirichlet(torch.ones(V)).sample((7,))
+    tree = StepTree(tokens.expand(N, 7), parents.expand(N, 7), torch.zeros(N, 7, dtype=torch.long),
+                    torch.zeros(N, 7))
+    accepted, accept_len, bonus = verify_tree_sampling(probs.expand(N, 7, V), tree,
+                                                       torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    first = torch.where(accept_len > 1, tokens[accepted[:, 1].clamp_min(0)], bonus)
+    _assert_follows(first, probs[0], "first token")
+    for child in (1, 2):
+        rows = (accepted[:, 1] == child)
+        second = torch.where(accept_len[rows] > 2, tokens[accepted[rows, 2].clamp_min(0)], bonus[rows])
+        _assert_follows(second, probs[child], f"token after node {child}")
+    assert not (accepted == 3).any()
+
+
+def _assert_follows(samples: torch.Tensor, p: torch.Tensor, what: str) -> None:
+    expected = p.double() * samples.numel()
+    observed = torch.bincount(samples, minlength=p.numel()).double()
+    keep = expected >= 5
+    chi2 = float(((observed - expected)[keep] ** 2 / expected[keep]).sum())
+    assert chi2 < _chi2_critical(int(keep.sum()) - 1), f"{what}: {observed.tolist()} vs {expected.tolist()}"
+    assert observed[~keep].sum() <= 20, f"{what}: {observed.tolist()} vs {expected.tolist()}"
+
+
+def _chi2_critical(df: int) -> float:
+    """Upper 1e-4 quantile of chi-square (Wilson-Hilferty approximation, z = 3.719)."""
+    z = 3.719
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_transfer_weights_round_trip(tmp_path):
+    model = tiny_model()
+    w = random_transfer(model, K=4, layer=3)
+    w.meta["model"] = "tiny"
+    w.save(tmp_path / "t.safetensors")
+    back = TransferWeights.load(tmp_path / "t.safetensors")
+    assert torch.equal(back.weight, w.weight) and torch.equal(back.bias, w.bias)
+    assert back.layer == 3 and back.K == 4 and back.meta["model"] == "tiny"
+    dec = HiddenTransferDecoder(model, tmp_path / "t.safetensors")
+    assert dec.transfer.K == 4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(input_ids=[]), "input_ids"),
+    (dict(input_ids=[[1], []]), "input_ids"),
+    (dict(input_ids=[[1, 99]]), "input_ids"),
+    (dict(input_ids=torch.zeros(2, 3)), "input_ids"),
+    (dict(input_ids=[[1]], max_new_tokens=0), "max_new_tokens"),
+    (dict(input_ids=[[1] * 900], max_new_tokens=200), "positions"),
+])
+def test_bad_generate_arguments(kwargs, match):
+    dec = HiddenTransferDecoder(tiny_model(), None)
+    with pytest.raises(ValueError, match=match):
+        dec.generate(**kwargs)
+
+
+def test_bad_transfer_and_tree():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="transfer"):
+        HiddenTransferDecoder(model, TransferWeights(torch.zeros(3, 8, 8), torch.zeros(3, 8), 2))
+    with pytest.raises(ValueError, match="layer"):
+        HiddenTransferDecoder(model, TransferWeights.untrained(64, 4, layer=4))
+    with pytest.raises(ValueError, match="transfer"):
+        HiddenTransferDecoder(model, "no/such/file.safetensors")
+    with pytest.raises(ValueError, match="K=2"):
+        HiddenTransferDecoder(model, None, tree=TreePolicy(2, [(0,)]))
+    with pytest.raises(ValueError, match="prefixes"):
+        TreePolicy(3, [(0, 1)])
