@@ -46,7 +46,7 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
 @triton.jit
 def _tree_attention_fwd_kernel(
     Q, KC, VC, KN, VN, SEQLENS, BITS, O, LSE,
-    sqb, sqt, sqh, sqd,
+    s_len, sqb, sqt, sqh, sqd,
     skb, sks, skh, skd,
     svb, svs, svh, svd,
     snb, snt, snh, snd,
@@ -66,7 +66,7 @@ def _tree_attention_fwd_kernel(
     # tile stay 32-bit, which keeps the per-element address math cheap.
     b = (pid_bh // HKV).to(tl.int64)
     h = pid_bh % HKV
-    seqlen = tl.load(SEQLENS + b)
+    seqlen = tl.load(SEQLENS + b * s_len)
     last_split = split == NUM_SPLITS - 1
 
     o_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed query rows
@@ -272,7 +272,7 @@ def tree_attention_fwd(
     kn, vn = (k, v) if has_kv else (k_cache, v_cache)  # placeholders, never read without HAS_KV
     _tree_attention_fwd_kernel[(B * Hkv, m_tiles, splits)](
         q, k_cache, v_cache, kn, vn, cache_seqlens, bits, o_buf, l_buf,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
+        cache_seqlens.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
         bits_b, bits.stride(1), *o_buf.stride(), *l_buf.stride(),
         T, Hkv, D, scale * LOG2E,
         G=G, NUM_SPLITS=splits, HAS_KV=has_kv, **cfg,
