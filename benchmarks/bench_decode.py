@@ -1,0 +1,232 @@
+"""Benchmark decoding: hidden transfer (ht) against plain decoding (ar) and transformers `generate` (hf).
+
+Batch 1, one prompt at a time, each in the model's chat template; per prompt every method runs once, in
+turn, so a change in the machine's load hits all methods alike. Generations have a fixed length
+(eos ignored) unless --stop-at-eos. Before timing, each method runs one short warmup generation.
+tokens/s = new tokens / seconds (prefill included), summed over prompts; tau = mean tokens committed per
+decoding step (the prefill's first token left out). `hf` is a transformers LlamaForCausalLM that shares
+the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-eos.
+
+    python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
+        [--temperature F] [--methods ht,ar,hf] [--prompts PATH] [--threads N] [--json PATH] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from tqdm import tqdm  # a dependency of transformers
+
+import ht_kernels as ht
+from ht_kernels.cli import encode_prompt, resolve_transfer_arg
+from ht_kernels.loading import LAYER_NAMES, TOP_NAMES
+from _harness import header
+
+PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
+METHODS = ("ht", "ar", "hf")
+WARMUP_TOKENS = 8
+DEFAULT_LIMIT = 6
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or an HF directory")
+    p.add_argument("--transfer", default="default", help="default (shipped weights), a weights file, or none")
+    p.add_argument("--prompts", default=str(PROMPTS), help='JSONL with "turns" (first turn used) or "prompt"')
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                   help=f"the first N prompts, 0 for all (default {DEFAULT_LIMIT}: the built-in set's first "
+                        f"{DEFAULT_LIMIT} prompts are one per category; with the other defaults that run takes ~6 "
+                        f"minutes in fp32 on a 2-core CPU with one thread)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--stop-at-eos", action="store_true", help="end each generation at the tokenizer's eos")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ht,ar,hf")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: accepted-length histogram, tokens/s per method")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or set(args.methods) - set(METHODS):
+        p.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {','.join(args.methods)}")
+    return args
+
+
+def load_prompts(path: str, limit: int | None) -> list[str]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows]
+    return prompts[:limit or None]
+
+
+def hf_sharing_weights(model):
+    """A transformers LlamaForCausalLM whose parameters are `model`'s tensors (no copy); no eos stop."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    if c.qkv_bias != c.o_bias:
+        raise ValueError("hf: only Llama-style models (the same bias on q/k/v and o) have a LlamaForCausalLM twin")
+    config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        attention_bias=c.qkv_bias, rope_parameters={"rope_theta": c.rope_theta, "rope_type": "default",
+                                                    **(c.rope_scaling or {})},
+        bos_token_id=None, eos_token_id=None, pad_token_id=0, dtype=model.dtype)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # ours -> HF names, as loading maps them
+        layer = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        stem, kind = name.rsplit(".", 1)
+        state[f"model.layers.{layer[1]}.{LAYER_NAMES[layer[2]][0]}.{layer[3]}" if layer
+              else f"{TOP_NAMES[stem][0]}.{kind}"] = p
+    hf.load_state_dict(state, strict=True, assign=True)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(model.device)  # its buffers were made on meta
+    return hf.eval()
+
+
+def make_runners(model, args) -> dict:
+    """{method: run(ids, max_new_tokens, seed) -> GenerateOutput} for the chosen methods."""
+    tok, runners = model.tokenizer, {}
+    eos = tok.eos_token_id if args.stop_at_eos else None
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if {"ht", "ar"} & set(args.methods):
+        dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer))
+        for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
+            runners[name] = lambda ids, n, seed, fn=fn: fn(
+                [ids], max_new_tokens=n, eos_token_id=eos, generator=torch.Generator(model.device).manual_seed(seed),
+                **sampling)
+    if "hf" in args.methods:
+        hf = hf_sharing_weights(model)
+        kw = dict(do_sample=True, **sampling) if args.temperature > 0 else dict(do_sample=False)
+
+        @torch.inference_mode()
+        def run_hf(ids, n, seed):
+            torch.manual_seed(seed)
+            x = torch.tensor([ids], device=model.device)
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, eos_token_id=eos, **kw)
+            new = out[0, x.shape[1]:].tolist()
+            if eos is not None and eos in new:
+                new = new[: new.index(eos) + 1]
+            return ht.GenerateOutput([new], [[1] * len(new)])
+
+        runners["hf"] = run_hf
+    return {m: runners[m] for m in args.methods}
+
+
+def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
+    summary = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        steps = [a for r in mine for a in r["accept_lengths"][1:]]
+        new, seconds = sum(r["new_tokens"] for r in mine), sum(r["seconds"] for r in mine)
+        summary[m] = {"tokens_per_s": new / seconds, "tau": sum(steps) / len(steps) if steps else 1.0,
+                      "new_tokens": new, "seconds": seconds}
+    tps = {m: s["tokens_per_s"] for m, s in summary.items()}
+    summary["speedup_vs_ar"] = tps["ht"] / tps["ar"] if "ht" in tps and "ar" in tps else None
+    summary["speedup_vs_hf"] = tps["ht"] / tps["hf"] if "ht" in tps and "hf" in tps else None
+    summary["identical_fraction"] = identical(rows, "ht", "ar") if greedy else None
+    return summary
+
+
+def identical(rows: list[dict], a: str, b: str) -> float | None:
+    """Fraction of prompts whose outputs of methods a and b are equal; None unless both ran."""
+    out = {(r["prompt"], r["method"]): r["tokens"] for r in rows}
+    prompts = sorted({p for p, m in out if m == a} & {p for p, m in out if m == b})
+    return sum(out[p, a] == out[p, b] for p in prompts) / len(prompts) if prompts else None
+
+
+def print_table(summary: dict, methods: list[str]) -> None:
+    tps = {m: summary[m]["tokens_per_s"] for m in methods}
+    print(f"{'method':>6}  {'tokens/s':>9}  {'tau':>5}  {'new tokens':>10}  {'seconds':>8}  {'x AR':>6}  {'x HF':>6}")
+    for m in methods:
+        s = summary[m]
+        ratio = lambda base: f"{tps[m] / tps[base]:.2f}x" if base in tps else "-"  # noqa: E731
+        print(f"{m:>6}  {s['tokens_per_s']:9.2f}  {s['tau']:5.2f}  {s['new_tokens']:10d}  {s['seconds']:8.1f}  "
+              f"{ratio('ar'):>6}  {ratio('hf'):>6}")
+
+
+def plot(path: str, rows: list[dict], summary: dict, methods: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    lengths = {m: [a for r in rows if r["method"] == m for a in r["accept_lengths"][1:]] for m in methods}
+    top = max((max(v) for v in lengths.values() if v), default=1)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        counts = [lengths[m].count(k) / max(len(lengths[m]), 1) for k in range(1, top + 1)]
+        left.bar([k + (i - (len(methods) - 1) / 2) * width for k in range(1, top + 1)], counts, width, label=m)
+    left.set(xlabel="tokens accepted per step", ylabel="fraction of steps", title="accepted length",
+             xticks=range(1, top + 1))
+    left.legend()
+    right.bar(methods, [summary[m]["tokens_per_s"] for m in methods], color=[f"C{i}" for i in range(len(methods))])
+    right.set(ylabel="tokens/s", title="throughput")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = ht.load_model(args.model, dtype=dtype)
+    prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
+    runners = make_runners(model, args)
+    head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
+            "transformers": importlib.metadata.version("transformers")}
+    title = "  ".join(f"{k}: {v}" for k, v in head.items())
+    print(title)
+    print(f"model: {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens"
+          f"{' or up to eos' if args.stop_at_eos else ' each (eos ignored)'}, temperature {args.temperature}"
+          + (", hf: transformers LlamaForCausalLM sharing the model's weights" if "hf" in runners else ""),
+          flush=True)
+    for run in runners.values():  # warmup
+        run(prompts[0], WARMUP_TOKENS, args.seed)
+    rows, bar = [], tqdm(total=len(prompts) * len(runners), unit="gen", file=sys.stderr)
+    for i, ids in enumerate(prompts):
+        for m, run in runners.items():
+            start = time.perf_counter()
+            out = run(ids, args.max_new_tokens, args.seed + i)
+            seconds = time.perf_counter() - start
+            rows.append({"prompt": i, "method": m, "new_tokens": len(out.sequences[0]), "seconds": seconds,
+                         "accept_lengths": out.accept_lengths[0], "tokens": out.sequences[0]})
+            bar.set_postfix_str(f"prompt {i} {m}", refresh=False)
+            bar.update()
+    bar.close()
+    greedy = args.temperature == 0
+    summary = summarize(rows, args.methods, greedy)
+    print_table(summary, args.methods)
+    same = summary["identical_fraction"]
+    print("identical to ar (ht): " + ("n/a (sampling)" if not greedy else "n/a" if same is None else f"{same:.2f}"))
+    hf_same = identical(rows, "hf", "ar") if greedy else None
+    if hf_same is not None:
+        print(f"identical to ar (hf): {hf_same:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}))
+    if args.plot:
+        plot(args.plot, rows, summary, args.methods, title)
+    print(f"total {time.perf_counter() - t0:.0f} s (loading, warmup and all generations)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""`python -m ht_kernels generate --prompt "..."`: stream a generation, then tokens/s and the mean accepted length.
+
+Errors the user can fix (a missing model package, a bad path or argument) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+DTYPES = ("float32", "bfloat16")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """The prompt's token ids: wrapped in the model's chat template as one user turn (chat=True), or as is."""
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer: give an HF directory with tokenizer files, or a .gguf file")
+    if chat and tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  return_dict=False))
+    if chat:
+        raise ValueError("the model's tokenizer has no chat template: pass --no-chat to use the prompt as is")
+    return tokenizer(prompt).input_ids
+
+
+def resolve_transfer_arg(value: str):
+    """--transfer: "default", "none" (untrained maps) or a weights file."""
+    return None if value == "none" else value
+
+
+def mean_accepted(accept_lengths: list[int]) -> float:
+    """Mean tokens per decoding step; the first entry (the prefill's token) is not a decoding step."""
+    steps = accept_lengths[1:] or accept_lengths
+    return sum(steps) / len(steps)
+
+
+class TextStream:
+    """Prints the text of a growing token sequence as it arrives. The whole sequence is decoded each time and
+    only the new suffix is printed, so tokens that merge or split multi-byte characters print right; a tail
+    ending in an incomplete character (U+FFFD) waits for the next tokens."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new_tokens: list[list[int]]) -> None:
+        self.ids += new_tokens[0]
+        self._write(final=False)
+
+    def close(self) -> None:
+        self._write(final=True)
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = max(self.printed, len(text))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ht_kernels", description="Lossless hidden-transfer decoding.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a generation for one prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or an HF directory")
+    g.add_argument("--transfer", default="default", help="default (shipped weights), a weights file, or none")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    g.add_argument("--seed", type=int, help="seed of the sampler (temperature > 0)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
+    g.add_argument("--ar", action="store_true", help="plain one-token-per-step decoding instead")
+    return p.parse_args(argv)
+
+
+def generate(args: argparse.Namespace) -> None:
+    import torch
+
+    import ht_kernels as ht
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ht.load_model(args.model, dtype=getattr(torch, args.dtype))
+    tok = model.tokenizer
+    ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
+    # --ar never uses the maps: untrained ones spare it the shipped weights and their warning.
+    dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer))
+    gen = None if args.seed is None else torch.Generator(model.device).manual_seed(args.seed)
+    stream = TextStream(tok)
+    run = dec.generate_ar if args.ar else dec.generate
+    start = time.perf_counter()
+    out = run([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, generator=gen, eos_token_id=tok.eos_token_id, callback=stream)
+    seconds = time.perf_counter() - start
+    stream.close()
+    n = len(out.sequences[0])
+    print(f"{n} tokens in {seconds:.1f} s: {n / seconds:.1f} tokens/s, "
+          f"mean accepted length {mean_accepted(out.accept_lengths[0]):.2f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    try:
+        generate(args)
+    except (ValueError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = formatwarning
+    return 0

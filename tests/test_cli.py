@@ -1,0 +1,152 @@
+"""The CLI (`python -m ht_kernels generate`) and benchmarks/bench_decode.py end to end on a tiny random model.
+
+The model is an HF directory saved in a temporary folder: a random LlamaForCausalLM and a byte-level
+tokenizer (256 byte tokens, no merges, two chat specials) built offline, so every string round-trips and a
+multi-byte character spans several tokens.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import ht_kernels as ht
+from ht_kernels.cli import TextStream, main
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+SUMMARY = re.compile(r"^(\d+) tokens in \d+\.\d s: \d+\.\d tokens/s, mean accepted length (\d+\.\d\d)$")
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>"]
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", additional_special_tokens=specials)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, initializer_range=0.5, bos_token_id=None,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+class Recorder(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def write(self, s: str) -> int:
+        self.chunks.append(s)
+        return super().write(s)
+
+
+def test_stream_holds_back_incomplete_characters():
+    tok = byte_tokenizer()
+    text = "né ✓ 語"
+    out = Recorder()
+    stream = TextStream(tok, out=out)
+    for t in tok(text).input_ids:  # one byte per token
+        stream([[t]])
+    stream.close()
+    assert out.getvalue() == text + "\n"
+    assert not any("\ufffd" in c for c in out.chunks)
+
+
+@pytest.mark.parametrize("extra", [[], ["--ar"], ["--no-chat", "--temperature", "0.8", "--top-k", "20", "--seed", "1"]])
+def test_generate_streams_text_and_reports(tiny, capsys, extra):
+    argv = ["generate", "--prompt", "Grüße ✓", "--model", tiny, "--transfer", "none", "--max-new-tokens", "24", *extra]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    text, last = out.rstrip("\n").rsplit("\n", 1)
+    m = SUMMARY.match(last)
+    assert m, last
+    n = int(m[1])
+    assert 1 <= n <= 24 and float(m[2]) >= 1.0
+    if not extra:  # greedy: the streamed text is the decoded greedy continuation
+        model = ht.load_model(tiny)
+        ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "Grüße ✓"}], add_generation_prompt=True,
+                                                  return_dict=False)
+        seq = ht.HiddenTransferDecoder(model, None).generate_ar([ids], max_new_tokens=24,
+                                                                eos_token_id=model.tokenizer.eos_token_id).sequences[0]
+        assert len(seq) == n and text == model.tokenizer.decode(seq, skip_special_tokens=True)
+
+
+def test_generate_errors_exit_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ht_kernels", "generate", "--prompt", "hi", "--model",
+                           str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: load_model") and "Traceback" not in proc.stderr
+
+
+def test_bench_decode_end_to_end(tiny, tmp_path, capsys):
+    import bench_decode
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Say hi.", "ignored"]}\n{"prompt": "Count: 1 2 3"}\n{"prompt": "unused"}\n')
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    plot = ["--plot", str(png)] if HAS_MATPLOTLIB else []
+    bench_decode.main(["--model", tiny, "--transfer", "none", "--prompts", str(prompts), "--limit", "2",
+                       "--max-new-tokens", "12", "--json", str(js), *plot])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("device: ") and "threads: " in out[0] and "git: " in out[0]
+    assert "2 prompts, 12 new tokens each" in out[1]
+    assert out[2].split() == ["method", "tokens/s", "tau", "new", "tokens", "seconds", "x", "AR", "x", "HF"]
+    assert [line.split()[0] for line in out[3:6]] == ["ht", "ar", "hf"]
+    assert out[6] == "identical to ar (ht): 1.00"
+    result = json.loads(js.read_text())
+    assert set(result) == {"summary", "rows"}
+    s = result["summary"]
+    assert set(s) == {"ht", "ar", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}
+    for m in ("ht", "ar", "hf"):
+        assert set(s[m]) == {"tokens_per_s", "tau", "new_tokens", "seconds"}
+        assert s[m]["new_tokens"] == 24 and s[m]["tokens_per_s"] > 0 and s[m]["tau"] >= 1
+    assert s["identical_fraction"] == 1.0 and s["speedup_vs_ar"] > 0 and s["speedup_vs_hf"] > 0
+    assert len(result["rows"]) == 6
+    for r in result["rows"]:
+        assert {"prompt", "method", "new_tokens", "seconds", "accept_lengths"} <= set(r)
+        assert sum(r["accept_lengths"]) == r["new_tokens"] == 12
+    if HAS_MATPLOTLIB:  # an optional dependency (the `bench` extra)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_decode_sampling_subset(tiny, tmp_path, capsys):
+    import bench_decode
+
+    js = tmp_path / "r.json"
+    bench_decode.main(["--model", tiny, "--transfer", "none", "--limit", "1", "--max-new-tokens", "6",
+                       "--methods", "ht,hf", "--temperature", "0.7", "--json", str(js)])
+    assert "identical to ar (ht): n/a (sampling)" in capsys.readouterr().out
+    s = json.loads(js.read_text())["summary"]
+    assert set(s) == {"ht", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}
+    assert s["speedup_vs_ar"] is None and s["identical_fraction"] is None and s["speedup_vs_hf"] > 0
