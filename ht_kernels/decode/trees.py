@@ -131,12 +131,16 @@ class StepLayout:
 
 
 def step_layout(tree: StepTree, K: int, n_chains: int | None = None) -> StepLayout:
-    """Masks and positions of a step; chains hang under the n_chains best-scoring nodes (default: all)."""
+    """Masks and positions of a step; chains hang under the n_chains best-scoring nodes (default: all),
+    the root always among them (shallower first among equal scores)."""
     B, T = tree.tokens.shape
     dev = tree.tokens.device
     n = T if n_chains is None else min(n_chains, T)
-    owners = tree.scores.topk(n, dim=1).indices.sort(dim=1).values if n < T else \
-        torch.arange(T, device=dev).expand(B, T)
+    if n < T:
+        key = (tree.scores - 1e-3 * tree.depths).index_fill(1, torch.tensor([0], device=dev), float("inf"))
+        owners = key.topk(n, dim=1).indices.sort(dim=1).values
+    else:
+        owners = torch.arange(T, device=dev).expand(B, T)
     real = ancestor_masks(tree.parents, K)
     chain = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
     pseudo_real = real.gather(1, owners[..., None].expand(B, n, T)).repeat_interleave(K, dim=1)
