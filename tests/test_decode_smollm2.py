@@ -2,9 +2,9 @@
 drafts that are often accepted) equals plain decoding, which equals transformers' greedy `generate`; rows of
 a ragged batch equal their batch-of-one results. Differences are allowed only on near-ties.
 
-The models are loaded once per module (about 35 s for ours and transformers'); the module runs in about
-80 s on one CPU thread. Without ../shared/data/specbench_dev.jsonl (relative to the repository) the
-decoding tests skip before loading anything.
+The models are loaded once per test session (about 35 s for ours and transformers'); the module runs in
+about 80 s on one CPU thread. Without ../shared/data/specbench_dev.jsonl (relative to the repository) the
+prompts come from the project's own benchmarks/prompts.jsonl.
 """
 from __future__ import annotations
 
