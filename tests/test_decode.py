@@ -54,7 +54,23 @@ def assert_same_greedy(model, prompts, got, expected) -> None:
         assert top2[0] - top2[1] < TIE, f"differs at new token {i}: {a[i:i + 5]} vs plain {b[i:i + 5]}"
 
 
-class OracleDecoder(HiddenTransferDecoder):
+class ScriptedDrafts(HiddenTransferDecoder):
+    """Replaces the model's drafts, after the prefill and after every step, by script(root_pos): the
+    draft log-probabilities [B, K, V] given each row's position of the next root."""
+
+    def script(self, root_pos: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _prefill(self, prompts, cache, draft):
+        logits, drafts = super()._prefill(prompts, cache, draft)
+        return logits, None if drafts is None else self.script(cache.lengths.long().tolist())
+
+    def _step(self, root, drafts, cache, warp, generator):
+        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
+        return tree, accepted, accept_len, nxt, self.script((cache.lengths.long() + accept_len).tolist())
+
+
+class OracleDecoder(ScriptedDrafts):
     """Drafts from the known plain continuation: at each depth the right token sits at rank 0 (60%),
     rank 1 (20%) or nowhere (20%), so steps accept several drafts, rejections included."""
 
@@ -62,12 +78,10 @@ class OracleDecoder(HiddenTransferDecoder):
         super().__init__(*args, **kwargs)
         self.reference = reference
 
-    def _step(self, root, drafts, cache, warp, generator):
-        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
-        B, K, V = root.shape[0], self.transfer.K, self.model.config.vocab_size
-        logp = torch.randn(B, K, V)
-        root_pos = (cache.lengths.long() + accept_len).tolist()
-        for b, i in itertools.product(range(B), range(K)):
+    def script(self, root_pos):
+        K, V = self.transfer.K, self.model.config.vocab_size
+        logp = torch.randn(len(root_pos), K, V)
+        for b, i in itertools.product(range(len(root_pos)), range(K)):
             seq, pos = self.reference[b], root_pos[b] + i + 1
             if pos < len(seq):
                 x, u = seq[pos], float(torch.rand(()))
@@ -77,16 +91,14 @@ class OracleDecoder(HiddenTransferDecoder):
                     logp[b, i, x], logp[b, i, (x + 1) % V] = 9.0, 10.0
                 else:
                     logp[b, i, x] = -10.0
-        return tree, accepted, accept_len, nxt, logp.log_softmax(-1)
+        return logp.log_softmax(-1)
 
 
-class RandomDraftDecoder(HiddenTransferDecoder):
+class RandomDraftDecoder(ScriptedDrafts):
     """Fresh random drafts every step: in a tiny vocabulary they often hold likely tokens."""
 
-    def _step(self, root, drafts, cache, warp, generator):
-        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
-        shape = (root.shape[0], self.transfer.K, self.model.config.vocab_size)
-        return tree, accepted, accept_len, nxt, (3 * torch.randn(shape)).log_softmax(-1)
+    def script(self, root_pos):
+        return (3 * torch.randn(len(root_pos), self.transfer.K, self.model.config.vocab_size)).log_softmax(-1)
 
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [3]]
@@ -245,3 +257,21 @@ def test_bad_transfer_and_tree():
         HiddenTransferDecoder(model, None, tree=TreePolicy(2, [(0,)]))
     with pytest.raises(ValueError, match="prefixes"):
         TreePolicy(3, [(0, 1)])
+
+
+def test_prefill_drafts_of_a_ragged_batch_equal_each_row_alone():
+    """The prefill drafts the first step from the last prompt token's pseudo chain; the pads of shorter
+    rows must not reach it."""
+    model = tiny_model()
+    dec = HiddenTransferDecoder(model, random_transfer(model))
+
+    def prefill(prompts):
+        with torch.no_grad():
+            return dec._prefill(prompts, model.new_cache(len(prompts), 64), draft=True)
+
+    logits, drafts = prefill(PROMPTS)
+    assert drafts.shape == (len(PROMPTS), 3, model.config.vocab_size)
+    for b, prompt in enumerate(PROMPTS):
+        alone_logits, alone_drafts = prefill([prompt])
+        torch.testing.assert_close(logits[b], alone_logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(drafts[b], alone_drafts[0], rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from test_decode import OracleDecoder, RandomDraftDecoder, assert_same_greedy, logits_after, random_transfer, tiny_model
+from test_decode import (OracleDecoder, RandomDraftDecoder, ScriptedDrafts, assert_same_greedy, logits_after,
+                         random_transfer, tiny_model)
 
 from ht_kernels.decode.decoder import HiddenTransferDecoder
 from ht_kernels.decode.trees import step_layout
@@ -16,7 +17,7 @@ from ht_kernels.decode.transfer import TransferWeights
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [3]]  # ragged, with a one-token prompt
 
 
-class ScriptedDraftDecoder(HiddenTransferDecoder):
+class ScriptedDraftDecoder(ScriptedDrafts):
     """Drafts from the known plain continuation: the right token always at rank 0 (right=True: every
     draft of the path (0, ..., 0) is accepted) or always ranked last (right=False: no draft is ever
     accepted, as the vocabulary is wider than any tree)."""
@@ -25,16 +26,14 @@ class ScriptedDraftDecoder(HiddenTransferDecoder):
         super().__init__(*args, **kwargs)
         self.reference, self.right = reference, right
 
-    def _step(self, root, drafts, cache, warp, generator):
-        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
-        B, K = root.shape[0], self.transfer.K
+    def script(self, root_pos):
+        B, K = len(root_pos), self.transfer.K
         logp = torch.randn(B, K, self.model.config.vocab_size)
-        root_pos = (cache.lengths.long() + accept_len).tolist()
         for b, i in itertools.product(range(B), range(K)):
             seq, pos = self.reference[b], root_pos[b] + i + 1
             if pos < len(seq):
                 logp[b, i, seq[pos]] = 30.0 if self.right else -30.0
-        return tree, accepted, accept_len, nxt, logp.log_softmax(-1)
+        return logp.log_softmax(-1)
 
 
 def plain(model, prompts, n: int) -> list[list[int]]:
@@ -162,8 +161,8 @@ def test_root_keeps_its_chain_under_tied_scores():
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])
 def test_full_acceptance(tree):
-    """Drafts always right at rank 0: every step after the first (root-only, there are no drafts yet)
-    accepts the whole depth-K path, K + 1 tokens per pass, but the last (cut at max_new_tokens)."""
+    """Drafts always right at rank 0 (the prefill drafts the first step): every step accepts the whole
+    depth-K path, K + 1 tokens per pass, but the last (cut at max_new_tokens)."""
     model = tiny_model()
     n, K = 41, 3
     ref = plain(model, PROMPTS, n + K + 1)
@@ -172,7 +171,7 @@ def test_full_acceptance(tree):
     assert_same_greedy(model, PROMPTS, out.sequences, [r[:n] for r in ref])
     check_steps(out, n)
     for steps in out.accept_lengths:
-        assert steps[:2] == [1, 1] and steps[2:-1] == [K + 1] * (len(steps) - 3) and 1 <= steps[-1] <= K + 1, steps
+        assert steps[0] == 1 and steps[1:-1] == [K + 1] * (len(steps) - 2) and 1 <= steps[-1] <= K + 1, steps
 
 
 def test_zero_acceptance():
@@ -261,7 +260,7 @@ def test_chi2_helpers():
     assert df == 1 and abs(chi2 - 8.0) < 1e-9
 
 
-class FixedDraftDecoder(HiddenTransferDecoder):
+class FixedDraftDecoder(ScriptedDrafts):
     """The same random drafts every step and row (a log-probability table drawn once): drafted tokens do
     not average out over steps, so a wrong acceptance rule shifts the sampled distribution visibly."""
 
@@ -269,9 +268,8 @@ class FixedDraftDecoder(HiddenTransferDecoder):
         super().__init__(*args, **kwargs)
         self.table = torch.randn(self.transfer.K, self.model.config.vocab_size).log_softmax(-1)
 
-    def _step(self, root, drafts, cache, warp, generator):
-        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
-        return tree, accepted, accept_len, nxt, self.table.expand(root.shape[0], -1, -1)
+    def script(self, root_pos):
+        return self.table.expand(len(root_pos), -1, -1)
 
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])

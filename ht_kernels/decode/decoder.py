@@ -105,11 +105,11 @@ class HiddenTransferDecoder:
         def choose(logits):
             return logits.argmax(-1) if warp is None else sample(warp(logits), generator)
 
-        root = choose(self._prefill(prompts, cache))
+        logits, drafts = self._prefill(prompts, cache, draft=speculative)
+        root = choose(logits)
         seqs, steps = [[] for _ in range(B)], [[] for _ in range(B)]
         active = torch.ones(B, dtype=torch.bool, device=root.device)
         self._emit(root[:, None].tolist(), seqs, steps, active, max_new_tokens, eos, callback)
-        drafts = None
         while bool(active.any()):
             if speculative:
                 tree, accepted, accept_len, root, drafts = self._step(root, drafts, cache, warp, generator)
@@ -126,20 +126,37 @@ class HiddenTransferDecoder:
             cache.lengths += (accept_len * active).to(cache.lengths.dtype)
         return GenerateOutput(seqs, steps)
 
-    def _prefill(self, prompts: list[list[int]], cache) -> torch.Tensor:
-        """Run the right-padded prompts causally, commit them; logits [B, V] after each prompt's last token."""
-        m = self.model
+    def _prefill(self, prompts: list[list[int]], cache, draft: bool):
+        """Run the right-padded prompts causally and commit them. Returns the logits [B, V] after each
+        prompt's last token and, with `draft`, the draft log-probabilities [B, K, V] of the first step
+        from that token's pseudo chain (else None)."""
+        m, L, K = self.model, self.model.config.n_layers, self.transfer.K
         dev = cache.k.device
         B, P = len(prompts), max(map(len, prompts))
         tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p)
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        last = torch.tensor([len(p) for p in prompts], device=dev) - 1
+        rows = torch.arange(B, device=dev)
         positions = torch.arange(P, device=dev).expand(B, P)
         mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        h = m.run_layers(m.embed(tokens), positions, cache, mask, range(m.config.n_layers))
-        cache.lengths.copy_(lens)  # the pads' keys/values lie beyond the lengths: never attended
-        return m.logits(h[torch.arange(B, device=dev), lens - 1])
+        if not draft:
+            h = m.run_layers(m.embed(tokens), positions, cache, mask, range(L))
+            cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
+            return m.logits(h[rows, last]), None
+        t = self.transfer.layer
+        h = m.run_layers(m.embed(tokens), positions, cache, mask, range(t))
+        hs = h.new_empty(B, P + K, h.shape[-1])  # the prompt, then the last token's pseudo chain
+        hs[:, :P] = h
+        hidden_transfer(h[rows, last][:, None], self.weight, self.bias, out=hs[:, P:].view(B, 1, K, -1))
+        chain = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
+        sees_prompt = (torch.arange(P, device=dev) <= last[:, None])[:, None, :].expand(B, K, P)
+        ext = torch.cat([torch.cat([mask, mask.new_zeros(P, K)], 1).expand(B, P, P + K),
+                         torch.cat([sees_prompt, chain.expand(B, K, K)], 2)], 1)        # [B, P + K, P + K]
+        ext_positions = torch.cat([positions, last[:, None] + torch.arange(1, K + 1, device=dev)], 1)
+        hs = m.run_layers(hs, ext_positions, cache, ext, range(t, L))
+        cache.lengths.copy_(last + 1)
+        return m.logits(hs[rows, last]), m.logits(hs[:, P:]).log_softmax(-1)
 
     def _forward_all(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One plain step of tokens [B, 1] -> logits [B, 1, V]."""
@@ -150,7 +167,7 @@ class HiddenTransferDecoder:
     def _step(self, root, drafts, cache, warp, generator):
         """One hidden-transfer step -> (tree, accepted [B, T], accept_len [B], next root [B], next drafts)."""
         m, K, t = self.model, self.transfer.K, self.transfer.layer
-        tree = TreePolicy.root_only(root) if drafts is None else self.tree.choose(root, drafts)
+        tree = self.tree.choose(root, drafts)
         lay = step_layout(tree, K, self.n_chains)
         B, T, n = tree.tokens.shape[0], tree.size, lay.owners.shape[1]
         positions = cache.lengths[:, None].long() + lay.offsets                      # [B, T + n K]

@@ -68,12 +68,6 @@ class TreePolicy:
         self.cand_parent = torch.tensor([index.get(p[:-1], -1) for p in cands])
         self.chosen = torch.tensor([index[p] for p in paths]) if paths else None
 
-    @staticmethod
-    def root_only(root: torch.Tensor) -> StepTree:
-        """The tree of a step without drafts: root [B] alone."""
-        zeros = torch.zeros_like(root)[:, None]
-        return StepTree(root[:, None], zeros - 1, zeros, zeros.float())
-
     def choose(self, root: torch.Tensor, draft_logprobs: torch.Tensor) -> StepTree:
         """root: [B] int64; draft_logprobs: [B, K, V] log-probabilities of depths 1..K -> StepTree."""
         B, dev = root.shape[0], root.device
