@@ -288,7 +288,7 @@ def test_sampled_tokens_match_plain_sampling(decoder, tree):
     seeds = torch.randint(0, 2**31, (2,)).tolist()
     ht = dec.generate([[1, 2, 3]] * N, max_new_tokens=4, generator=torch.Generator().manual_seed(seeds[0]), **warp)
     ar = dec.generate_ar([[1, 2, 3]] * N, max_new_tokens=4, generator=torch.Generator().manual_seed(seeds[1]), **warp)
-    steps = [s for row in ht.accept_lengths for s in row[2:]]  # the passes after the root-only first one
+    steps = [s for row in ht.accept_lengths for s in row[1:]]  # the decoding passes (row[0]: the prefill)
     assert sum(steps) / len(steps) > 1.05  # drafts were accepted (1.2 to 1.7 measured)
     for pos in positions:
         x = torch.tensor([s[pos - 1] for s in ht.sequences])
