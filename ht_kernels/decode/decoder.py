@@ -53,16 +53,7 @@ class HiddenTransferDecoder:
         self.transfer = weights
         self.weight = weights.weight.to(param.device, param.dtype)
         self.bias = weights.bias.to(param.device, param.dtype)
-        K = weights.K
-        if isinstance(tree, TreePolicy):
-            self.tree = tree
-        elif tree == "dynamic":
-            self.tree = TreePolicy(K, None, budget=budget)
-        else:
-            paths = [p for p in DEFAULT_PATHS if len(p) <= K] if tree is None else tree
-            self.tree = TreePolicy(K, paths)
-        if self.tree.K != K:
-            raise ValueError(f"tree: a TreePolicy for K={self.tree.K} drafts, but the transfer has K={K}")
+        self.tree = make_tree_policy(tree, weights.K, budget)
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
@@ -94,7 +85,7 @@ class HiddenTransferDecoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         B, P = len(prompts), max(map(len, prompts))
-        step_len = self.tree.budget * (1 + self.transfer.K) if speculative else 1
+        step_len = self._step_tokens() if speculative else 1
         need = P + max_new_tokens + step_len
         if need > cfg.max_seq_len:
             raise ValueError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) + one step "
@@ -178,15 +169,24 @@ class HiddenTransferDecoder:
         hidden_transfer(owners_h, self.weight, self.bias, out=hs[:, T:].view(B, n, K, -1))
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
         logits = m.logits(hs[:, :T])                                                 # [B, T, V]
+        accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator)
+        return tree, accepted, accept_len, nxt, self._next_drafts(hs, tree, lay, last)
+
+    def _step_tokens(self) -> int:
+        """Tokens one step feeds per row: the tree and the pseudo chains (all of them at most)."""
+        return self.tree.budget * (1 + self.transfer.K)
+
+    @staticmethod
+    def _verify(logits, tree: StepTree, warp, generator):
+        """logits: [B, T, V] of the tree's real nodes -> accepted [B, T] node indices (path order),
+        accept_len [B], the next root [B] and the last accepted node [B]."""
         if warp is None:
             target = logits.argmax(-1)
             accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
             last = accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
-            nxt = target.gather(1, last[:, None]).squeeze(1)
-        else:
-            accepted, accept_len, nxt = verify_tree_sampling(warp(logits), tree, generator)
-            last = accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
-        return tree, accepted, accept_len, nxt, self._next_drafts(hs, tree, lay, last)
+            return accepted, accept_len, target.gather(1, last[:, None]).squeeze(1), last
+        accepted, accept_len, nxt = verify_tree_sampling(warp(logits), tree, generator)
+        return accepted, accept_len, nxt, accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
 
     def _next_drafts(self, hs, tree: StepTree, lay, last) -> torch.Tensor:
         """Draft log-probabilities [B, K, V] of depths 1..K below the next root, from the chain of the
@@ -222,6 +222,20 @@ class HiddenTransferDecoder:
             new.append(toks)
         if callback is not None:
             callback(new)
+
+
+def make_tree_policy(tree, K: int, budget: int) -> TreePolicy:
+    """tree: None (the default static tree), a list of rank paths, "dynamic" or a TreePolicy -> a
+    TreePolicy over K draft depths."""
+    if isinstance(tree, TreePolicy):
+        policy = tree
+    elif tree == "dynamic":
+        policy = TreePolicy(K, None, budget=budget)
+    else:
+        policy = TreePolicy(K, [p for p in DEFAULT_PATHS if len(p) <= K] if tree is None else tree)
+    if policy.K != K:
+        raise ValueError(f"tree: a TreePolicy for K={policy.K} drafts, but the drafter has K={K}")
+    return policy
 
 
 def _prompts(input_ids, vocab_size: int) -> list[list[int]]:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..reference.tree_attention import tree_attention_ref
+from ..eager.tree_attention import tree_attention_torch
 from ._backend import device_guard, resolve_backend, shape_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -132,7 +132,7 @@ def _tree_attention_op(
 
         with device_guard(q.device):
             return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
-    out, lse = tree_attention_ref(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
+    out, lse = tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
     return out, lse.float()
 
 

@@ -1,0 +1,1 @@
+"""Baselines that hidden transfer is measured against."""

@@ -1,0 +1,97 @@
+"""Medusa heads (Cai et al. 2024) as a baseline: K residual SiLU heads on the last hidden state.
+
+Head i turns the normalised last hidden state x of a token into x + SiLU(W_i x + b_i), and the model's
+own LM head predicts from it the token i + 1 places ahead (the draft of depth i below the next root).
+Trained by `python -m ht_kernels.train --method medusa` with the same data and objective as hidden
+transfer; `MedusaDecoder` decodes with the same tree policies and verification, so the two differ only
+in where the drafts come from. A Medusa step feeds only the tree (no pseudo tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..decode.decoder import HiddenTransferDecoder, make_tree_policy
+from ..decode.trees import ancestor_masks
+from ..train.drafters import medusa_heads
+
+
+@dataclass
+class MedusaWeights:
+    """weight: [K, D, D], bias: [K, D] of the K heads; meta: string metadata."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:
+        return self.weight.shape[0]
+
+    @classmethod
+    def load(cls, path: str | Path) -> MedusaWeights:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return cls(f.get_tensor("weight"), f.get_tensor("bias"), dict(f.metadata() or {}))
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        meta = {**self.meta, "K": str(self.K), "dim": str(self.weight.shape[1])}
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
+
+
+class MedusaDecoder(HiddenTransferDecoder):
+    """Lossless tree decoding with Medusa drafts. model: an ht_kernels Transformer; heads: a weights
+    file or MedusaWeights; tree, budget: as for HiddenTransferDecoder. generate / generate_ar as there."""
+
+    def __init__(self, model, heads, *, tree=None, budget: int = 16):
+        if not hasattr(model, "run_layers"):
+            from ..loading import load_model
+
+            model = load_model(model)
+        heads = heads if isinstance(heads, MedusaWeights) else MedusaWeights.load(heads)
+        D = model.config.dim
+        if tuple(heads.weight.shape) != (heads.K, D, D) or tuple(heads.bias.shape) != (heads.K, D):
+            raise ValueError(f"heads must be [K, {D}, {D}] and [K, {D}] for this model, got "
+                             f"{list(heads.weight.shape)} and {list(heads.bias.shape)}")
+        self.model, self.heads = model, heads
+        param = next(model.parameters())
+        self.weight = heads.weight.to(param.device, param.dtype)
+        self.bias = heads.bias.to(param.device, param.dtype)
+        self.tree = make_tree_policy(tree, heads.K, budget)
+
+    def _drafts(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, dim] last-layer hidden states -> draft log-probabilities [B, K, V]."""
+        m = self.model
+        return m.output(medusa_heads(m.norm(h), self.weight, self.bias)).float().log_softmax(-1)
+
+    def _step_tokens(self) -> int:
+        return self.tree.budget
+
+    def _prefill(self, prompts, cache, draft: bool):
+        m, L = self.model, self.model.config.n_layers
+        dev = cache.k.device
+        B, P = len(prompts), max(map(len, prompts))
+        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p)
+        last = torch.tensor([len(p) for p in prompts], device=dev) - 1
+        mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        h = m.run_layers(m.embed(tokens), torch.arange(P, device=dev).expand(B, P), cache, mask, range(L))
+        cache.lengths.copy_(last + 1)
+        h_last = h[torch.arange(B, device=dev), last]
+        return m.logits(h_last), self._drafts(h_last) if draft else None
+
+    def _step(self, root, drafts, cache, warp, generator):
+        m = self.model
+        tree = self.tree.choose(root, drafts)
+        mask = ancestor_masks(tree.parents, self.heads.K)
+        positions = cache.lengths[:, None].long() + tree.depths
+        h = m.run_layers(m.embed(tree.tokens), positions, cache, mask, range(m.config.n_layers))
+        accepted, accept_len, nxt, last = self._verify(m.logits(h), tree, warp, generator)
+        h_last = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+        return tree, accepted, accept_len, nxt, self._drafts(h_last)

@@ -1,0 +1,134 @@
+"""python -m ht_kernels.train: train hidden-transfer maps (or the Medusa baseline) on a frozen model.
+
+    python -m ht_kernels.train --out runs/smollm2 [--model smollm2-135m] [--method transfer|medusa]
+        [--K 3] [--layer T] [--steps 400] [--prompts 800] [--gen-tokens 256] [--data my.jsonl] [--resume]
+
+Data: the model's own greedy answers to --prompts built-in prompts (and to the prompts of --data, whose
+{"text"} / {"tokens"} rows are used as they are), made once and kept in OUT/data.jsonl. Writes
+OUT/checkpoint.safetensors during training and OUT/transfer.safetensors (or OUT/medusa.safetensors)
+at the end. `torchrun --nproc_per_node N -m ht_kernels.train ...` trains data-parallel (gloo on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from .data import Example, builtin_prompts, load_jsonl, synthesize, windows
+from .trainer import TrainConfig, _dist, train
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ht_kernels.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="run directory (data, checkpoint, trained weights)")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or an HF directory")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--method", choices=["transfer", "medusa"], default="transfer")
+    p.add_argument("--K", type=int, default=3, help="draft depths")
+    p.add_argument("--layer", type=int, help="transfer layer t (default: n_layers // 2)")
+    p.add_argument("--no-chain", action="store_true", help="ablation: pseudo i does not attend pseudo 1..i-1")
+    p.add_argument("--init", choices=["lstsq", "identity"], default="lstsq")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (all processes together)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--prompts", type=int, default=800, help="built-in prompts to answer (0: none)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generated answer")
+    p.add_argument("--gen-batch", type=int, default=64, help="prompts answered at once")
+    p.add_argument("--max-len", type=int, default=512, help="longer sequences are split into windows")
+    p.add_argument("--data", help='JSONL of {"prompt"} / {"turns"} rows to answer, {"text"} / {"tokens"} rows as is')
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--threads", type=int, help="torch intra-op threads per process")
+    return p.parse_args(argv)
+
+
+def build_data(model, args, rank: int, world: int, dist) -> list[Example]:
+    """The training sequences: read from OUT/data.jsonl when it was made with the same recipe, else made."""
+    out = Path(args.out)
+    recipe = {"model": args.model, "dtype": args.dtype, "prompts": args.prompts, "gen_tokens": args.gen_tokens,
+              "data": args.data, "max_len": args.max_len, "seed": args.seed}
+    path, recipe_path = out / "data.jsonl", out / "data_recipe.json"
+    if path.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == recipe:
+        return [Example(r["tokens"], r["start"]) for r in map(json.loads, path.read_text().splitlines())]
+    prompts, texts, seqs = load_jsonl(args.data) if args.data else ([], [], [])
+    prompts = builtin_prompts(args.prompts, args.seed) + prompts
+    if (prompts or texts) and model.tokenizer is None:
+        raise ValueError(f"--model {args.model} has no tokenizer: give --data with {{'tokens': [...]}} rows")
+    examples = [Example(s, 0) for s in seqs]
+    if texts:
+        examples += [Example(model.tokenizer(t).input_ids, 0) for t in texts]
+    if prompts:
+        from ..cli import encode_prompt
+        from tqdm import tqdm
+
+        encoded = [encode_prompt(model.tokenizer, p) for p in prompts]
+        mine = list(range(rank, len(encoded), world))
+        bar = tqdm(total=len(mine), desc="answer prompts", disable=rank != 0, dynamic_ncols=True)
+        answers = synthesize(model, [encoded[i] for i in mine], args.gen_tokens, args.gen_batch,
+                             eos_token_id=model.tokenizer.eos_token_id, progress=bar.update)
+        bar.close()
+        if dist is not None:
+            parts = [None] * world
+            dist.all_gather_object(parts, answers)
+            answers = [parts[i % world][i // world] for i in range(len(encoded))]
+        examples += answers
+    examples = [w for e in examples for w in windows(e, args.max_len)]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"tokens": e.tokens, "start": e.start}) + "\n" for e in examples))
+        recipe_path.write_text(json.dumps(recipe))
+    return examples
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..loading import load_model
+
+    rank, world, dist = _dist()
+    t0 = time.time()
+    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    examples = build_data(model, args, rank, world, dist)
+    t_data = time.time() - t0
+    cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every)
+    meta = {"model": str(args.model), "recipe": " ".join(sys.argv[1:]) if argv is None else " ".join(argv),
+            "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
+    drafter = train(model, examples, cfg, args.out, resume=args.resume, meta=meta)
+    if rank == 0:
+        meta.update(config=json.dumps(asdict(cfg), sort_keys=True), data_seconds=f"{t_data:.0f}",
+                    train_seconds=f"{time.time() - t0 - t_data:.0f}", trained="yes")
+        export(drafter, Path(args.out), meta)
+    if dist is not None:
+        dist.destroy_process_group()
+    return 0
+
+
+def export(drafter, out: Path, meta: dict) -> Path:
+    """The trained maps as the decoder loads them: OUT/transfer.safetensors or OUT/medusa.safetensors."""
+    if drafter.kind == "transfer":
+        from ..decode.transfer import TransferWeights
+
+        path = out / "transfer.safetensors"
+        TransferWeights(drafter.weight.detach().half(), drafter.bias.detach().half(), drafter.layer, meta).save(path)
+    else:
+        from ..baselines.medusa import MedusaWeights
+
+        path = out / "medusa.safetensors"
+        MedusaWeights(drafter.weight.detach().half(), drafter.bias.detach().half(), meta).save(path)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

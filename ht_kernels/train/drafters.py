@@ -1,0 +1,62 @@
+"""Trainable draft heads on a frozen model: hidden transfer, and Medusa heads as the baseline.
+
+A drafter maps a `FrozenPass` over tokens [B, N] to the LM-head inputs of its K drafts per anchor,
+[B, N, K, dim]; the frozen LM head turns them into draft logits. Both keep their maps as fp32 master
+parameters weight [K, dim, dim] and bias [K, dim] and cast them to the model's dtype when they run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .objective import FrozenPass, pseudo_hidden
+
+
+class TransferDrafter(nn.Module):
+    """Hidden transfer: pseudo_i = weight[i] @ h_t + bias[i], then layers layer+1..L (DESIGN section 2).
+    chain=False is the ablation where pseudo i sees only itself, not pseudo 1..i-1 of its chain."""
+
+    kind = "transfer"
+
+    def __init__(self, K: int, dim: int, layer: int, chain: bool = True):
+        super().__init__()
+        self.layer, self.chain = layer, chain
+        self.weight = nn.Parameter(torch.eye(dim).repeat(K, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(K, dim))
+
+    def forward(self, model, frozen: FrozenPass) -> torch.Tensor:
+        return model.norm(pseudo_hidden(model, frozen, self.weight, self.bias, self.chain))
+
+    @torch.no_grad()
+    def init_lstsq(self, xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Least-squares start: weight[i], bias[i] best map h_t(n) to h_t(n + i) over the anchors seen.
+        xtx: [dim + 1, dim + 1] sum of [h, 1] outer products; xty: [K, dim + 1, dim] sums of [h, 1] h(n+i)^T."""
+        D = xtx.shape[0] - 1
+        reg = ridge * xtx.diagonal()[:D].mean() * torch.eye(D + 1, dtype=xtx.dtype)
+        reg[D, D] = 0
+        theta = torch.linalg.solve(xtx + reg, xty)                                # [K, D + 1, D]
+        self.weight.copy_(theta[:, :D].transpose(1, 2))
+        self.bias.copy_(theta[:, D])
+
+
+class MedusaDrafter(nn.Module):
+    """Medusa heads (Cai et al. 2024): head i is a residual SiLU block on the last layer's normalised
+    hidden state, x + SiLU(weight[i] x + bias[i]), feeding the model's own LM head. Zero start: every
+    head begins as a copy of the next-token prediction."""
+
+    kind = "medusa"
+
+    def __init__(self, K: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(K, dim, dim))
+        self.bias = nn.Parameter(torch.zeros(K, dim))
+
+    def forward(self, model, frozen: FrozenPass) -> torch.Tensor:
+        return medusa_heads(model.norm(frozen.last), self.weight, self.bias)
+
+
+def medusa_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x: [..., dim] normalised last hidden states -> [..., K, dim] LM-head inputs of the K heads."""
+    w, b = weight.to(x.dtype), bias.to(x.dtype)
+    return x[..., None, :] + F.silu(torch.einsum("...d,ked->...ke", x, w) + b)

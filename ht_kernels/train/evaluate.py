@@ -1,0 +1,90 @@
+"""Measuring draft heads on greedy continuations: per-depth accuracy and the accepted length per step.
+
+With greedy verification the decoding of a prompt is fixed (its greedy continuation), and the drafts
+of a step are those of the last accepted token, which sees exactly the tokens before it (real nodes
+never see pseudo nodes). So one teacher-forced pass over the continuation gives the drafts of every
+token, and the decoding loop can be replayed from them: at root position c the drafts come from
+anchor c - 1, the step's tree is chosen by the same TreePolicy, and verification accepts the longest
+tree path equal to the continuation. `replay_accept_lengths` returns what `generate` reports (the
+decoder's own pseudo chains under every node; numerics aside, e.g. bf16 near-ties), at the cost of
+one forward pass per sequence.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..decode.trees import TreePolicy
+from ..ops.verify_tree import verify_tree_greedy
+from .data import Example
+from .drafters import MedusaDrafter, TransferDrafter
+from .objective import frozen_pass
+
+
+def drafter_from_weights(weights, chain: bool = True):
+    """TransferWeights or MedusaWeights -> the matching drafter module with those (fp32) parameters."""
+    K, D = weights.weight.shape[:2]
+    drafter = TransferDrafter(K, D, weights.layer, chain) if hasattr(weights, "layer") else MedusaDrafter(K, D)
+    with torch.no_grad():
+        drafter.weight.copy_(weights.weight.float())
+        drafter.bias.copy_(weights.bias.float())
+    return drafter
+
+
+@torch.no_grad()
+def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4):
+    """Yields, for each example in turn, (draft log-probabilities [n, K, V] of anchors start..len-2,
+    the token after each anchor [n]) - anchor n's depth-i draft predicts token n + i + 1."""
+    layer = getattr(drafter, "layer", model.config.n_layers)
+    for s in range(0, len(examples), batch_size):
+        batch = examples[s:s + batch_size]
+        N = max(len(e.tokens) for e in batch)
+        tokens = torch.zeros(len(batch), N, dtype=torch.long, device=model.device)
+        for b, e in enumerate(batch):
+            tokens[b, :len(e.tokens)] = torch.tensor(e.tokens)
+        head_in = drafter(model, frozen_pass(model, tokens, layer, 1))        # [B, N, K, D]
+        for b, e in enumerate(batch):
+            rows = slice(e.start, len(e.tokens) - 1)
+            yield model.output(head_in[b, rows]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]
+
+
+def depth_accuracy(logp: torch.Tensor, greedy: torch.Tensor, top: int = 5) -> torch.Tensor:
+    """logp: [n, K, V] drafts of anchors 0..n-1 of a sequence; greedy: [n] the token after each anchor.
+    Returns (hits [2, K]: top-1 and top-`top` hits of depth i against token n + i + 1, counts [K])."""
+    n, K, _ = logp.shape
+    idx = logp.topk(top, dim=-1).indices                                      # [n, K, top]
+    hits, counts = torch.zeros(2, K), torch.zeros(K)
+    for i in range(1, K + 1):
+        if n - i <= 0:
+            continue
+        target = greedy[i:]                                                   # token n + i + 1 = greedy[n + i]
+        cand = idx[: n - i, i - 1]
+        hits[0, i - 1] += (cand[:, 0] == target).sum()
+        hits[1, i - 1] += (cand == target[:, None]).any(-1).sum()
+        counts[i - 1] += n - i
+    return hits, counts
+
+
+def replay_accept_lengths(policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
+                          max_new_tokens: int) -> list[int]:
+    """The tokens each decoding step commits, replayed from teacher-forced drafts.
+
+    logp: [n, K, V] drafts of anchors P-1 .. P+n-2 (P the prompt length: anchor 0 is the prompt's last
+    token); greedy: [n] the greedy token after each of them (greedy[j] is new token j). Returns the
+    accept lengths of the steps after the prefill, cut like `generate` cuts them at max_new_tokens
+    (at most n new tokens are replayed).
+    """
+    n, K, _ = logp.shape
+    total = min(max_new_tokens, n)
+    # Every anchor's step at once: root = greedy[j] (new token j, made by anchor j), drafts of anchor j.
+    anchors = torch.arange(n - 1)
+    tree = policy.choose(greedy[:-1], logp[:-1])
+    # The target of a node at depth d under root j is new token j + d + 1 (only on-path nodes matter).
+    pos = (anchors[:, None] + tree.depths + 1).clamp_max(n - 1)
+    target = torch.where(anchors[:, None] + tree.depths + 1 < n, greedy[pos], -1)
+    _, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
+    lengths, j = [], 0  # new token 0 came from the prefill; the step rooted at token j commits a
+    while j + 1 < total:
+        a = int(accept_len[j])
+        lengths.append(min(a, total - 1 - j))
+        j += a
+    return lengths

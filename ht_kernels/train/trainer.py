@@ -1,0 +1,265 @@
+"""Training loop of the draft heads: deterministic batches, AdamW, safetensors checkpoints, resume, and
+data parallelism over `torchrun` processes (gloo on CPU).
+
+Every process draws the same global batch of each step (a permutation per epoch from the seed), runs
+its share of the rows, and the gradients are summed across processes; the loss is normalised by the
+global number of trained drafts, so N processes compute what one process computes on the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .data import Example
+from .drafters import MedusaDrafter, TransferDrafter
+from .objective import anchor_mask, distill_loss, frozen_pass
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """method: "transfer" | "medusa"; layer: transfer layer t (None: n_layers // 2); depth_decay: depth i
+    weighs depth_decay ** (i - 1); init: "lstsq" | "identity" (transfer maps; Medusa starts at zero);
+    chain: pseudo i attends pseudo 1..i-1 of its chain (False: the ablation)."""
+
+    method: str = "transfer"
+    K: int = 3
+    layer: int | None = None
+    steps: int = 400
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup: int = 20
+    depth_decay: float = 0.8
+    teacher_top_k: int = 32
+    chain: bool = True
+    init: str = "lstsq"
+    init_batches: int = 8
+    seed: int = 0
+    save_every: int = 50
+
+    def check(self, n_layers: int) -> None:
+        if self.method not in ("transfer", "medusa"):
+            raise ValueError(f"method must be 'transfer' or 'medusa', got {self.method!r}")
+        if self.init not in ("lstsq", "identity"):
+            raise ValueError(f"init must be 'lstsq' or 'identity', got {self.init!r}")
+        if not 1 <= self.K <= 8:
+            raise ValueError(f"K must be in [1, 8], got {self.K}")
+        if self.layer is not None and not 1 <= self.layer < n_layers:
+            raise ValueError(f"layer must be in [1, {n_layers}) for a {n_layers}-layer model, got {self.layer}")
+        for name in ("steps", "batch_size", "teacher_top_k", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _dist():
+    """(rank, world size, process group or None) of a torchrun launch; one process otherwise."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), dist
+    return 0, 1, None
+
+
+def check_examples(examples: list[Example], K: int) -> None:
+    if not examples:
+        raise ValueError("training data is empty")
+    if all(len(e.tokens) - e.start < K + 1 for e in examples):
+        raise ValueError(f"every training sequence is too short: a sequence needs at least K + 1 = {K + 1} tokens "
+                         f"from its first trained anchor on")
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of global batch `step`: consecutive slices of one seeded permutation per epoch."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset:offset + take]
+        pos += take
+    return out
+
+
+def collate(examples: list[Example], K: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> tokens [B, N] (right-padded with 0), lengths [B], starts [B]."""
+    N = max(len(e.tokens) for e in examples)
+    tokens = torch.zeros(len(examples), N, dtype=torch.long)
+    for b, e in enumerate(examples):
+        tokens[b, :len(e.tokens)] = torch.tensor(e.tokens)
+    lengths = torch.tensor([len(e.tokens) for e in examples])
+    starts = torch.tensor([e.start for e in examples])
+    return tokens.to(device), lengths.to(device), starts.to(device)
+
+
+def n_trained(examples: list[Example], K: int) -> int:
+    """Drafts trained on these examples: anchors n >= start with n + i < len, i = 1..K (see anchor_mask)."""
+    return sum(max(0, len(e.tokens) - i - e.start) for e in examples for i in range(1, K + 1))
+
+
+def make_drafter(cfg: TrainConfig, model):
+    c = model.config
+    if cfg.method == "medusa":
+        return MedusaDrafter(cfg.K, c.dim)
+    return TransferDrafter(cfg.K, c.dim, c.n_layers // 2 if cfg.layer is None else cfg.layer, cfg.chain)
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to 10% of lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+@torch.no_grad()
+def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, dist):
+    """Sums for TransferDrafter.init_lstsq over the first init_batches global batches (fp64)."""
+    D = model.config.dim
+    xtx = torch.zeros(D + 1, D + 1, dtype=torch.float64)
+    xty = torch.zeros(cfg.K, D + 1, D, dtype=torch.float64)
+    for step in range(cfg.init_batches):
+        rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[rank::world]
+        if not rows:
+            continue
+        tokens, lengths, starts = collate([examples[i] for i in rows], cfg.K, model.device)
+        h = frozen_pass(model, tokens, drafter.layer, 1).hidden.double().cpu()   # [B, N, D]
+        B, N, _ = h.shape
+        a = torch.cat([h, torch.ones(B, N, 1, dtype=h.dtype)], -1)
+        for i in range(1, cfg.K + 1):
+            m = anchor_mask(lengths.cpu(), starts.cpu(), N, cfg.K)[:, : N - i, i - 1]   # anchor n, target n + i
+            x, y = a[:, : N - i][m], h[:, i:][m]
+            xty[i - 1] += x.T @ y
+            if i == 1:
+                xtx += x.T @ x
+    if dist is not None:
+        dist.all_reduce(xtx)
+        dist.all_reduce(xty)
+    return xtx, xty
+
+
+def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().contiguous() for name, p in drafter.named_parameters()}
+    for name, p in drafter.named_parameters():
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"adam.{key}.{name}"] = state[key].contiguous()
+    md = {"step": str(step), "config": json.dumps(asdict(cfg), sort_keys=True), **meta}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=md)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, drafter, opt, cfg: TrainConfig) -> int:
+    """Restore parameters and optimizer moments; returns the step to continue from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+        saved = json.loads(md["config"])
+        if saved != asdict(cfg):
+            diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+            raise ValueError(f"--resume: {path} was trained with another configuration (saved, now): {diff}")
+        step = int(md["step"])
+        with torch.no_grad():
+            for name, p in drafter.named_parameters():
+                t = f.get_tensor(name)
+                if t.shape != p.shape:
+                    raise ValueError(f"--resume: {path} holds {name} of shape {list(t.shape)}, this model needs "
+                                     f"{list(p.shape)}")
+                p.copy_(t)
+                if step > 0:
+                    opt.state[p] = {"step": torch.tensor(float(step)),
+                                    "exp_avg": f.get_tensor(f"adam.exp_avg.{name}"),
+                                    "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{name}")}
+    return step
+
+
+def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+          meta: dict | None = None, progress: bool = True):
+    """Train cfg.method's draft heads on the frozen model; returns the drafter (fp32 parameters).
+
+    Writes out_dir/checkpoint.safetensors every save_every steps and at the end (parameters, AdamW
+    moments, step, config and `meta` as metadata). resume=True continues from that checkpoint, which
+    must hold the same config. Under torchrun every process must pass the same examples.
+    """
+    cfg.check(model.config.n_layers)
+    check_examples(examples, cfg.K)
+    rank, world, dist = _dist()
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    drafter = make_drafter(cfg, model)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    ckpt = out_dir / CHECKPOINT
+    if resume:
+        if not ckpt.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt}")
+        start = load_checkpoint(ckpt, drafter, opt, cfg)
+    elif cfg.method == "transfer" and cfg.init == "lstsq":
+        drafter.init_lstsq(*_lstsq_stats(model, drafter, examples, cfg, rank, world, dist))
+    depth_w = torch.tensor([cfg.depth_decay ** i for i in range(cfg.K)], device=model.device)
+    meta = {"method": cfg.method, **(meta or {})}
+    layer = getattr(drafter, "layer", model.config.n_layers)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", dynamic_ncols=True)
+    window = torch.zeros(4, cfg.K)
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        batch = [examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)]
+        normalizer = max(1, n_trained(batch, cfg.K))
+        mine = batch[rank::world]
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        opt.zero_grad(set_to_none=False)
+        stats = torch.zeros(4, cfg.K)
+        if mine:
+            tokens, lengths, starts = collate(mine, cfg.K, model.device)
+            frozen = frozen_pass(model, tokens, layer, cfg.teacher_top_k)
+            mask = anchor_mask(lengths, starts, tokens.shape[1], cfg.K)
+            loss, stats = distill_loss(model, drafter(model, frozen), frozen, mask, depth_w, normalizer)
+            loss.backward()
+            stats = stats.cpu()
+        else:  # more processes than rows: contribute zero gradients
+            for p in drafter.parameters():
+                p.grad = torch.zeros_like(p)
+        if dist is not None:
+            for p in drafter.parameters():
+                dist.all_reduce(p.grad)
+            dist.all_reduce(stats)
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        window = 0.9 * window + stats
+        if bar is not None:
+            ce, top1, top5, n = window
+            bar.set_postfix_str(f"ce {float(ce.sum() / n.sum()):.3f} top1 " +
+                                "/".join(f"{a:.2f}" for a in (top1 / n.clamp_min(1)).tolist()))
+            bar.update(1)
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(ckpt, drafter, opt, step + 1, cfg,
+                            {**meta, "seconds": f"{time.time() - t0:.0f}"})
+    if bar is not None:
+        bar.close()
+    if dist is not None:
+        dist.barrier()
+    return drafter

@@ -1,0 +1,282 @@
+"""Training of the draft heads: the objective against the decoder's own computation, the fused loss
+against autograd, least squares, resume, torchrun data parallelism, replay of decoding, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
+from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.trees import TreePolicy
+from ht_kernels.train.data import Example, builtin_prompts, load_jsonl, windows
+from ht_kernels.train.drafters import MedusaDrafter, TransferDrafter
+from ht_kernels.train.evaluate import depth_accuracy, draft_logprobs, drafter_from_weights, replay_accept_lengths
+from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, distill_loss, frozen_pass
+from ht_kernels.train.trainer import CHECKPOINT, TrainConfig, n_trained, train
+from test_decode import random_transfer, tiny_model
+
+
+def random_tokens(model, lengths):
+    return [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in lengths]
+
+
+def test_pseudo_states_equal_the_decoders():
+    """Anchor n's pseudo chain in the training pass (all anchors at once) gives the draft distributions
+    the decoder computes when the prompt ends at n (its prefill drafts), for a ragged batch."""
+    model = tiny_model(vocab=32)
+    weights = random_transfer(model, K=3, layer=2)
+    seqs = random_tokens(model, [23, 17])
+    drafter = drafter_from_weights(weights)
+    dec = HiddenTransferDecoder(model, weights)
+    N = max(map(len, seqs))
+    tokens = torch.tensor([s + [0] * (N - len(s)) for s in seqs])
+    with torch.no_grad():
+        logp = model.output(drafter(model, frozen_pass(model, tokens, 2))).float().log_softmax(-1)  # [B, N, K, V]
+    for n in (0, 5, 16):
+        prompts = [s[: n + 1] for s in seqs]
+        cache = model.new_cache(2, N + 8)
+        _, want = dec._prefill(prompts, cache, draft=True)                                      # [B, K, V]
+        torch.testing.assert_close(logp[:, n], want, atol=2e-5, rtol=0)
+
+
+def test_chain_ablation_changes_only_deeper_pseudo_tokens():
+    model = tiny_model(vocab=32)
+    weights = random_transfer(model, K=3, layer=1)
+    tokens = torch.tensor(random_tokens(model, [20]))
+    with torch.no_grad():
+        frozen = frozen_pass(model, tokens, 1)
+        full = drafter_from_weights(weights)(model, frozen)
+        solo = drafter_from_weights(weights, chain=False)(model, frozen)
+    torch.testing.assert_close(full[:, :, 0], solo[:, :, 0], atol=1e-6, rtol=0)
+    assert (full[:, :, 1:] - solo[:, :, 1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("M,chunk", [(1, 4), (37, 8), (64, 64)])
+def test_head_cross_entropy_matches_autograd(M, chunk):
+    V, D, k = 50, 12, 5
+    h = torch.randn(M, D, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, D, dtype=torch.float64)
+    p = torch.rand(M, k, dtype=torch.float64).softmax(-1)
+    idx = torch.stack([torch.randperm(V)[:k] for _ in range(M)])
+    row_w = torch.rand(M, dtype=torch.float64)
+    loss, ce, top5 = _HeadCrossEntropy.apply(h, weight, p, idx, row_w, chunk)
+    (grad,) = torch.autograd.grad(3 * loss, h)
+    h2 = h.detach().clone().requires_grad_()
+    logq = (h2 @ weight.T).log_softmax(-1)
+    target = torch.zeros(M, V, dtype=torch.float64).scatter_(1, idx, p)
+    ce_ref = -(target * logq).sum(-1)
+    loss_ref = (ce_ref * row_w).sum()
+    (grad_ref,) = torch.autograd.grad(3 * loss_ref, h2)
+    torch.testing.assert_close(ce.double(), ce_ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9)
+    assert torch.equal(top5, (h2 @ weight.T).topk(5, dim=-1).indices)
+
+
+def test_distill_targets_are_shifted_by_depth():
+    """A drafter that reads the true future states (position n + i) hits the teacher's argmax at every
+    depth: any off-by-one in the targets breaks it."""
+    model = tiny_model(vocab=64)
+    seqs = random_tokens(model, [30, 22])
+    N, K = 30, 3
+    tokens = torch.tensor([s + [0] * (N - len(s)) for s in seqs])
+    frozen = frozen_pass(model, tokens, 2, top_k=8)
+    pos = (torch.arange(N)[:, None] + torch.arange(1, K + 1)).clamp_max(N - 1)
+    oracle = model.norm(frozen.last)[:, pos]                                  # [B, N, K, D]
+    lengths, starts = torch.tensor([30, 22]), torch.tensor([0, 4])
+    mask = anchor_mask(lengths, starts, N, K)
+    assert mask.sum(1).tolist() == [[29, 28, 27], [17, 16, 15]]
+    assert n_trained([Example(s, st) for s, st in zip(seqs, (0, 4))], K) == mask.sum()
+    _, stats = distill_loss(model, oracle, frozen, mask, torch.ones(K), 1.0)
+    torch.testing.assert_close(stats[1], stats[3])                            # top-1 hits == counts
+    _, wrong = distill_loss(model, model.norm(frozen.last)[:, :, None].expand(-1, -1, K, -1), frozen, mask,
+                            torch.ones(K), 1.0)
+    assert wrong[1, 0] < 0.5 * wrong[3, 0]
+
+
+def test_lstsq_init_recovers_a_linear_map():
+    D, K = 10, 2
+    x = torch.randn(500, D, dtype=torch.float64)
+    a = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], 1)
+    W, b = torch.randn(K, D, D, dtype=torch.float64), torch.randn(K, D, dtype=torch.float64)
+    xty = torch.stack([a.T @ (x @ W[i].T + b[i]) for i in range(K)])
+    drafter = TransferDrafter(K, D, layer=1)
+    drafter.init_lstsq(a.T @ a, xty, ridge=1e-9)
+    torch.testing.assert_close(drafter.weight, W.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(drafter.bias, b.float(), atol=1e-4, rtol=0)
+
+
+def _examples(model, n=6):
+    lengths = torch.randint(12, 30, (n,)).tolist()
+    return [Example(s, i % 3) for i, s in enumerate(random_tokens(model, lengths))]
+
+
+def _mean_ce(model, drafter, data, K):
+    from ht_kernels.train.trainer import collate
+
+    tokens, lengths, starts = collate(data, K, "cpu")
+    with torch.no_grad():
+        frozen = frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), 32)
+        _, stats = distill_loss(model, drafter(model, frozen), frozen, anchor_mask(lengths, starts, tokens.shape[1], K),
+                                torch.ones(K), 1.0)
+    return float(stats[0].sum() / stats[3].sum())
+
+
+@pytest.mark.parametrize("method", ["transfer", "medusa"])
+def test_training_lowers_the_loss_and_resume_matches(tmp_path, method):
+    model = tiny_model(vocab=32)
+    data = _examples(model)
+    cfg = TrainConfig(method=method, K=2, layer=2, steps=8, batch_size=3, lr=1e-2, warmup=2, save_every=4,
+                      init_batches=2)
+    full = train(model, data, cfg, tmp_path / "a", progress=False)
+    start = TrainConfig(**{**cfg.__dict__, "steps": 0 + 1, "lr": 0.0})
+    assert _mean_ce(model, full, data, 2) < _mean_ce(model, train(model, data, start, tmp_path / "z", progress=False),
+                                                     data, 2) - 0.05
+    again = train(model, data, cfg, tmp_path / "b", progress=False)
+    torch.testing.assert_close(again.weight, full.weight, atol=0, rtol=0)  # same seed, same result
+    # an interrupted run (stopped after its step-4 checkpoint) resumes to the same result
+    _truncate_to_step(model, data, cfg, tmp_path / "c")
+    resumed = train(model, data, cfg, tmp_path / "c", resume=True, progress=False)
+    torch.testing.assert_close(resumed.weight, full.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.bias, full.bias, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="another configuration"):  # a checkpoint of another config is refused
+        train(model, data, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "c", resume=True, progress=False)
+
+
+def _truncate_to_step(model, data, cfg, out):
+    """Run `cfg` and stop after its first checkpoint (step save_every), as an interrupted run would."""
+    import ht_kernels.train.trainer as trainer
+
+    class Stop(Exception):
+        pass
+
+    real = trainer.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Stop
+
+    trainer.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train(model, data, cfg, out, progress=False)
+    finally:
+        trainer.save_checkpoint = real
+
+
+def test_bad_training_input(tmp_path):
+    model = tiny_model(vocab=32)
+    with pytest.raises(ValueError, match="empty"):
+        train(model, [], TrainConfig(steps=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="too short"):
+        train(model, [Example([1, 2, 3], 0), Example([1, 2, 3, 4, 5], 2)], TrainConfig(K=3, steps=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="layer"):
+        train(model, _examples(model), TrainConfig(layer=4, steps=1), tmp_path, progress=False)
+    other = tiny_model(vocab=32, dim=32)
+    train(other, _examples(other), TrainConfig(K=2, layer=1, steps=1, init_batches=1), tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        train(model, _examples(model), TrainConfig(K=2, layer=1, steps=1, init_batches=1), tmp_path / "o",
+              resume=True, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(ValueError, match="needs 'prompt'"):
+        load_jsonl(bad)
+    bad.write_text("\n")
+    with pytest.raises(ValueError, match="no data rows"):
+        load_jsonl(bad)
+
+
+def test_data_helpers(tmp_path):
+    prompts = builtin_prompts(300, seed=1)
+    assert len(set(prompts)) == 300 and prompts == builtin_prompts(300, seed=1) != builtin_prompts(300, seed=2)
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a"}\n{"turns": ["b", "c"]}\n{"text": "t"}\n{"tokens": [1, 2, 3]}\n')
+    assert load_jsonl(f) == (["a", "b"], ["t"], [[1, 2, 3]])
+    w = windows(Example(list(range(10)), 2), 4)
+    assert [(e.tokens, e.start) for e in w] == [([0, 1, 2, 3], 2), ([4, 5, 6, 7], 0), ([8, 9], 0)]
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic"])
+@pytest.mark.parametrize("method", ["transfer", "medusa"])
+def test_replay_equals_decoding(tree, method):
+    """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
+    decoder stays lossless with these drafters."""
+    model = tiny_model(vocab=12, out_std=4.0)
+    K, D = 3, model.config.dim
+    if method == "transfer":
+        weights = random_transfer(model, K=K, layer=2)
+        dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12)
+    else:
+        weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)
+        dec = MedusaDecoder(model, weights, tree=tree, budget=12)
+    prompts = random_tokens(model, [5, 9, 3])
+    out = dec.generate(prompts, max_new_tokens=40)
+    assert out.sequences == dec.generate_ar(prompts, max_new_tokens=40).sequences
+    examples = [Example(p + s, len(p) - 1) for p, s in zip(prompts, out.sequences)]
+    got = []
+    for logp, nxt in draft_logprobs(model, drafter_from_weights(weights), examples, batch_size=2):
+        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40))
+    want = [a[1:] for a in out.accept_lengths]
+    assert got == want
+    assert sum(x > 1 for row in want for x in row) >= 3  # drafts were accepted: the replay was exercised
+
+
+def test_depth_accuracy_counts():
+    V = 7
+    greedy = torch.tensor([3, 1, 4, 1, 5])
+    logp = torch.full((5, 2, V), -10.0)
+    for n in range(5):  # depth 1 right everywhere; depth 2 ranks the right token second
+        if n + 1 < 5:
+            logp[n, 0, greedy[n + 1]] = 0.0
+        if n + 2 < 5:
+            logp[n, 1, greedy[n + 2]] = -1.0
+            logp[n, 1, (greedy[n + 2] + 1) % V] = 0.0
+    hits, counts = depth_accuracy(logp, greedy)
+    assert counts.tolist() == [4, 3] and hits.tolist() == [[4, 0], [4, 3]]
+
+
+def _tiny_hf_dir(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_cli_and_torchrun_data_parallel_match_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo) trains the same maps as one process, and the exported
+    weights load into the decoder."""
+    model_dir = _tiny_hf_dir(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    g = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"tokens": torch.randint(0, 40, (int(n),), generator=g).tolist()}) + "\n"
+                            for n in torch.randint(10, 40, (10,), generator=g)))
+    args = ["--model", str(model_dir), "--data", str(data), "--prompts", "0", "--dtype", "float32", "--K", "2",
+            "--steps", "4", "--batch-size", "5", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    one = run([sys.executable, "-m", "ht_kernels.train", "--out", str(tmp_path / "one"), *args])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ht_kernels.train", "--out", str(tmp_path / "two"), *args])
+    assert two.returncode == 0, two.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / CHECKPOINT) for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(a["weight"], torch.eye(32).repeat(2, 1, 1))
+    import ht_kernels as ht
+
+    model = ht.load_model(str(model_dir))
+    dec = ht.HiddenTransferDecoder(model, str(tmp_path / "one" / "transfer.safetensors"))
+    assert dec.transfer.layer == 1 and dec.transfer.meta["trained"] == "yes"
+    prompts = [[1, 2, 3], [4, 5]]
+    assert dec.generate(prompts, max_new_tokens=12).sequences == dec.generate_ar(prompts, max_new_tokens=12).sequences
