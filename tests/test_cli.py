@@ -150,3 +150,39 @@ def test_bench_decode_sampling_subset(tiny, tmp_path, capsys):
     s = json.loads(js.read_text())["summary"]
     assert set(s) == {"ht", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}
     assert s["speedup_vs_ar"] is None and s["identical_fraction"] is None and s["speedup_vs_hf"] > 0
+
+
+def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
+    """Train both drafters from the model's own answers to built-in prompts, then measure them; the
+    replayed tau equals the decoded one (fp32)."""
+    import bench_drafts
+
+    from ht_kernels.train.__main__ import main as train_main
+
+    common = ["--model", tiny, "--dtype", "float32", "--prompts", "4", "--gen-tokens", "8", "--steps", "2",
+              "--batch-size", "2", "--K", "2"]
+    assert train_main(["--out", str(tmp_path / "ht"), *common]) == 0
+    assert train_main(["--out", str(tmp_path / "medusa"), "--method", "medusa", *common]) == 0
+    data = [json.loads(line) for line in (tmp_path / "ht" / "data.jsonl").read_text().splitlines()]
+    assert len(data) == 4 and all(len(r["tokens"]) > r["start"] + 1 for r in data)
+    meta = ht.TransferWeights.load(tmp_path / "ht" / "transfer.safetensors").meta
+    assert meta["trained"] == "yes" and meta["method"] == "transfer" and "--prompts 4" in meta["recipe"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Say hi."]}\n{"prompt": "Count: 1 2 3"}\n')
+    js, png = tmp_path / "d.json", tmp_path / "d.png"
+    plot = ["--plot", str(png)] if HAS_MATPLOTLIB else []
+    bench_drafts.main(["--model", tiny, "--dtype", "float32", "--prompts", str(prompts), "--max-new-tokens", "10",
+                       "--drafter", f"ht={tmp_path / 'ht' / 'transfer.safetensors'}",
+                       "--drafter", f"medusa={tmp_path / 'medusa' / 'medusa.safetensors'}",
+                       "--decode", "2", "--similarity", "1", "--json", str(js), *plot])
+    out = capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["ht", "medusa"] and [r["kind"] for r in rows] == ["transfer", "medusa"]
+    for r in rows:
+        assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
+        for tree, (decoded, replayed) in r["tau_decoded"].items():
+            assert decoded == replayed == r["tau"][tree] >= 1
+    assert len(rows[0]["similarity"]) == 2 and "similarity" not in rows[1]  # t = 1 of 2 layers: after 1 and 2
+    assert "decoded tau" in out
+    if HAS_MATPLOTLIB:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     t_data = time.time() - t0
     cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every)
-    meta = {"model": str(args.model), "recipe": " ".join(sys.argv[1:]) if argv is None else " ".join(argv),
+    meta = {"model": str(args.model), "method": args.method,
+            "recipe": "python -m ht_kernels.train " + " ".join(sys.argv[1:] if argv is None else argv),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
     drafter = train(model, examples, cfg, args.out, resume=args.resume, meta=meta)
     if rank == 0:

@@ -17,7 +17,7 @@ from ..decode.trees import TreePolicy
 from ..ops.verify_tree import verify_tree_greedy
 from .data import Example
 from .drafters import MedusaDrafter, TransferDrafter
-from .objective import frozen_pass
+from .objective import frozen_pass, pseudo_hidden
 
 
 def drafter_from_weights(weights, chain: bool = True):
@@ -88,3 +88,32 @@ def replay_accept_lengths(policy: TreePolicy, logp: torch.Tensor, greedy: torch.
         lengths.append(min(a, total - 1 - j))
         j += a
     return lengths
+
+
+@torch.no_grad()
+def pseudo_similarity(model, drafter: TransferDrafter, examples: list[Example]) -> torch.Tensor:
+    """Mean cosine similarity [L - t + 1, K] of pseudo state i of anchor n to the real hidden state of
+    position n + i, after layer t (the transfer itself), t + 1, ..., L; anchors start..len-1-i."""
+    L, t = model.config.n_layers, drafter.layer
+    total, count = torch.zeros(L - t + 1, drafter.weight.shape[0]), torch.zeros(drafter.weight.shape[0])
+    for e in examples:
+        tokens = torch.tensor([e.tokens], device=model.device)
+        N = tokens.shape[1]
+        frozen = frozen_pass(model, tokens, t, 1)
+        cache, real = model.new_cache(1, N), []
+        h = model.embed(tokens)
+        positions = torch.arange(N, device=model.device)[None]
+        causal = torch.ones(N, N, dtype=torch.bool, device=model.device).tril()
+        for l in range(L):
+            h = model.run_layers(h, positions, cache, causal, range(l, l + 1))
+            if l + 1 >= t:
+                real.append(h[0].float())
+        record = []
+        pseudo_hidden(model, frozen, drafter.weight, drafter.bias, drafter.chain, record)
+        for i in range(1, drafter.weight.shape[0] + 1):
+            anchors = slice(e.start, N - i)
+            for j, (p, r) in enumerate(zip(record, real)):
+                sim = torch.nn.functional.cosine_similarity(p[0, anchors, i - 1].float(), r[e.start + i:N], dim=-1)
+                total[j, i - 1] += sim.sum()
+            count[i - 1] += max(0, N - i - e.start)
+    return total / count.clamp_min(1)

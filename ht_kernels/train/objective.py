@@ -80,11 +80,11 @@ def pseudo_attention(q, k, v, k_real, v_real, chain: bool = True) -> torch.Tenso
 
 
 def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chain: bool = True) -> torch.Tensor:
+                  chain: bool = True, record: list | None = None) -> torch.Tensor:
     """The pseudo chains of every anchor after all layers: [B, N, K, dim] (differentiable in weight, bias).
 
     weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); pseudo i of anchor n sits at
-    position n + i.
+    position n + i. record: a list that receives the states after layer t, t+1, ..., L.
     """
     m, c = model, model.config
     B, N, D = frozen.hidden.shape
@@ -93,6 +93,8 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
                         None if bias is None else bias.to(frozen.hidden.dtype))            # [B, N, K, D]
     positions = (torch.arange(N, device=x.device)[:, None] + torch.arange(1, K + 1, device=x.device)).reshape(1, -1)
     cos, sin = (t.view(1, N, K, 1, c.head_dim) for t in m.rope(positions))
+    if record is not None:
+        record.append(x)
     for l, (k_real, v_real) in enumerate(zip(frozen.keys, frozen.values), start=frozen.layer):
         blk = m.layers[l]
         att = blk.attention
@@ -103,6 +105,8 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
         o = pseudo_attention(q, k, v, k_real, v_real, chain)
         x = x + att.wo(o.reshape(B, N, K, -1))
         x = x + blk.feed_forward(blk.ffn_norm(x))
+        if record is not None:
+            record.append(x)
     return x
 
 

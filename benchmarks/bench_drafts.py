@@ -1,0 +1,191 @@
+"""Measure draft heads on the dev prompts: per-depth accuracy and tau (mean accepted tokens per step).
+
+Each prompt's greedy continuation (--max-new-tokens, eos ignored) is made once by plain decoding; then
+every drafter runs one teacher-forced pass over it, which gives the drafts of every token (see
+ht_kernels.train.evaluate): top-1 / top-5 accuracy per depth against the continuation, and tau replayed
+for each tree policy exactly as the decoder would commit tokens. --decode N also decodes the first N
+prompts for real with each drafter and reports that tau beside the replayed one. --similarity adds the
+cosine similarity of pseudo states to the true states, layer by layer after t (transfer drafters).
+
+    python benchmarks/bench_drafts.py --drafter ht=weights.safetensors --drafter medusa=medusa.safetensors
+        [--prompts PATH] [--limit N] [--max-new-tokens 128] [--trees default,dynamic64] [--decode N]
+        [--similarity] [--json PATH] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import ht_kernels as ht
+from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
+from ht_kernels.cli import encode_prompt
+from ht_kernels.decode.decoder import make_tree_policy
+from ht_kernels.decode.transfer import TransferWeights
+from ht_kernels.train.data import synthesize
+from ht_kernels.train.evaluate import (depth_accuracy, draft_logprobs, drafter_from_weights, pseudo_similarity,
+                                       replay_accept_lengths)
+from _harness import header
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench_dev.jsonl"
+TREES = {"default": (None, 16), "dynamic16": ("dynamic", 16), "dynamic32": ("dynamic", 32),
+         "dynamic64": ("dynamic", 64)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--drafter", action="append", required=True, metavar="NAME=PATH",
+                   help="a transfer or Medusa weights file (repeatable); NAME labels it; a transfer file "
+                        "with NAME ending in ':nochain' runs the chain ablation")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompts", default=str(DEV), help='JSONL with "turns" (first turn) or "prompt"')
+    p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--trees", default="default,dynamic64", help=f"comma-separated subset of {','.join(TREES)}")
+    p.add_argument("--decode", type=int, default=0, help="also decode the first N prompts for real")
+    p.add_argument("--similarity", type=int, default=0, help="cosine similarity on the first N prompts")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH")
+    args = p.parse_args(argv)
+    args.trees = args.trees.split(",")
+    if set(args.trees) - set(TREES):
+        p.error(f"--trees must be a subset of {','.join(TREES)}")
+    return args
+
+
+def load_weights(path: str):
+    """A transfer file has a 'layer' in its metadata; anything else is taken as Medusa heads."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        is_transfer = "layer" in (f.metadata() or {})
+    return TransferWeights.load(path) if is_transfer else MedusaWeights.load(path)
+
+
+def measure(model, name: str, weights, examples, args) -> dict:
+    chain = not name.endswith(":nochain")
+    drafter = drafter_from_weights(weights, chain)
+    K = weights.K
+    policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1]) for t in args.trees}
+    hits, counts = torch.zeros(2, K), torch.zeros(K)
+    lengths = {t: [] for t in args.trees}
+    for logp, nxt in draft_logprobs(model, drafter, examples):
+        h, c = depth_accuracy(logp, nxt)
+        hits += h
+        counts += c
+        for t, pol in policies.items():
+            lengths[t].append(replay_accept_lengths(pol, logp, nxt, args.max_new_tokens))
+    row = {"name": name, "kind": "transfer" if hasattr(weights, "layer") else "medusa", "K": K,
+           "layer": getattr(weights, "layer", None), "chain": chain,
+           "top1": (hits[0] / counts).tolist(), "top5": (hits[1] / counts).tolist(),
+           "tau": {t: _mean(lengths[t]) for t in args.trees}}
+    if args.decode and chain:  # the decoder always lets pseudo tokens see their chain: no ablation there
+        row["tau_decoded"] = {}
+        for t in args.trees:
+            tree, budget = TREES[t]
+            dec = (ht.HiddenTransferDecoder(model, weights, tree=tree, budget=budget) if row["kind"] == "transfer"
+                   else MedusaDecoder(model, weights, tree=tree, budget=budget))
+            got = [dec.generate([e.tokens[:e.start + 1]], max_new_tokens=args.max_new_tokens).accept_lengths[0][1:]
+                   for e in examples[: args.decode]]
+            row["tau_decoded"][t] = (_mean(got), _mean(lengths[t][: args.decode]))
+    if args.similarity and row["kind"] == "transfer":
+        row["similarity"] = pseudo_similarity(model, drafter, examples[: args.similarity]).tolist()
+    return row
+
+
+def _mean(rows: list[list[int]]) -> float:
+    flat = [a for r in rows for a in r]
+    return sum(flat) / max(len(flat), 1)
+
+
+def print_rows(rows: list[dict], trees: list[str]) -> None:
+    K = max(r["K"] for r in rows)
+    print(f"{'drafter':>22} {'t':>3} {'K':>2}  " + "  ".join(f"{'top1@' + str(i + 1):>7}" for i in range(K)) + "  "
+          + "  ".join(f"{'top5@' + str(i + 1):>7}" for i in range(K)) + "  " + "  ".join(f"{'tau ' + t:>14}" for t in trees))
+    for r in rows:
+        acc = lambda v: "  ".join(f"{v[i]:7.3f}" if i < len(v) else f"{'-':>7}" for i in range(K))  # noqa: E731
+        print(f"{r['name']:>22} {r['layer'] or '-':>3} {r['K']:>2}  {acc(r['top1'])}  {acc(r['top5'])}  "
+              + "  ".join(f"{r['tau'][t]:14.3f}" for t in trees))
+    for r in rows:
+        for t, (real, replay) in r.get("tau_decoded", {}).items():
+            print(f"{r['name']}: tree {t}: decoded tau {real:.3f}, replayed tau {replay:.3f} (same prompts)")
+        if "similarity" in r:
+            print(f"{r['name']}: cosine(pseudo i, true state of n + i) after layers {r['layer']}..: "
+                  + "; ".join(f"L{r['layer'] + j}: " + "/".join(f"{x:.2f}" for x in s) for j, s in enumerate(r["similarity"])))
+
+
+def plot(path: str, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sim = [r for r in rows if "similarity" in r]
+    fig, axes = plt.subplots(1, 2 + bool(sim), figsize=(6 * (2 + bool(sim)), 4))
+    for r in rows:
+        depths = range(1, r["K"] + 1)
+        axes[0].plot(depths, r["top1"], "o-", label=f"{r['name']} top-1")
+        axes[0].plot(depths, r["top5"], "s--", label=f"{r['name']} top-5")
+    axes[0].set(xlabel="draft depth", ylabel="accuracy", title="draft accuracy per depth", ylim=(0, 1))
+    axes[0].legend(fontsize=7)
+    trees = list(rows[0]["tau"])
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        axes[1].bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(trees))], [r["tau"][t] for t in trees],
+                    width, label=r["name"])
+    axes[1].set(xticks=range(len(trees)), xticklabels=trees, ylabel="tau (tokens per step)", title="tau per tree")
+    axes[1].legend(fontsize=7)
+    for r in sim:
+        s = torch.tensor(r["similarity"])
+        for i in range(s.shape[1]):
+            axes[2].plot(range(r["layer"], r["layer"] + s.shape[0]), s[:, i], label=f"{r['name']} pseudo {i + 1}")
+        axes[2].set(xlabel="after layer", ylabel="cosine similarity", title="pseudo vs true hidden state")
+        axes[2].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = ht.load_model(args.model, dtype=dtype)
+    path = Path(args.prompts)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    texts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows][: args.limit or None]
+    head = header(model.device, dtype)
+    title = "  ".join(f"{k}: {v}" for k, v in head.items())
+    print(title)
+    print(f"model {args.model}; {len(texts)} prompts of {path.name}; greedy, {args.max_new_tokens} new tokens", flush=True)
+    prompts = [encode_prompt(model.tokenizer, t) for t in texts]
+    examples = synthesize(model, prompts, args.max_new_tokens, batch_size=32)
+    print(f"continuations: {time.perf_counter() - t0:.0f} s", flush=True)
+    results = []
+    for spec in args.drafter:
+        name, _, file = spec.partition("=")
+        results.append(measure(model, name, load_weights(file), examples, args))
+        print(f"{name}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print_rows(results, args.trees)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"header": head, "args": vars(args), "rows": results}, indent=1))
+    if args.plot:
+        plot(args.plot, results, title)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
