@@ -8,7 +8,7 @@ prompts for real with each drafter and reports that tau beside the replayed one.
 cosine similarity of pseudo states to the true states, layer by layer after t (transfer drafters).
 
     python benchmarks/bench_drafts.py --drafter ht=weights.safetensors --drafter medusa=medusa.safetensors
-        [--prompts PATH] [--limit N] [--max-new-tokens 128] [--trees default,dynamic64] [--decode N]
+        [--prompts PATH] [--limit N] [--stride S] [--max-new-tokens 128] [--trees default,dynamic64] [--decode N]
         [--similarity] [--json PATH] [--plot PATH]
 """
 from __future__ import annotations
@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", default=str(DEV), help='JSONL with "turns" (first turn) or "prompt"')
     p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
+    p.add_argument("--stride", type=int, default=1, help="every S-th prompt (5: 48 of the 240 dev prompts, "
+                                                         "all 13 categories)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--trees", default="default,dynamic64", help=f"comma-separated subset of {','.join(TREES)}")
@@ -165,7 +167,7 @@ def main(argv=None) -> None:
     model = ht.load_model(args.model, dtype=dtype)
     path = Path(args.prompts)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    texts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows][: args.limit or None]
+    texts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows][:: args.stride][: args.limit or None]
     head = header(model.device, dtype)
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
     print(title)

@@ -35,7 +35,10 @@ def test_pseudo_states_equal_the_decoders():
     N = max(map(len, seqs))
     tokens = torch.tensor([s + [0] * (N - len(s)) for s in seqs])
     with torch.no_grad():
-        logp = model.output(drafter(model, frozen_pass(model, tokens, 2))).float().log_softmax(-1)  # [B, N, K, V]
+        frozen = frozen_pass(model, tokens, 2)
+        head_in = drafter(model, frozen)
+        torch.testing.assert_close(drafter(model, frozen, first=7), head_in[:, 7:], atol=1e-5, rtol=0)
+        logp = model.output(head_in).float().log_softmax(-1)                                    # [B, N, K, V]
     for n in (0, 5, 16):
         prompts = [s[: n + 1] for s in seqs]
         cache = model.new_cache(2, N + 8)

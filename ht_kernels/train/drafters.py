@@ -25,8 +25,9 @@ class TransferDrafter(nn.Module):
         self.weight = nn.Parameter(torch.eye(dim).repeat(K, 1, 1))
         self.bias = nn.Parameter(torch.zeros(K, dim))
 
-    def forward(self, model, frozen: FrozenPass) -> torch.Tensor:
-        return model.norm(pseudo_hidden(model, frozen, self.weight, self.bias, self.chain))
+    def forward(self, model, frozen: FrozenPass, first: int = 0) -> torch.Tensor:
+        """-> [B, N - first, K, dim] for anchors first..N-1."""
+        return model.norm(pseudo_hidden(model, frozen, self.weight, self.bias, self.chain, first=first))
 
     @torch.no_grad()
     def init_lstsq(self, xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-3) -> None:
@@ -52,8 +53,9 @@ class MedusaDrafter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(K, dim, dim))
         self.bias = nn.Parameter(torch.zeros(K, dim))
 
-    def forward(self, model, frozen: FrozenPass) -> torch.Tensor:
-        return medusa_heads(model.norm(frozen.last), self.weight, self.bias)
+    def forward(self, model, frozen: FrozenPass, first: int = 0) -> torch.Tensor:
+        """-> [B, N - first, K, dim] for anchors first..N-1."""
+        return medusa_heads(model.norm(frozen.last[:, first:]), self.weight, self.bias)
 
 
 def medusa_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,10 @@ def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4)
         tokens = torch.zeros(len(batch), N, dtype=torch.long, device=model.device)
         for b, e in enumerate(batch):
             tokens[b, :len(e.tokens)] = torch.tensor(e.tokens)
-        head_in = drafter(model, frozen_pass(model, tokens, layer, 1))        # [B, N, K, D]
+        first = min(e.start for e in batch)  # anchors before every row's start are not needed
+        head_in = drafter(model, frozen_pass(model, tokens, layer, 1), first)  # [B, N - first, K, D]
         for b, e in enumerate(batch):
-            rows = slice(e.start, len(e.tokens) - 1)
+            rows = slice(e.start - first, len(e.tokens) - 1 - first)
             yield model.output(head_in[b, rows]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]
 
 
@@ -109,9 +110,9 @@ def pseudo_similarity(model, drafter: TransferDrafter, examples: list[Example]) 
             if l + 1 >= t:
                 real.append(h[0].float())
         record = []
-        pseudo_hidden(model, frozen, drafter.weight, drafter.bias, drafter.chain, record)
+        pseudo_hidden(model, frozen, drafter.weight, drafter.bias, drafter.chain, record, first=e.start)
         for i in range(1, drafter.weight.shape[0] + 1):
-            anchors = slice(e.start, N - i)
+            anchors = slice(0, N - i - e.start)
             for j, (p, r) in enumerate(zip(record, real)):
                 sim = torch.nn.functional.cosine_similarity(p[0, anchors, i - 1].float(), r[e.start + i:N], dim=-1)
                 total[j, i - 1] += sim.sum()

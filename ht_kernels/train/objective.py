@@ -52,12 +52,12 @@ def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32) -> Fro
                       h_L, logits.softmax(-1), idx)
 
 
-def pseudo_attention(q, k, v, k_real, v_real, chain: bool = True) -> torch.Tensor:
-    """Attention of the pseudo tokens of every anchor.
+def pseudo_attention(q, k, v, k_real, v_real, chain: bool = True, first: int = 0) -> torch.Tensor:
+    """Attention of the pseudo tokens of anchors first..first+N-1.
 
     q: [B, N, K, Hq, Dh]; k, v: [B, N, K, Hkv, Dh] (the pseudo tokens' own keys/values); k_real,
-    v_real: [B, N, Hkv, Dh]. Pseudo i of anchor n sees real tokens 0..n and pseudo 1..i of its chain
-    (only itself when chain=False). Returns [B, N, K, Hq, Dh].
+    v_real: [B, S, Hkv, Dh] (all real tokens). Pseudo i of anchor n sees real tokens 0..n and pseudo
+    1..i of its chain (only itself when chain=False). Returns [B, N, K, Hq, Dh].
     """
     B, N, K, Hq, Dh = q.shape
     Hkv = k.shape[3]
@@ -66,32 +66,35 @@ def pseudo_attention(q, k, v, k_real, v_real, chain: bool = True) -> torch.Tenso
     kc, vc = (x.permute(0, 3, 1, 2, 4) for x in (k, v))                     # [B, Hkv, N, K, Dh]
     kr, vr = (x.permute(0, 2, 1, 3) for x in (k_real, v_real))              # [B, Hkv, N, Dh]
     scale = 1.0 / math.sqrt(Dh)
-    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr) * scale            # [B, Hkv, G, N, K, N]
+    S = kr.shape[2]
+    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr) * scale            # [B, Hkv, G, N, K, S]
     s_chain = torch.einsum("bhgnid,bhnjd->bhgnij", qg, kc) * scale          # [B, Hkv, G, N, K, K]
-    pos = torch.arange(N, device=q.device)
-    sees_real = (pos[None, :] <= pos[:, None])[:, None, :]                  # [N, 1, N]
+    anchor = torch.arange(first, first + N, device=q.device)
+    sees_real = (torch.arange(S, device=q.device)[None, :] <= anchor[:, None])[:, None, :]   # [N, 1, S]
     depth = torch.arange(K, device=q.device)
     sees_chain = depth[None, :] <= depth[:, None] if chain else depth[None, :] == depth[:, None]
     s_real = s_real.masked_fill(~sees_real, -math.inf)
     s_chain = s_chain.masked_fill(~sees_chain, -math.inf)
     p = torch.cat([s_real, s_chain], -1).float().softmax(-1).to(q.dtype)
-    out = torch.einsum("bhgnim,bhmd->bhgnid", p[..., :N], vr) + torch.einsum("bhgnij,bhnjd->bhgnid", p[..., N:], vc)
+    out = torch.einsum("bhgnim,bhmd->bhgnid", p[..., :S], vr) + torch.einsum("bhgnij,bhnjd->bhgnid", p[..., S:], vc)
     return out.permute(0, 3, 4, 1, 2, 5).reshape(B, N, K, Hq, Dh)
 
 
 def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chain: bool = True, record: list | None = None) -> torch.Tensor:
-    """The pseudo chains of every anchor after all layers: [B, N, K, dim] (differentiable in weight, bias).
+                  chain: bool = True, record: list | None = None, first: int = 0) -> torch.Tensor:
+    """The pseudo chains of anchors first..N-1 after all layers: [B, N - first, K, dim] (differentiable in
+    weight and bias; each anchor's chain is independent of the others').
 
     weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); pseudo i of anchor n sits at
     position n + i. record: a list that receives the states after layer t, t+1, ..., L.
     """
     m, c = model, model.config
-    B, N, D = frozen.hidden.shape
+    hidden = frozen.hidden[:, first:]
+    B, N, D = hidden.shape
     K = weight.shape[0]
-    x = hidden_transfer(frozen.hidden, weight.to(frozen.hidden.dtype),
-                        None if bias is None else bias.to(frozen.hidden.dtype))            # [B, N, K, D]
-    positions = (torch.arange(N, device=x.device)[:, None] + torch.arange(1, K + 1, device=x.device)).reshape(1, -1)
+    x = hidden_transfer(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    positions = (torch.arange(first, first + N, device=x.device)[:, None]
+                 + torch.arange(1, K + 1, device=x.device)).reshape(1, -1)
     cos, sin = (t.view(1, N, K, 1, c.head_dim) for t in m.rope(positions))
     if record is not None:
         record.append(x)
@@ -102,7 +105,7 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
         q = apply_rope(att.wq(a).view(B, N, K, c.n_heads, c.head_dim), cos, sin)
         k = apply_rope(att.wk(a).view(B, N, K, c.n_kv_heads, c.head_dim), cos, sin)
         v = att.wv(a).view(B, N, K, c.n_kv_heads, c.head_dim)
-        o = pseudo_attention(q, k, v, k_real, v_real, chain)
+        o = pseudo_attention(q, k, v, k_real, v_real, chain, first)
         x = x + att.wo(o.reshape(B, N, K, -1))
         x = x + blk.feed_forward(blk.ffn_norm(x))
         if record is not None:
