@@ -2,7 +2,6 @@
 against autograd, least squares, resume, torchrun data parallelism, replay of decoding, errors."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,9 +10,8 @@ import torch
 
 from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
 from ht_kernels.decode.decoder import HiddenTransferDecoder
-from ht_kernels.decode.trees import TreePolicy
 from ht_kernels.train.data import Example, builtin_prompts, load_jsonl, windows
-from ht_kernels.train.drafters import MedusaDrafter, TransferDrafter
+from ht_kernels.train.drafters import TransferDrafter
 from ht_kernels.train.evaluate import depth_accuracy, draft_logprobs, drafter_from_weights, replay_accept_lengths
 from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, distill_loss, frozen_pass
 from ht_kernels.train.trainer import CHECKPOINT, TrainConfig, n_trained, train
@@ -121,7 +119,7 @@ def _examples(model, n=6):
 def _mean_ce(model, drafter, data, K):
     from ht_kernels.train.trainer import collate
 
-    tokens, lengths, starts = collate(data, K, "cpu")
+    tokens, lengths, starts = collate(data, "cpu")
     with torch.no_grad():
         frozen = frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), 32)
         _, stats = distill_loss(model, drafter(model, frozen), frozen, anchor_mask(lengths, starts, tokens.shape[1], K),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..decode.decoder import HiddenTransferDecoder, make_tree_policy
+from ..decode.decoder import HiddenTransferDecoder, make_tree_policy, right_pad
 from ..decode.trees import ancestor_masks
 from ..train.drafters import medusa_heads
 
@@ -75,11 +75,8 @@ class MedusaDecoder(HiddenTransferDecoder):
     def _prefill(self, prompts, cache, draft: bool):
         m, L = self.model, self.model.config.n_layers
         dev = cache.k.device
-        B, P = len(prompts), max(map(len, prompts))
-        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            tokens[b, : len(p)] = torch.tensor(p)
-        last = torch.tensor([len(p) for p in prompts], device=dev) - 1
+        tokens, last = right_pad(prompts, dev)
+        B, P = tokens.shape
         mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         h = m.run_layers(m.embed(tokens), torch.arange(P, device=dev).expand(B, P), cache, mask, range(L))
         cache.lengths.copy_(last + 1)

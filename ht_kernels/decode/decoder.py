@@ -123,11 +123,8 @@ class HiddenTransferDecoder:
         from that token's pseudo chain (else None)."""
         m, L, K = self.model, self.model.config.n_layers, self.transfer.K
         dev = cache.k.device
-        B, P = len(prompts), max(map(len, prompts))
-        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            tokens[b, : len(p)] = torch.tensor(p)
-        last = torch.tensor([len(p) for p in prompts], device=dev) - 1
+        tokens, last = right_pad(prompts, dev)
+        B, P = tokens.shape
         rows = torch.arange(B, device=dev)
         positions = torch.arange(P, device=dev).expand(B, P)
         mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
@@ -222,6 +219,14 @@ class HiddenTransferDecoder:
             new.append(toks)
         if callback is not None:
             callback(new)
+
+
+def right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> tokens [B, max len] int64 right-padded with 0, and the index of each last token [B]."""
+    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        tokens[b, : len(s)] = torch.tensor(s)
+    return tokens.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
 
 
 def make_tree_policy(tree, K: int, budget: int) -> TreePolicy:

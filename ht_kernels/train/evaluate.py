@@ -18,6 +18,7 @@ from ..ops.verify_tree import verify_tree_greedy
 from .data import Example
 from .drafters import MedusaDrafter, TransferDrafter
 from .objective import frozen_pass, pseudo_hidden
+from .trainer import collate
 
 
 def drafter_from_weights(weights, chain: bool = True):
@@ -37,10 +38,7 @@ def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4)
     layer = getattr(drafter, "layer", model.config.n_layers)
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
-        N = max(len(e.tokens) for e in batch)
-        tokens = torch.zeros(len(batch), N, dtype=torch.long, device=model.device)
-        for b, e in enumerate(batch):
-            tokens[b, :len(e.tokens)] = torch.tensor(e.tokens)
+        tokens = collate(batch, model.device)[0]
         first = min(e.start for e in batch)  # anchors before every row's start are not needed
         head_in = drafter(model, frozen_pass(model, tokens, layer, 1), first)  # [B, N - first, K, D]
         for b, e in enumerate(batch):

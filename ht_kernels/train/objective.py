@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..model import apply_rope
 from ..ops.hidden_transfer import hidden_transfer

@@ -11,11 +11,12 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..decode.decoder import right_pad
 from .data import Example
 from .drafters import MedusaDrafter, TransferDrafter
 from .objective import anchor_mask, distill_loss, frozen_pass
@@ -93,15 +94,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def collate(examples: list[Example], K: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> tokens [B, N] (right-padded with 0), lengths [B], starts [B]."""
-    N = max(len(e.tokens) for e in examples)
-    tokens = torch.zeros(len(examples), N, dtype=torch.long)
-    for b, e in enumerate(examples):
-        tokens[b, :len(e.tokens)] = torch.tensor(e.tokens)
-    lengths = torch.tensor([len(e.tokens) for e in examples])
-    starts = torch.tensor([e.start for e in examples])
-    return tokens.to(device), lengths.to(device), starts.to(device)
+    tokens, last = right_pad([e.tokens for e in examples], device)
+    return tokens, last + 1, torch.tensor([e.start for e in examples], device=device)
 
 
 def n_trained(examples: list[Example], K: int) -> int:
@@ -134,12 +130,13 @@ def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, di
         rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[rank::world]
         if not rows:
             continue
-        tokens, lengths, starts = collate([examples[i] for i in rows], cfg.K, model.device)
+        tokens, lengths, starts = collate([examples[i] for i in rows], model.device)
         h = frozen_pass(model, tokens, drafter.layer, 1).hidden.double().cpu()   # [B, N, D]
         B, N, _ = h.shape
         a = torch.cat([h, torch.ones(B, N, 1, dtype=h.dtype)], -1)
+        trained = anchor_mask(lengths.cpu(), starts.cpu(), N, cfg.K)
         for i in range(1, cfg.K + 1):
-            m = anchor_mask(lengths.cpu(), starts.cpu(), N, cfg.K)[:, : N - i, i - 1]   # anchor n, target n + i
+            m = trained[:, : N - i, i - 1]                                             # anchor n, target n + i
             x, y = a[:, : N - i][m], h[:, i:][m]
             xty[i - 1] += x.T @ y
             if i == 1:
@@ -234,7 +231,7 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         opt.zero_grad(set_to_none=False)
         stats = torch.zeros(4, cfg.K)
         if mine:
-            tokens, lengths, starts = collate(mine, cfg.K, model.device)
+            tokens, lengths, starts = collate(mine, model.device)
             frozen = frozen_pass(model, tokens, layer, cfg.teacher_top_k)
             mask = anchor_mask(lengths, starts, tokens.shape[1], cfg.K)
             loss, stats = distill_loss(model, drafter(model, frozen), frozen, mask, depth_w, normalizer)
