@@ -73,23 +73,30 @@ def load_weights(path: str):
     return TransferWeights.load(path) if is_transfer else MedusaWeights.load(path)
 
 
-def measure(model, name: str, weights, examples, args) -> dict:
+def measure(model, name: str, weights, examples, categories: list[str], args) -> dict:
+    """Accuracy and tau over all prompts, and per category (top-1 per depth, tau of the last tree)."""
     chain = not name.endswith(":nochain")
     drafter = drafter_from_weights(weights, chain)
     K = weights.K
     policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1]) for t in args.trees}
-    hits, counts = torch.zeros(2, K), torch.zeros(K)
+    hits = {c: torch.zeros(2, K) for c in categories}
+    counts = {c: torch.zeros(K) for c in categories}
     lengths = {t: [] for t in args.trees}
-    for logp, nxt in draft_logprobs(model, drafter, examples):
+    for (logp, nxt), cat in zip(draft_logprobs(model, drafter, examples), categories):
         h, c = depth_accuracy(logp, nxt)
-        hits += h
-        counts += c
+        hits[cat] += h
+        counts[cat] += c
         for t, pol in policies.items():
             lengths[t].append(replay_accept_lengths(pol, logp, nxt, args.max_new_tokens))
+    total_hits, total = sum(hits.values()), sum(counts.values())
+    last = args.trees[-1]
     row = {"name": name, "kind": "transfer" if hasattr(weights, "layer") else "medusa", "K": K,
            "layer": getattr(weights, "layer", None), "chain": chain,
-           "top1": (hits[0] / counts).tolist(), "top5": (hits[1] / counts).tolist(),
-           "tau": {t: _mean(lengths[t]) for t in args.trees}}
+           "top1": (total_hits[0] / total).tolist(), "top5": (total_hits[1] / total).tolist(),
+           "tau": {t: _mean(lengths[t]) for t in args.trees},
+           "by_category": {c: {"prompts": categories.count(c), "top1": (hits[c][0] / counts[c]).tolist(),
+                               f"tau {last}": _mean([l for l, k in zip(lengths[last], categories) if k == c])}
+                           for c in hits}}
     if args.decode and chain:  # the decoder always lets pseudo tokens see their chain: no ablation there
         row["tau_decoded"] = {}
         for t in args.trees:
@@ -117,6 +124,14 @@ def print_rows(rows: list[dict], trees: list[str]) -> None:
         acc = lambda v: "  ".join(f"{v[i]:7.3f}" if i < len(v) else f"{'-':>7}" for i in range(K))  # noqa: E731
         print(f"{r['name']:>22} {r['layer'] or '-':>3} {r['K']:>2}  {acc(r['top1'])}  {acc(r['top5'])}  "
               + "  ".join(f"{r['tau'][t]:14.3f}" for t in trees))
+    cats = list(rows[0]["by_category"])
+    if len(cats) > 1:
+        last = next(k for k in rows[0]["by_category"][cats[0]] if k.startswith("tau"))
+        print(f"\nper category: top-1 at depth 1 / {last}")
+        print(f"{'category':>16} {'prompts':>7}  " + "  ".join(f"{r['name']:>22}" for r in rows))
+        for c in cats:
+            print(f"{c:>16} {rows[0]['by_category'][c]['prompts']:>7}  " + "  ".join(
+                f"{r['by_category'][c]['top1'][0]:>13.3f} / {r['by_category'][c][last]:.2f}" for r in rows))
     for r in rows:
         for t, (real, replay) in r.get("tau_decoded", {}).items():
             print(f"{r['name']}: tree {t}: decoded tau {real:.3f}, replayed tau {replay:.3f} (same prompts)")
@@ -167,7 +182,9 @@ def main(argv=None) -> None:
     model = ht.load_model(args.model, dtype=dtype)
     path = Path(args.prompts)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    texts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows][:: args.stride][: args.limit or None]
+    rows = rows[:: args.stride][: args.limit or None]
+    texts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows]
+    categories = [r.get("category", "all") for r in rows]
     head = header(model.device, dtype)
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
     print(title)
@@ -178,7 +195,7 @@ def main(argv=None) -> None:
     results = []
     for spec in args.drafter:
         name, _, file = spec.partition("=")
-        results.append(measure(model, name, load_weights(file), examples, args))
+        results.append(measure(model, name, load_weights(file), examples, categories, args))
         print(f"{name}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print_rows(results, args.trees)
     if args.json:

@@ -168,7 +168,7 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
     meta = ht.TransferWeights.load(tmp_path / "ht" / "transfer.safetensors").meta
     assert meta["trained"] == "yes" and meta["method"] == "transfer" and "--prompts 4" in meta["recipe"]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"turns": ["Say hi."]}\n{"prompt": "Count: 1 2 3"}\n')
+    prompts.write_text('{"turns": ["Say hi."], "category": "chat"}\n{"prompt": "Count: 1 2 3", "category": "count"}\n')
     js, png = tmp_path / "d.json", tmp_path / "d.png"
     plot = ["--plot", str(png)] if HAS_MATPLOTLIB else []
     bench_drafts.main(["--model", tiny, "--dtype", "float32", "--prompts", str(prompts), "--max-new-tokens", "10",
@@ -183,6 +183,9 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
         for tree, (decoded, replayed) in r["tau_decoded"].items():
             assert decoded == replayed == r["tau"][tree] >= 1
     assert len(rows[0]["similarity"]) == 2 and "similarity" not in rows[1]  # t = 1 of 2 layers: after 1 and 2
-    assert "decoded tau" in out
+    assert "decoded tau" in out and "per category" in out
+    for r in rows:
+        cats = r["by_category"]
+        assert list(cats) == ["chat", "count"] and all(c["prompts"] == 1 and c["tau dynamic64"] >= 1 for c in cats.values())
     if HAS_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,12 +10,13 @@ import torch
 
 from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
 from ht_kernels.decode.decoder import HiddenTransferDecoder
-from ht_kernels.train.data import Example, builtin_prompts, load_jsonl, windows
+from ht_kernels.train.data import Example, builtin_prompts, load_jsonl, reading_prompts, windows
 from ht_kernels.train.drafters import TransferDrafter
 from ht_kernels.train.evaluate import depth_accuracy, draft_logprobs, drafter_from_weights, replay_accept_lengths
-from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, distill_loss, frozen_pass
+from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, anchor_positions, distill_loss, frozen_pass
 from ht_kernels.train.trainer import CHECKPOINT, TrainConfig, n_trained, train
 from test_decode import random_transfer, tiny_model
+from test_model import needs_smollm2
 
 
 def random_tokens(model, lengths):
@@ -35,7 +36,9 @@ def test_pseudo_states_equal_the_decoders():
     with torch.no_grad():
         frozen = frozen_pass(model, tokens, 2)
         head_in = drafter(model, frozen)
-        torch.testing.assert_close(drafter(model, frozen, first=7), head_in[:, 7:], atol=1e-5, rtol=0)
+        anchors = torch.tensor([[7, 8, 9, 10], [3, 4, 5, 16]])                               # per row
+        torch.testing.assert_close(drafter(model, frozen, anchors), head_in[torch.arange(2)[:, None], anchors],
+                                   atol=1e-5, rtol=0)
         logp = model.output(head_in).float().log_softmax(-1)                                    # [B, N, K, V]
     for n in (0, 5, 16):
         prompts = [s[: n + 1] for s in seqs]
@@ -89,12 +92,19 @@ def test_distill_targets_are_shifted_by_depth():
     pos = (torch.arange(N)[:, None] + torch.arange(1, K + 1)).clamp_max(N - 1)
     oracle = model.norm(frozen.last)[:, pos]                                  # [B, N, K, D]
     lengths, starts = torch.tensor([30, 22]), torch.tensor([0, 4])
-    mask = anchor_mask(lengths, starts, N, K)
+    every = torch.arange(N).expand(2, N)
+    mask = anchor_mask(lengths, starts, every, K)
     assert mask.sum(1).tolist() == [[29, 28, 27], [17, 16, 15]]
     assert n_trained([Example(s, st) for s, st in zip(seqs, (0, 4))], K) == mask.sum()
-    _, stats = distill_loss(model, oracle, frozen, mask, torch.ones(K), 1.0)
+    _, stats = distill_loss(model, oracle, frozen, every, mask, torch.ones(K), 1.0)
     torch.testing.assert_close(stats[1], stats[3])                            # top-1 hits == counts
-    _, wrong = distill_loss(model, model.norm(frozen.last)[:, :, None].expand(-1, -1, K, -1), frozen, mask,
+    # Only each row's own anchors (start..length-2): the same drafts, the same loss.
+    anchors = anchor_positions(lengths, starts, N)
+    assert anchors.shape == (2, 29) and anchors[1, :3].tolist() == [4, 5, 6]
+    sub = anchor_mask(lengths, starts, anchors, K)
+    _, got = distill_loss(model, oracle[torch.arange(2)[:, None], anchors], frozen, anchors, sub, torch.ones(K), 1.0)
+    torch.testing.assert_close(got, stats)
+    _, wrong = distill_loss(model, model.norm(frozen.last)[:, :, None].expand(-1, -1, K, -1), frozen, every, mask,
                             torch.ones(K), 1.0)
     assert wrong[1, 0] < 0.5 * wrong[3, 0]
 
@@ -122,8 +132,9 @@ def _mean_ce(model, drafter, data, K):
     tokens, lengths, starts = collate(data, "cpu")
     with torch.no_grad():
         frozen = frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), 32)
-        _, stats = distill_loss(model, drafter(model, frozen), frozen, anchor_mask(lengths, starts, tokens.shape[1], K),
-                                torch.ones(K), 1.0)
+        anchors = anchor_positions(lengths, starts, tokens.shape[1])
+        _, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors,
+                                anchor_mask(lengths, starts, anchors, K), torch.ones(K), 1.0)
     return float(stats[0].sum() / stats[3].sum())
 
 
@@ -199,6 +210,28 @@ def test_data_helpers(tmp_path):
     assert load_jsonl(f) == (["a", "b"], ["t"], [[1, 2, 3]])
     w = windows(Example(list(range(10)), 2), 4)
     assert [(e.tokens, e.start) for e in w] == [([0, 1, 2, 3], 2), ([4, 5, 6, 7], 0), ([8, 9], 0)]
+    texts = [" ".join(["word"] * n) + f" {i}" for i, n in enumerate((10, 80, 70, 100))]
+    reading = reading_prompts(texts, 3, seed=0)
+    assert len(reading) == 3 and reading == reading_prompts(texts, 3, seed=0)
+    assert sorted(next(t for t in texts[1:] if t in r) for r in reading) == sorted(texts[1:])  # the 3 long ones
+    with pytest.raises(ValueError, match="at most 3"):
+        reading_prompts(texts, 4)
+
+
+@needs_smollm2
+def test_data_two_rounds(smol, tmp_path):
+    """--reading answers prompts about the model's own first-round answers; the data is kept and reused."""
+    from ht_kernels.train.__main__ import build_data, parse_args
+
+    args = parse_args(["--out", str(tmp_path), "--prompts", "4", "--reading", "2", "--gen-tokens", "100"])
+    data = build_data(smol, args, 0, 1, None)
+    assert len(data) == 6 and all(0 < len(e.tokens) - 1 - e.start <= 100 for e in data[:4])
+    tok = smol.tokenizer
+    own = [tok.decode(e.tokens[e.start + 1:], skip_special_tokens=True).strip() for e in data[:4]]
+    for e in data[4:]:
+        prompt = tok.decode(e.tokens[: e.start + 1])
+        assert any(t in prompt for t in own) and 0 < len(e.tokens) - 1 - e.start <= 50
+    assert build_data(smol, args, 0, 1, None) == data
 
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])

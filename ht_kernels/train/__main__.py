@@ -1,10 +1,12 @@
 """python -m ht_kernels.train: train hidden-transfer maps (or the Medusa baseline) on a frozen model.
 
     python -m ht_kernels.train --out runs/smollm2 [--model smollm2-135m] [--method transfer|medusa]
-        [--K 3] [--layer T] [--steps 400] [--prompts 800] [--gen-tokens 256] [--data my.jsonl] [--resume]
+        [--K 3] [--layer T] [--steps 400] [--prompts 800] [--reading 0] [--gen-tokens 256] [--data my.jsonl]
+        [--resume]
 
 Data: the model's own greedy answers to --prompts built-in prompts (and to the prompts of --data, whose
-{"text"} / {"tokens"} rows are used as they are), made once and kept in OUT/data.jsonl. Writes
+{"text"} / {"tokens"} rows are used as they are), then to --reading prompts that ask it to summarise or
+answer questions about its own answers (long inputs), made once and kept in OUT/data.jsonl. Writes
 OUT/checkpoint.safetensors during training and OUT/transfer.safetensors (or OUT/medusa.safetensors)
 at the end. `torchrun --nproc_per_node N -m ht_kernels.train ...` trains data-parallel (gloo on CPU).
 """
@@ -22,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from .data import Example, builtin_prompts, load_jsonl, synthesize, windows
+from .data import Example, builtin_prompts, load_jsonl, reading_prompts, synthesize, windows
 from .trainer import TrainConfig, _dist, train
 
 
@@ -42,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--prompts", type=int, default=800, help="built-in prompts to answer (0: none)")
+    p.add_argument("--reading", type=int, default=0,
+                   help="then ask the model to summarise / answer questions about N of its own answers")
     p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generated answer")
     p.add_argument("--gen-batch", type=int, default=64, help="prompts answered at once")
     p.add_argument("--max-len", type=int, default=512, help="longer sequences are split into windows")
@@ -54,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_data(model, args, rank: int, world: int, dist) -> list[Example]:
     """The training sequences: read from OUT/data.jsonl when it was made with the same recipe, else made."""
     out = Path(args.out)
-    recipe = {"model": args.model, "dtype": args.dtype, "prompts": args.prompts, "gen_tokens": args.gen_tokens,
-              "data": args.data, "max_len": args.max_len, "seed": args.seed}
+    recipe = {"model": args.model, "dtype": args.dtype, "prompts": args.prompts, "reading": args.reading,
+              "gen_tokens": args.gen_tokens, "data": args.data, "max_len": args.max_len, "seed": args.seed}
     path, recipe_path = out / "data.jsonl", out / "data_recipe.json"
     if path.exists() and recipe_path.exists() and json.loads(recipe_path.read_text()) == recipe:
         return [Example(r["tokens"], r["start"]) for r in map(json.loads, path.read_text().splitlines())]
@@ -67,26 +71,37 @@ def build_data(model, args, rank: int, world: int, dist) -> list[Example]:
     if texts:
         examples += [Example(model.tokenizer(t).input_ids, 0) for t in texts]
     if prompts:
-        from ..cli import encode_prompt
-        from tqdm import tqdm
-
-        encoded = [encode_prompt(model.tokenizer, p) for p in prompts]
-        mine = list(range(rank, len(encoded), world))
-        bar = tqdm(total=len(mine), desc="answer prompts", disable=rank != 0, dynamic_ncols=True)
-        answers = synthesize(model, [encoded[i] for i in mine], args.gen_tokens, args.gen_batch,
-                             eos_token_id=model.tokenizer.eos_token_id, progress=bar.update)
-        bar.close()
-        if dist is not None:
-            parts = [None] * world
-            dist.all_gather_object(parts, answers)
-            answers = [parts[i % world][i // world] for i in range(len(encoded))]
+        answers = answer(model, prompts, args.gen_tokens, args, rank, world, dist)
         examples += answers
+        if args.reading:  # second round: summarise / answer questions about the model's own texts
+            tok = model.tokenizer
+            own = [tok.decode(e.tokens[e.start + 1:], skip_special_tokens=True) for e in answers]
+            examples += answer(model, reading_prompts(own, args.reading, args.seed), args.gen_tokens // 2, args,
+                               rank, world, dist)
     examples = [w for e in examples for w in windows(e, args.max_len)]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"tokens": e.tokens, "start": e.start}) + "\n" for e in examples))
         recipe_path.write_text(json.dumps(recipe))
     return examples
+
+
+def answer(model, prompts: list[str], max_new_tokens: int, args, rank: int, world: int, dist) -> list[Example]:
+    """The model's answers to prompts (chat template), split over the processes and gathered on all."""
+    from ..cli import encode_prompt
+    from tqdm import tqdm
+
+    encoded = [encode_prompt(model.tokenizer, p) for p in prompts]
+    mine = list(range(rank, len(encoded), world))
+    bar = tqdm(total=len(mine), desc="answer prompts", disable=rank != 0, dynamic_ncols=True)
+    answers = synthesize(model, [encoded[i] for i in mine], max_new_tokens, args.gen_batch,
+                         eos_token_id=model.tokenizer.eos_token_id, progress=bar.update)
+    bar.close()
+    if dist is not None:
+        parts = [None] * world
+        dist.all_gather_object(parts, answers)
+        answers = [parts[i % world][i // world] for i in range(len(encoded))]
+    return answers
 
 
 def main(argv=None) -> int:

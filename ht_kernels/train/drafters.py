@@ -25,9 +25,9 @@ class TransferDrafter(nn.Module):
         self.weight = nn.Parameter(torch.eye(dim).repeat(K, 1, 1))
         self.bias = nn.Parameter(torch.zeros(K, dim))
 
-    def forward(self, model, frozen: FrozenPass, first: int = 0) -> torch.Tensor:
-        """-> [B, N - first, K, dim] for anchors first..N-1."""
-        return model.norm(pseudo_hidden(model, frozen, self.weight, self.bias, self.chain, first=first))
+    def forward(self, model, frozen: FrozenPass, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [B, A, K, dim] for anchors [B, A] (positions; None: all N)."""
+        return model.norm(pseudo_hidden(model, frozen, self.weight, self.bias, self.chain, anchors=anchors))
 
     @torch.no_grad()
     def init_lstsq(self, xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-3) -> None:
@@ -53,9 +53,10 @@ class MedusaDrafter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(K, dim, dim))
         self.bias = nn.Parameter(torch.zeros(K, dim))
 
-    def forward(self, model, frozen: FrozenPass, first: int = 0) -> torch.Tensor:
-        """-> [B, N - first, K, dim] for anchors first..N-1."""
-        return medusa_heads(model.norm(frozen.last[:, first:]), self.weight, self.bias)
+    def forward(self, model, frozen: FrozenPass, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [B, A, K, dim] for anchors [B, A] (positions; None: all N)."""
+        last = frozen.last if anchors is None else frozen.last.gather(1, anchors[..., None].expand(-1, -1, frozen.last.shape[-1]))
+        return medusa_heads(model.norm(last), self.weight, self.bias)
 
 
 def medusa_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

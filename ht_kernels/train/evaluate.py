@@ -17,7 +17,7 @@ from ..decode.trees import TreePolicy
 from ..ops.verify_tree import verify_tree_greedy
 from .data import Example
 from .drafters import MedusaDrafter, TransferDrafter
-from .objective import frozen_pass, pseudo_hidden
+from .objective import anchor_positions, frozen_pass, pseudo_hidden
 from .trainer import collate
 
 
@@ -38,12 +38,12 @@ def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4)
     layer = getattr(drafter, "layer", model.config.n_layers)
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
-        tokens = collate(batch, model.device)[0]
-        first = min(e.start for e in batch)  # anchors before every row's start are not needed
-        head_in = drafter(model, frozen_pass(model, tokens, layer, 1), first)  # [B, N - first, K, D]
+        tokens, lengths, starts = collate(batch, model.device)
+        anchors = anchor_positions(lengths, starts, tokens.shape[1])                 # [B, A] from each start
+        head_in = drafter(model, frozen_pass(model, tokens, layer, 1), anchors)      # [B, A, K, D]
         for b, e in enumerate(batch):
-            rows = slice(e.start - first, len(e.tokens) - 1 - first)
-            yield model.output(head_in[b, rows]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]
+            n = len(e.tokens) - 1 - e.start
+            yield model.output(head_in[b, :n]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]
 
 
 def depth_accuracy(logp: torch.Tensor, greedy: torch.Tensor, top: int = 5) -> torch.Tensor:
@@ -108,7 +108,8 @@ def pseudo_similarity(model, drafter: TransferDrafter, examples: list[Example]) 
             if l + 1 >= t:
                 real.append(h[0].float())
         record = []
-        pseudo_hidden(model, frozen, drafter.weight, drafter.bias, drafter.chain, record, first=e.start)
+        pseudo_hidden(model, frozen, drafter.weight, drafter.bias, drafter.chain, record,
+                      torch.arange(e.start, N, device=model.device)[None])
         for i in range(1, drafter.weight.shape[0] + 1):
             anchors = slice(0, N - i - e.start)
             for j, (p, r) in enumerate(zip(record, real)):

@@ -51,71 +51,79 @@ def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32) -> Fro
                       h_L, logits.softmax(-1), idx)
 
 
-def pseudo_attention(q, k, v, k_real, v_real, chain: bool = True, first: int = 0) -> torch.Tensor:
-    """Attention of the pseudo tokens of anchors first..first+N-1.
+def anchor_positions(lengths: torch.Tensor, starts: torch.Tensor, N: int) -> torch.Tensor:
+    """The anchors to run per row: [B, A] = starts[b] + 0..A-1 with A the most trained anchors of a row
+    (start..length-2), clamped to N - 1. Positions past a row's last anchor are padding (see anchor_mask),
+    so no row runs the prompt positions before its start. lengths, starts: [B]."""
+    A = max(1, int((lengths - 1 - starts).max()))
+    return (starts[:, None] + torch.arange(A, device=starts.device)).clamp_max(N - 1)
 
-    q: [B, N, K, Hq, Dh]; k, v: [B, N, K, Hkv, Dh] (the pseudo tokens' own keys/values); k_real,
+
+def pseudo_attention(q, k, v, k_real, v_real, anchors: torch.Tensor, chain: bool = True) -> torch.Tensor:
+    """Attention of the pseudo tokens of anchors [B, A] (positions in the row).
+
+    q: [B, A, K, Hq, Dh]; k, v: [B, A, K, Hkv, Dh] (the pseudo tokens' own keys/values); k_real,
     v_real: [B, S, Hkv, Dh] (all real tokens). Pseudo i of anchor n sees real tokens 0..n and pseudo
-    1..i of its chain (only itself when chain=False). Returns [B, N, K, Hq, Dh].
+    1..i of its chain (only itself when chain=False). Returns [B, A, K, Hq, Dh].
     """
-    B, N, K, Hq, Dh = q.shape
+    B, A, K, Hq, Dh = q.shape
     Hkv = k.shape[3]
     G = Hq // Hkv
-    qg = q.view(B, N, K, Hkv, G, Dh).permute(0, 3, 4, 1, 2, 5)              # [B, Hkv, G, N, K, Dh]
-    kc, vc = (x.permute(0, 3, 1, 2, 4) for x in (k, v))                     # [B, Hkv, N, K, Dh]
-    kr, vr = (x.permute(0, 2, 1, 3) for x in (k_real, v_real))              # [B, Hkv, N, Dh]
+    qg = q.view(B, A, K, Hkv, G, Dh).permute(0, 3, 4, 1, 2, 5)              # [B, Hkv, G, A, K, Dh]
+    kc, vc = (x.permute(0, 3, 1, 2, 4) for x in (k, v))                     # [B, Hkv, A, K, Dh]
+    kr, vr = (x.permute(0, 2, 1, 3) for x in (k_real, v_real))              # [B, Hkv, S, Dh]
     scale = 1.0 / math.sqrt(Dh)
     S = kr.shape[2]
-    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr) * scale            # [B, Hkv, G, N, K, S]
-    s_chain = torch.einsum("bhgnid,bhnjd->bhgnij", qg, kc) * scale          # [B, Hkv, G, N, K, K]
-    anchor = torch.arange(first, first + N, device=q.device)
-    sees_real = (torch.arange(S, device=q.device)[None, :] <= anchor[:, None])[:, None, :]   # [N, 1, S]
+    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr) * scale            # [B, Hkv, G, A, K, S]
+    s_chain = torch.einsum("bhgnid,bhnjd->bhgnij", qg, kc) * scale          # [B, Hkv, G, A, K, K]
+    sees_real = torch.arange(S, device=q.device) <= anchors[..., None]      # [B, A, S]
     depth = torch.arange(K, device=q.device)
     sees_chain = depth[None, :] <= depth[:, None] if chain else depth[None, :] == depth[:, None]
-    s_real = s_real.masked_fill(~sees_real, -math.inf)
+    s_real = s_real.masked_fill(~sees_real[:, None, None, :, None, :], -math.inf)
     s_chain = s_chain.masked_fill(~sees_chain, -math.inf)
     p = torch.cat([s_real, s_chain], -1).float().softmax(-1).to(q.dtype)
     out = torch.einsum("bhgnim,bhmd->bhgnid", p[..., :S], vr) + torch.einsum("bhgnij,bhnjd->bhgnid", p[..., S:], vc)
-    return out.permute(0, 3, 4, 1, 2, 5).reshape(B, N, K, Hq, Dh)
+    return out.permute(0, 3, 4, 1, 2, 5).reshape(B, A, K, Hq, Dh)
 
 
 def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chain: bool = True, record: list | None = None, first: int = 0) -> torch.Tensor:
-    """The pseudo chains of anchors first..N-1 after all layers: [B, N - first, K, dim] (differentiable in
-    weight and bias; each anchor's chain is independent of the others').
+                  chain: bool = True, record: list | None = None, anchors: torch.Tensor | None = None) -> torch.Tensor:
+    """The pseudo chains of anchors [B, A] (positions; None: every position) after all layers:
+    [B, A, K, dim] (differentiable in weight and bias; each anchor's chain is independent of the others').
 
     weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); pseudo i of anchor n sits at
     position n + i. record: a list that receives the states after layer t, t+1, ..., L.
     """
     m, c = model, model.config
-    hidden = frozen.hidden[:, first:]
-    B, N, D = hidden.shape
-    K = weight.shape[0]
+    B, N, D = frozen.hidden.shape
+    if anchors is None:
+        anchors = torch.arange(N, device=frozen.hidden.device).expand(B, N)
+    A, K = anchors.shape[1], weight.shape[0]
+    hidden = frozen.hidden.gather(1, anchors[..., None].expand(B, A, D))
     x = hidden_transfer(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
-    positions = (torch.arange(first, first + N, device=x.device)[:, None]
-                 + torch.arange(1, K + 1, device=x.device)).reshape(1, -1)
-    cos, sin = (t.view(1, N, K, 1, c.head_dim) for t in m.rope(positions))
+    positions = (anchors[..., None] + torch.arange(1, K + 1, device=x.device)).reshape(B, -1)
+    cos, sin = (t.view(B, A, K, 1, c.head_dim) for t in m.rope(positions))
     if record is not None:
         record.append(x)
     for l, (k_real, v_real) in enumerate(zip(frozen.keys, frozen.values), start=frozen.layer):
         blk = m.layers[l]
         att = blk.attention
         a = blk.attention_norm(x)
-        q = apply_rope(att.wq(a).view(B, N, K, c.n_heads, c.head_dim), cos, sin)
-        k = apply_rope(att.wk(a).view(B, N, K, c.n_kv_heads, c.head_dim), cos, sin)
-        v = att.wv(a).view(B, N, K, c.n_kv_heads, c.head_dim)
-        o = pseudo_attention(q, k, v, k_real, v_real, chain, first)
-        x = x + att.wo(o.reshape(B, N, K, -1))
+        q = apply_rope(att.wq(a).view(B, A, K, c.n_heads, c.head_dim), cos, sin)
+        k = apply_rope(att.wk(a).view(B, A, K, c.n_kv_heads, c.head_dim), cos, sin)
+        v = att.wv(a).view(B, A, K, c.n_kv_heads, c.head_dim)
+        o = pseudo_attention(q, k, v, k_real, v_real, anchors, chain)
+        x = x + att.wo(o.reshape(B, A, K, -1))
         x = x + blk.feed_forward(blk.ffn_norm(x))
         if record is not None:
             record.append(x)
     return x
 
 
-def anchor_mask(lengths: torch.Tensor, starts: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """bool [B, N, K]: anchor n, depth i is trained iff starts[b] <= n and the real position n + i whose
-    distribution it learns lies inside the row (n + i < lengths[b]). lengths, starts: [B]."""
-    n = torch.arange(N, device=lengths.device)[:, None]
+def anchor_mask(lengths: torch.Tensor, starts: torch.Tensor, anchors: torch.Tensor, K: int) -> torch.Tensor:
+    """bool [B, A, K]: anchor anchors[b, j], depth i is trained iff it is >= starts[b] and the real
+    position n + i whose distribution it learns lies inside the row (n + i < lengths[b]). lengths, starts: [B]."""
+    n = anchors[..., None]
     i = torch.arange(1, K + 1, device=lengths.device)
     return (n >= starts[:, None, None]) & (n + i < lengths[:, None, None])
 
@@ -152,28 +160,30 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
-def distill_loss(model, head_in: torch.Tensor, frozen: FrozenPass, mask: torch.Tensor,
+def distill_loss(model, head_in: torch.Tensor, frozen: FrozenPass, anchors: torch.Tensor, mask: torch.Tensor,
                  depth_weights: torch.Tensor, normalizer: float, chunk: int = 512):
     """Soft-label cross-entropy of the drafts against the frozen model's top-k distribution.
 
-    head_in: [B, N, K, dim] the LM-head inputs of the drafts (the frozen LM head makes the logits);
-    mask: [B, N, K] drafts to train; depth_weights: [K]. Draft (n, i) is scored against the frozen
-    model's top-k distribution at position n + i (i = 1..K): CE = logsumexp(draft) - sum_j p_j draft[idx_j].
-    Returns (sum over trained drafts of weight_i * CE / normalizer, stats [4, K]): stats holds, per depth,
-    the CE sum, top-1 and top-5 hits of the teacher's argmax, and the number of trained drafts
-    (detached, for reporting).
+    head_in: [B, A, K, dim] the LM-head inputs of the drafts of anchors [B, A] (the frozen LM head makes
+    the logits); mask: [B, A, K] drafts to train; depth_weights: [K]. The draft of anchor n, depth i
+    (i = 1..K) is scored against the frozen model's top-k distribution at position n + i:
+    CE = logsumexp(draft) - sum_j p_j draft[idx_j]. Returns (sum over trained drafts of weight_i * CE /
+    normalizer, stats [4, K]): stats holds, per depth, the CE sum, top-1 and top-5 hits of the teacher's
+    argmax, and the number of trained drafts (detached, for reporting).
     """
-    B, N, K, D = head_in.shape
-    pos = (torch.arange(N, device=mask.device)[:, None] + torch.arange(1, K + 1, device=mask.device)).clamp_max(N - 1)
-    p, idx = frozen.teacher_p[:, pos], frozen.teacher_idx[:, pos]          # [B, N, K, k]
+    B, A, K, D = head_in.shape
+    N = frozen.teacher_p.shape[1]
+    pos = (anchors[..., None] + torch.arange(1, K + 1, device=mask.device)).clamp_max(N - 1)   # [B, A, K]
+    rows = torch.arange(B, device=mask.device)[:, None, None]
+    p, idx = frozen.teacher_p[rows, pos], frozen.teacher_idx[rows, pos]                       # [B, A, K, k]
     w = mask.float()
     loss, ce, top5 = _HeadCrossEntropy.apply(head_in.reshape(-1, D), model.output.weight, p.reshape(-1, p.shape[-1]),
                                              idx.reshape(-1, idx.shape[-1]),
                                              (w * depth_weights / normalizer).reshape(-1), chunk)
     best = idx[..., 0]
-    top5 = top5.view(B, N, K, 5)
+    top5 = top5.view(B, A, K, 5)
     hit1 = (top5[..., 0] == best).float()
     hit5 = (top5 == best[..., None]).any(-1).float()
-    stats = torch.stack([(ce.view(B, N, K) * w).sum((0, 1)), (hit1 * w).sum((0, 1)), (hit5 * w).sum((0, 1)),
+    stats = torch.stack([(ce.view(B, A, K) * w).sum((0, 1)), (hit1 * w).sum((0, 1)), (hit5 * w).sum((0, 1)),
                          w.sum((0, 1))])
     return loss, stats

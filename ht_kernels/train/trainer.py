@@ -19,7 +19,7 @@ import torch
 from ..decode.decoder import right_pad
 from .data import Example
 from .drafters import MedusaDrafter, TransferDrafter
-from .objective import anchor_mask, distill_loss, frozen_pass
+from .objective import anchor_mask, anchor_positions, distill_loss, frozen_pass
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -134,7 +134,7 @@ def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, di
         h = frozen_pass(model, tokens, drafter.layer, 1).hidden.double().cpu()   # [B, N, D]
         B, N, _ = h.shape
         a = torch.cat([h, torch.ones(B, N, 1, dtype=h.dtype)], -1)
-        trained = anchor_mask(lengths.cpu(), starts.cpu(), N, cfg.K)
+        trained = anchor_mask(lengths.cpu(), starts.cpu(), torch.arange(N).expand(B, N), cfg.K)
         for i in range(1, cfg.K + 1):
             m = trained[:, : N - i, i - 1]                                             # anchor n, target n + i
             x, y = a[:, : N - i][m], h[:, i:][m]
@@ -233,8 +233,10 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         if mine:
             tokens, lengths, starts = collate(mine, model.device)
             frozen = frozen_pass(model, tokens, layer, cfg.teacher_top_k)
-            mask = anchor_mask(lengths, starts, tokens.shape[1], cfg.K)
-            loss, stats = distill_loss(model, drafter(model, frozen), frozen, mask, depth_w, normalizer)
+            anchors = anchor_positions(lengths, starts, tokens.shape[1])
+            mask = anchor_mask(lengths, starts, anchors, cfg.K)
+            loss, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w,
+                                       normalizer)
             loss.backward()
             stats = stats.cpu()
         else:  # more processes than rows: contribute zero gradients
