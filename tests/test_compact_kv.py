@@ -151,7 +151,7 @@ def test_cache_filled_to_the_end_and_strided_views():
 
 
 def _bad_inputs():
-    L, B, S, H, D, A = 2, 2, 16, 2, 8, 4
+    L, B, S, H, D = 2, 2, 16, 2, 8
     kc = torch.randn(L, B, S, H, D)
     lens = torch.tensor([3, 5], dtype=torch.int32)
     acc = torch.tensor([[0, 1, 2, -1], [0, 2, -1, -1]])
