@@ -5,11 +5,14 @@
 # kept, so an interrupted sweep continues where it stopped.
 #
 #   BASE=runs/smollm2 OUT=runs/ablations STEPS=60 bash benchmarks/ablations.sh [bench_drafts args...]
+#
+# DATA gives the data options of the base run (they must match its data_recipe.json, or the data is made again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${BASE:-runs/smollm2}
 OUT=${OUT:-runs/ablations}
 STEPS=${STEPS:-60}
+DATA=${DATA:---prompts 800 --reading 200 --gen-tokens 192}
 PY=${PY:-python}
 [ -f "$BASE/data.jsonl" ] || { echo "no $BASE/data.jsonl: run the shipped recipe first (README, Training)"; exit 1; }
 
@@ -18,7 +21,7 @@ train() {  # name, weights file name, extra train args
   [ -f "$dir/$file" ] && return
   mkdir -p "$dir"
   cp "$BASE/data.jsonl" "$BASE/data_recipe.json" "$dir/"
-  $PY -m ht_kernels.train --out "$dir" --steps "$STEPS" --prompts 640 --gen-tokens 256 "$@"
+  $PY -m ht_kernels.train --out "$dir" --steps "$STEPS" $DATA "$@"
 }
 
 drafters=()
