@@ -167,6 +167,7 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
     assert len(data) == 4 and all(len(r["tokens"]) > r["start"] + 1 for r in data)
     meta = ht.TransferWeights.load(tmp_path / "ht" / "transfer.safetensors").meta
     assert meta["trained"] == "yes" and meta["method"] == "transfer" and "--prompts 4" in meta["recipe"]
+    assert meta["recipe"].startswith("python -m ht_kernels.train --out runs/ht ") and str(tmp_path) not in meta["recipe"]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["Say hi."], "category": "chat"}\n{"prompt": "Count: 1 2 3", "category": "count"}\n')
     js, png = tmp_path / "d.json", tmp_path / "d.png"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every)
     meta = {"model": str(args.model), "method": args.method,
-            "recipe": "python -m ht_kernels.train " + " ".join(sys.argv[1:] if argv is None else argv),
+            "recipe": recipe(args),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
     drafter = train(model, examples, cfg, args.out, resume=args.resume, meta=meta)
     if rank == 0:
@@ -128,6 +127,15 @@ def main(argv=None) -> int:
     if dist is not None:
         dist.destroy_process_group()
     return 0
+
+
+def recipe(args) -> str:
+    """The command that reproduces these maps: the options that differ from their defaults, with the run
+    directory named runs/<its name> (no path of this machine)."""
+    default = vars(parse_args(["--out", args.out]))
+    opts = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if k not in ("out", "resume") and v != default[k]]
+    return " ".join(["python -m ht_kernels.train --out", f"runs/{Path(args.out).name}", *opts])
 
 
 def export(drafter, out: Path, meta: dict) -> Path:
