@@ -1,6 +1,7 @@
 """Shared test vocabulary: the tolerance table, the error measure, devices and backends."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ht_kernels.ops._backend import triton_installed, triton_interpreting
@@ -12,6 +13,8 @@ DTYPES = list(TOL)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Backends that can run on DEVICE in this process: triton needs a GPU or the interpreter.
 BACKENDS = ["torch"] + (["triton"] if triton_installed() and (DEVICE.type == "cuda" or triton_interpreting()) else [])
+# The CUDA kernels of csrc/, for the ops that have them (built on first use; GPU only).
+CUDA_BACKEND = [pytest.param("cuda", marks=pytest.mark.cuda)] if DEVICE.type == "cuda" else []
 
 POISON = float("nan")
 

@@ -7,12 +7,17 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ht_kernels
-from helpers import DEVICE, POISON
+from helpers import CUDA_BACKEND, DEVICE, POISON
 from ht_kernels import Tree
 from ht_kernels.ops.compact_kv import _compact_kv_torch
 from ht_kernels.reference.compact_kv import compact_kv_ref
 
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(params=["torch"] + CUDA_BACKEND)
+def backend(request) -> str:
+    return request.param
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -65,12 +70,12 @@ def expected(cache, lens, paths):
     return out
 
 
-def check(case, lens, paths):
+def check(case, lens, paths, backend="auto"):
     k_cache, v_cache = case[:2]
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     compact_kv_ref(ref_k, ref_v, *case[2:])
     want_k, want_v = expected(k_cache, lens, paths), expected(v_cache, lens, paths)
-    ht_kernels.compact_kv(*case)
+    ht_kernels.compact_kv(*case, backend=backend)
     for name, got, ref, want in (("k", k_cache, ref_k, want_k), ("v", v_cache, ref_v, want_v)):
         assert torch.equal(bits(ref), bits(want)), f"reference {name}_cache differs from the expectation"
         same = bits(got) == bits(want)
@@ -80,7 +85,7 @@ def check(case, lens, paths):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layered", [True, False], ids=["LBSHD", "BSHD"])
 @pytest.mark.parametrize("T", [1, 7, 65])
-def test_random_paths_match_reference(dtype, layered, T):
+def test_random_paths_match_reference(dtype, layered, T, backend):
     B = 5
     lens = [0, 13, 1, 64, 37]
     tree = random_tree(T)
@@ -88,11 +93,11 @@ def test_random_paths_match_reference(dtype, layered, T):
     paths[0] = [0]                                   # accept_len 1: only the root
     paths[1] = random_path(tree, length=T)           # the deepest path of some leaf
     shape = (3, B, 0, 2, 80) if layered else (B, 0, 2, 80)
-    check(make_case(shape, dtype, lens, paths, T=T, A=T), lens, paths)
+    check(make_case(shape, dtype, lens, paths, T=T, A=T), lens, paths, backend)
 
 
 @pytest.mark.parametrize("per_row_tree", [False, True])
-def test_per_row_trees_and_index_dtypes(per_row_tree):
+def test_per_row_trees_and_index_dtypes(per_row_tree, backend):
     B, T = 4, 30
     lens = [5, 0, 11, 2]
     trees = [random_tree(T) for _ in range(B)] if per_row_tree else [random_tree(T)] * B
@@ -101,10 +106,10 @@ def test_per_row_trees_and_index_dtypes(per_row_tree):
     for index_dtype, len_dtype in dtypes:
         case = make_case((2, B, 0, 1, 16), torch.float32, lens, paths, T=T, A=T,
                          index_dtype=index_dtype, len_dtype=len_dtype)
-        check(case, lens, paths)
+        check(case, lens, paths, backend)
 
 
-def test_far_sources_overlap_destinations():
+def test_far_sources_overlap_destinations(backend):
     """Root's first children are leaves, the deep chain sits at the end: path node ids far above their
     destination slots, sources and destinations overlapping inside one row's step range."""
     T = 40
@@ -113,33 +118,33 @@ def test_far_sources_overlap_destinations():
     deep = [0] + list(range(31, 40))
     paths = [deep, deep[:4], [0, 1], deep[:1]]
     lens = [3, 0, 9, 20]
-    check(make_case((2, 4, 0, 3, 8), torch.bfloat16, lens, paths, T=T, A=T), lens, paths)
+    check(make_case((2, 4, 0, 3, 8), torch.bfloat16, lens, paths, T=T, A=T), lens, paths, backend)
     assert tree.retrieve_indices.tolist()[-1][:len(deep)] == deep
 
 
-def test_chain_full_accept_is_identity():
+def test_chain_full_accept_is_identity(backend):
     """A Medusa chain accepted to the end moves every slot onto itself."""
     T, lens = 9, [4, 7]
     paths = [list(range(T))] * 2
-    check(make_case((2, 2, 0, 2, 8), torch.float32, lens, paths, T=T), lens, paths)
+    check(make_case((2, 2, 0, 2, 8), torch.float32, lens, paths, T=T), lens, paths, backend)
 
 
-def test_any_index_list_gathers_before_scattering():
+def test_any_index_list_gathers_before_scattering(backend):
     """Not only paths: indices below their destination (accepted[b, i] < i) read the OLD slot values."""
     lens = [2, 0, 5]
     paths = [[0, 3, 1, 2], [2, 0, 1, 0], [4, 4, 4]]
-    check(make_case((3, 0, 2, 4), torch.float32, lens, paths, T=5), lens, paths)
+    check(make_case((3, 0, 2, 4), torch.float32, lens, paths, T=5), lens, paths, backend)
 
 
 @pytest.mark.parametrize("pad", [-1, 10**6, -(10**6)])
-def test_padding_entries_are_ignored(pad):
+def test_padding_entries_are_ignored(pad, backend):
     T, lens = 12, [1, 6, 0]
     tree = random_tree(T)
     paths = [random_path(tree) for _ in range(3)]
-    check(make_case((2, 3, 0, 2, 8), torch.float32, lens, paths, T=T, A=T + 3, pad=pad), lens, paths)
+    check(make_case((2, 3, 0, 2, 8), torch.float32, lens, paths, T=T, A=T + 3, pad=pad), lens, paths, backend)
 
 
-def test_cache_filled_to_the_end_and_strided_views():
+def test_cache_filled_to_the_end_and_strided_views(backend):
     """n + T == S exactly (no spare slot), and caches that are non-contiguous views."""
     T = 6
     tree = random_tree(T)
@@ -147,7 +152,17 @@ def test_cache_filled_to_the_end_and_strided_views():
     paths = [random_path(tree, length=T), random_path(tree)]
     case = make_case((2, 2, 0, 2, 8), torch.bfloat16, lens, paths, T=T, extra=0, strided=True)
     assert not case[0].is_contiguous() and case[0].shape[-3] == lens[0] + T
-    check(case, lens, paths)
+    check(case, lens, paths, backend)
+
+
+def test_caches_with_different_layouts(backend):
+    """k_cache contiguous, v_cache a strided view: the CUDA path moves them in two launches."""
+    T, lens = 8, [3, 0, 12]
+    tree = random_tree(T)
+    paths = [random_path(tree) for _ in range(3)]
+    plain = make_case((2, 3, 0, 2, 16), torch.float16, lens, paths, T=T)
+    strided = make_case((2, 3, 0, 2, 16), torch.float16, lens, paths, T=T, strided=True)
+    check((plain[0], strided[1], *plain[2:]), lens, paths, backend)
 
 
 def _bad_inputs():
@@ -205,14 +220,14 @@ def test_backends():
     ht_kernels.compact_kv(*good.values(), backend="auto")
 
 
-def test_opcheck():
+def test_opcheck(backend):
     tree = random_tree(10)
     lens = [4, 0, 9]
     paths = [random_path(tree) for _ in range(3)]
     for shape in ((2, 3, 0, 2, 8), (3, 0, 2, 8)):
         k, v, *rest = make_case(shape, torch.float32, lens, paths, T=10, A=10)
         k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
-        torch.library.opcheck(torch.ops.ht_kernels.compact_kv.default, (k, v, *rest, "torch"))
+        torch.library.opcheck(torch.ops.ht_kernels.compact_kv.default, (k, v, *rest, backend))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -247,7 +262,8 @@ def test_torch_implementation_is_sync_free():
 
 
 @pytest.mark.cuda
-def test_no_host_sync_on_cuda():
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_no_host_sync_on_cuda(backend):
     tree = random_tree(20)
     lens = [3, 40]
     paths = [random_path(tree) for _ in range(2)]
@@ -257,7 +273,7 @@ def test_no_host_sync_on_cuda():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ht_kernels.compact_kv(*case)
+        ht_kernels.compact_kv(*case, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(case[:2], want[:2]))

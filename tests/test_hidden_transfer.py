@@ -1,11 +1,14 @@
 """ht_kernels.hidden_transfer: every backend against the fp64 reference, out= views, grads, errors."""
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, DTYPES, assert_close
+from helpers import BACKENDS as BASE_BACKENDS
+from helpers import CUDA_BACKEND, DEVICE, DTYPES, assert_close
 
 import ht_kernels
 from ht_kernels import BackendUnavailableError
 from ht_kernels.reference.hidden_transfer import hidden_transfer_ref
+
+BACKENDS = BASE_BACKENDS + CUDA_BACKEND
 
 
 def make(lead, D, K, dtype, bias=True, device=DEVICE):
@@ -152,3 +155,14 @@ def test_unavailable_backends_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="triton"):
         ht_kernels.hidden_transfer(hidden, weight, bias, backend="triton")
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_choice():
+    """The cases above run both CUDA kernels: tensor cores for fp16/bf16 rows of 16-byte multiples, SIMT else."""
+    from ht_kernels.cuda.hidden_transfer import kernel_name
+
+    for dtype, D, want in ((torch.bfloat16, 64, "mma"), (torch.float16, 80, "mma"), (torch.bfloat16, 33, "simt"),
+                           (torch.float32, 64, "simt")):
+        hidden, weight, _ = make((3,), D, 2, dtype)
+        assert kernel_name(hidden, weight) == want, (dtype, D)

@@ -9,9 +9,14 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ht_kernels
-from helpers import DEVICE
+from helpers import CUDA_BACKEND, DEVICE
 from ht_kernels.ops.verify_tree import _verify_tree_greedy_torch
 from ht_kernels.reference.verify_tree import verify_tree_greedy_ref
+
+
+@pytest.fixture(params=["torch"] + CUDA_BACKEND)
+def backend(request) -> str:
+    return request.param
 
 
 def random_parents(T: int) -> torch.Tensor:
@@ -57,50 +62,50 @@ def check(draft, parents, target, **kw):
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
 @pytest.mark.parametrize("T", [1, 2, 7, 63, 65, 130, 300])
-def test_random_trees_match_reference(T, per_row):
+def test_random_trees_match_reference(T, per_row, backend):
     lengths = []
     for vocab in (2, 3, 50):
-        _, accept_len = check(*make_case(6, T, vocab, per_row))
+        _, accept_len = check(*make_case(6, T, vocab, per_row), backend=backend)
         lengths += accept_len.tolist()
     if T >= 63:
         assert max(lengths) >= 3  # deep accepted paths did occur
 
 
-def test_shallow_wide_tree_with_duplicate_siblings():
+def test_shallow_wide_tree_with_duplicate_siblings(backend):
     """Star trees (every node a child of the root) with vocab 2: many siblings match at once."""
     T, B = 40, 8
     parents = torch.tensor([-1] + [0] * (T - 1), device=DEVICE)
     draft = torch.randint(0, 2, (B, T), device=DEVICE)
     target = torch.randint(0, 2, (B, T), device=DEVICE)
-    accepted, accept_len = check(draft, parents, target)
+    accepted, accept_len = check(draft, parents, target, backend=backend)
     assert (accept_len <= 2).all()
 
 
-def test_lowest_matching_sibling_wins_even_if_a_later_one_goes_deeper():
+def test_lowest_matching_sibling_wins_even_if_a_later_one_goes_deeper(backend):
     #   0 -> 1 (x), 2 (x); 2 -> 3 (y); target[0] = x, target[2] = y: greedy takes 1 and stops there.
     parents = torch.tensor([-1, 0, 0, 2], device=DEVICE)
     draft = torch.tensor([[9, 5, 5, 7]], device=DEVICE)
     target = torch.tensor([[5, 1, 7, 0]], device=DEVICE)
-    accepted, accept_len = check(draft, parents, target)
+    accepted, accept_len = check(draft, parents, target, backend=backend)
     assert accepted.tolist() == [[0, 1, -1, -1]] and accept_len.tolist() == [2]
     bonus = target.gather(1, accepted.gather(1, accept_len[:, None] - 1)).squeeze(1)  # docstring recipe
     assert bonus.tolist() == [1]
 
 
-def test_chain_that_matches_everywhere_accepts_all():
+def test_chain_that_matches_everywhere_accepts_all(backend):
     """A Medusa depth path whose every draft is the target's argmax: accept_len = T, bonus = last target."""
     B, T = 3, 9
     parents = torch.arange(-1, T - 1, device=DEVICE)
     draft = torch.randint(0, 1000, (B, T), device=DEVICE)
     target = torch.cat([draft[:, 1:], torch.randint(0, 1000, (B, 1), device=DEVICE)], 1)
     target[2, 4] = draft[2, 5] + 1                                    # row 2 stops after node 4
-    accepted, accept_len = check(draft, parents, target)
+    accepted, accept_len = check(draft, parents, target, backend=backend)
     assert accept_len.tolist() == [T, T, 5]
     assert accepted[0].tolist() == list(range(T))
 
 
 @pytest.mark.parametrize("T", [2, 3, 4, 5, 8, 9, 16, 17, 64, 65, 130])
-def test_chain_rejected_at_every_depth(T):
+def test_chain_rejected_at_every_depth(T, backend):
     """Row r of a chain rejects node r + 1 only; every deeper node still matches its parent, so only the
     test of all ancestors (the full pointer-jumping depth) stops the path at accept_len = r + 1."""
     B = T - 1
@@ -109,14 +114,14 @@ def test_chain_rejected_at_every_depth(T):
     target = torch.cat([draft[:, 1:], torch.randint(0, 1000, (B, 1), device=DEVICE)], 1)
     rows = torch.arange(B, device=DEVICE)
     target[rows, rows] = draft[rows, rows + 1] + 1
-    accepted, accept_len = check(draft, parents, target)
+    accepted, accept_len = check(draft, parents, target, backend=backend)
     assert accept_len.tolist() == list(range(1, T))
 
 
-def test_single_node_tree():
+def test_single_node_tree(backend):
     draft = torch.tensor([[4], [2]], device=DEVICE)
     parents = torch.tensor([-1], device=DEVICE)
-    accepted, accept_len = check(draft, parents, draft.clone())
+    accepted, accept_len = check(draft, parents, draft.clone(), backend=backend)
     assert accepted.tolist() == [[0], [0]] and accept_len.tolist() == [1, 1]
 
 
@@ -137,7 +142,8 @@ def cases(draw):
 @settings(max_examples=150, deadline=None)
 @given(cases())
 def test_hypothesis_matches_reference(case):
-    check(*case)
+    for backend in ["torch"] + (["cuda"] if DEVICE.type == "cuda" else []):
+        check(*case, backend=backend)
 
 
 def _bad_inputs():
@@ -182,10 +188,10 @@ def test_backends():
 
 
 @pytest.mark.parametrize("per_row", [False, True])
-def test_opcheck(per_row):
+def test_opcheck(per_row, backend):
     for T in (1, 17):
         case = make_case(3, T, 2, per_row)
-        torch.library.opcheck(torch.ops.ht_kernels.verify_tree_greedy.default, (*case, "torch"))
+        torch.library.opcheck(torch.ops.ht_kernels.verify_tree_greedy.default, (*case, backend))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -212,13 +218,14 @@ def test_torch_implementation_is_sync_free():
 
 
 @pytest.mark.cuda
-def test_no_host_sync_on_cuda():
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_no_host_sync_on_cuda(backend):
     case = make_case(8, 130, 2, True)
     want = verify_tree_greedy_ref(*(t.cpu() for t in case))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = ht_kernels.verify_tree_greedy(*case)
+        got = ht_kernels.verify_tree_greedy(*case, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(got, want):

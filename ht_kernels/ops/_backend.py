@@ -39,7 +39,7 @@ def resolve_backend(
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend == "auto":  # the CUDA kernels are opt-in until measured on a GPU (benchmarks/RESULTS.md)
         use_triton = "triton" in available and device.type == "cuda" and triton_installed()
         return "triton" if use_triton else "torch"
     if backend not in available:
@@ -57,7 +57,15 @@ def resolve_backend(
             f"{op}: backend='triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; "
             f"got tensors on {device}"
         )
-    raise BackendUnavailableError(f"{op}: backend='cuda' is not available: the CUDA extension is not built")
+    if device.type != "cuda":
+        raise BackendUnavailableError(f"{op}: backend='cuda' runs on CUDA tensors; got tensors on {device}")
+    from ..cuda.build import CudaBuildError, load
+
+    try:
+        load()
+    except CudaBuildError as e:
+        raise BackendUnavailableError(f"{op}: backend='cuda' is not available: {e}") from e
+    return backend
 
 
 def device_guard(device: torch.device):

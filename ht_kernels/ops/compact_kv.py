@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend, shape_of
+from ._backend import device_guard, resolve_backend, shape_of
 
-BACKENDS = ("torch",)
+BACKENDS = ("cuda", "torch")
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -33,7 +33,7 @@ def compact_kv(
     one floating dtype, any strides. cache_seqlens: [B] int32. accepted: [B, A] int64 or int32, the
     path's node indices in order (accepted[b, 0] = 0, the root); entries at index >= accept_len[b]
     are ignored (e.g. -1 padding). accept_len: [B] int32 or int64 with 1 <= accept_len <= A.
-    backend: "auto" | "torch" (the only one so far; "triton" and "cuda" raise BackendUnavailableError).
+    backend: "auto" (torch) | "cuda" (CUDA tensors) | "torch"; "triton" raises BackendUnavailableError.
 
     Shapes, dtypes and devices are always checked. The values (1 <= accept_len <= A, cache_seqlens
     >= 0, 0 <= accepted[b, i] and cache_seqlens[b] + max(accept_len[b] - 1, accepted[b, i]) < S) are
@@ -129,7 +129,13 @@ def _compact_kv_op(
 ) -> None:
     if k_cache.device.type == "cpu":
         _check_values(k_cache.shape[-3], cache_seqlens, accepted, accept_len)
-    _compact_kv_torch(k_cache, v_cache, cache_seqlens, accepted, accept_len)
+    if backend == "cuda":
+        from ..cuda.compact_kv import compact_kv_fwd
+
+        with device_guard(k_cache.device):
+            compact_kv_fwd(k_cache, v_cache, cache_seqlens, accepted, accept_len)
+    else:
+        _compact_kv_torch(k_cache, v_cache, cache_seqlens, accepted, accept_len)
 
 
 @_compact_kv_op.register_fake

@@ -27,7 +27,8 @@ def hidden_transfer(
     to hidden, weight and bias.
     out: [..., K, D] with any strides (e.g. the pseudo slots of an interleaved hidden buffer), written
     in place and returned; it does not support autograd.
-    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" | "triton" | "torch".
+    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" (CUDA tensors: tensor cores for
+    fp16/bf16 with D % 8 == 0, a SIMT kernel otherwise) | "triton" | "torch".
     """
     _check_inputs(hidden, weight, bias, out)
     name = resolve_backend("hidden_transfer", backend, hidden.device)
@@ -67,10 +68,13 @@ def _check_inputs(hidden, weight, bias, out) -> None:
 
 def _run(hidden, weight, bias, out, backend: str) -> None:
     """Writes the [..., K, D] projections of hidden [..., D] into out (any strides)."""
-    if backend != "triton":
+    if backend == "torch":
         out.copy_(hidden_transfer_ref(hidden, weight, bias))
         return
-    from ..triton.hidden_transfer import hidden_transfer_fwd
+    if backend == "cuda":
+        from ..cuda.hidden_transfer import hidden_transfer_fwd
+    else:
+        from ..triton.hidden_transfer import hidden_transfer_fwd
 
     K, D = weight.shape[:2]
     N = math.prod(hidden.shape[:-1])

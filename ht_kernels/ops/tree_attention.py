@@ -37,13 +37,14 @@ def tree_attention(
     softmax_scale: defaults to 1 / sqrt(D).
     Returns out [B, T, Hq, D] in q's dtype, and with return_lse also lse [B, Hq, T] fp32 (natural
     log). A query that sees nothing gets out 0 and lse -inf.
-    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" | "triton" | "torch".
+    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "triton" | "torch" ("cuda" is not
+    implemented yet and raises BackendUnavailableError).
 
     The cache bound cache_seqlens + T <= S is checked against the values of cache_seqlens, which
     costs one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured.
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v)
-    name = resolve_backend("tree_attention", backend, q.device)
+    name = resolve_backend("tree_attention", backend, q.device, available=("triton", "torch"))
     if name == "triton" and q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(
             f"tree_attention: backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, "

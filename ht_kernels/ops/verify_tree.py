@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend, shape_of
+from ._backend import device_guard, resolve_backend, shape_of
 
-BACKENDS = ("torch",)
+BACKENDS = ("cuda", "torch")
 
 
 def verify_tree_greedy(
@@ -26,7 +26,7 @@ def verify_tree_greedy(
     -1, and accept_len [B] int64 (>= 1). The next root (bonus token) of row b is
     target_tokens[b, accepted[b, accept_len[b] - 1]], e.g.
     `target_tokens.gather(1, accepted.gather(1, accept_len[:, None] - 1)).squeeze(1)`.
-    backend: "auto" | "torch" (the only one so far; "triton" and "cuda" raise BackendUnavailableError).
+    backend: "auto" (torch) | "cuda" (CUDA tensors) | "torch"; "triton" raises BackendUnavailableError.
 
     Runs without host syncs. The values of parents are checked only for CPU tensors; on a GPU a
     parents tensor that is not a topologically ordered tree gives undefined results.
@@ -101,6 +101,11 @@ def _verify_tree_greedy_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if parents.device.type == "cpu":
         _check_parents(parents)
+    if backend == "cuda":
+        from ..cuda.verify_tree import verify_tree_greedy_fwd
+
+        with device_guard(draft_tokens.device):
+            return verify_tree_greedy_fwd(draft_tokens, parents, target_tokens)
     return _verify_tree_greedy_torch(draft_tokens, parents, target_tokens)
 
 

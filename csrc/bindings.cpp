@@ -1,0 +1,83 @@
+// ht_kernels._C: the launchers of ht_kernels.h for Python, torch-free. Tensors arrive as integer
+// addresses with their sizes and strides; the stream as an integer cudaStream_t (0: the default).
+#include <pybind11/pybind11.h>
+
+#include "ht_kernels.h"
+
+namespace py = pybind11;
+using ht::DType;
+
+#ifndef HT_KERNELS_SOURCE_HASH
+#define HT_KERNELS_SOURCE_HASH "unknown"
+#endif
+
+namespace {
+
+template <typename P>
+P* ptr(uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+
+cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ht_kernels CUDA kernels (torch-free launchers)";
+  m.attr("source_hash") = HT_KERNELS_SOURCE_HASH;
+
+  m.def(
+      "compact_kv",
+      [](uintptr_t k, uintptr_t v, int64_t stride_l, int64_t stride_b, int64_t stride_s, int64_t stride_h,
+         int64_t stride_d, int L, int B, int H, int D, int elem_bytes, uintptr_t cache_seqlens, uintptr_t accepted,
+         int64_t accepted_stride, bool accepted_i64, uintptr_t accept_len, bool accept_len_i64, int A,
+         uintptr_t stream) {
+        if (elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8)
+          throw py::value_error("compact_kv: elem_bytes must be 2, 4 or 8");
+        ht::CompactKvParams p{ptr<void>(k), ptr<void>(v), stride_l, stride_b, stride_s, stride_h, stride_d, L, B, H,
+                              D, elem_bytes, ptr<const int32_t>(cache_seqlens), ptr<const void>(accepted),
+                              accepted_stride, accepted_i64, ptr<const void>(accept_len), accept_len_i64, A};
+        py::gil_scoped_release release;
+        ht::run_compact_kv(p, stream_of(stream));
+      },
+      "Caches [L, B, S, H, D], strides in bytes, v may be 0; see ht_kernels.h.");
+
+  m.def(
+      "verify_tree_greedy",
+      [](uintptr_t draft, uintptr_t parents, int64_t parents_stride_b, uintptr_t target, uintptr_t accepted,
+         uintptr_t accept_len, int B, int T, uintptr_t stream) {
+        ht::VerifyTreeParams p{ptr<const int64_t>(draft), ptr<const int64_t>(parents), parents_stride_b,
+                               ptr<const int64_t>(target), ptr<int64_t>(accepted), ptr<int64_t>(accept_len), B, T};
+        py::gil_scoped_release release;
+        ht::run_verify_tree_greedy(p, stream_of(stream));
+      },
+      "int64 contiguous tensors; see ht_kernels.h.");
+
+  auto transfer_params = [](uintptr_t x, int64_t x_stride_n, uintptr_t w, int64_t w_stride_k, int64_t w_stride_o,
+                            uintptr_t bias, int64_t bias_stride_k, uintptr_t out, int64_t out_stride_n,
+                            int64_t out_stride_k, int64_t out_stride_d, int N, int K, int D, int dtype) {
+    if (dtype < 0 || dtype > 2) throw py::value_error("hidden_transfer: dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
+    return ht::HiddenTransferParams{ptr<const void>(x), x_stride_n, ptr<const void>(w), w_stride_k, w_stride_o,
+                                    ptr<const void>(bias), bias_stride_k, ptr<void>(out), out_stride_n,
+                                    out_stride_k, out_stride_d, N, K, D, static_cast<DType>(dtype)};
+  };
+  m.def(
+      "hidden_transfer",
+      [transfer_params](uintptr_t x, int64_t x_stride_n, uintptr_t w, int64_t w_stride_k, int64_t w_stride_o,
+                        uintptr_t bias, int64_t bias_stride_k, uintptr_t out, int64_t out_stride_n,
+                        int64_t out_stride_k, int64_t out_stride_d, int N, int K, int D, int dtype, uintptr_t stream) {
+        auto p = transfer_params(x, x_stride_n, w, w_stride_k, w_stride_o, bias, bias_stride_k, out, out_stride_n,
+                                 out_stride_k, out_stride_d, N, K, D, dtype);
+        py::gil_scoped_release release;
+        ht::run_hidden_transfer(p, stream_of(stream));
+      },
+      "Strides in elements; dtype 0 f32, 1 f16, 2 bf16; see ht_kernels.h.");
+  m.def(
+      "hidden_transfer_kernel",
+      [transfer_params](uintptr_t x, int64_t x_stride_n, uintptr_t w, int64_t w_stride_k, int64_t w_stride_o,
+                        int D, int dtype) {
+        return std::string(ht::hidden_transfer_kernel_name(
+            transfer_params(x, x_stride_n, w, w_stride_k, w_stride_o, 0, 0, 0, 0, 0, 0, 1, 1, D, dtype)));
+      },
+      "Which kernel hidden_transfer runs for these inputs: 'mma' or 'simt'.");
+}

@@ -1,0 +1,37 @@
+// compact_kv_kernel: move the accepted tree nodes' K/V to the slots behind each row's prefix.
+#pragma once
+
+#include "common.cuh"
+
+namespace ht {
+
+template <bool I64>
+__device__ __forceinline__ int64_t load_index(const void* p, int64_t i) {
+  return I64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+}
+
+// Grid (column blocks, B, L or 2 L with v); a thread owns one column (h, u) of one layer and row of k
+// or v: `step` bytes apart, Unit wide (several elements of a contiguous D, or one element). It stages the column's sources in shared memory ([A][blockDim] Units) before writing any
+// destination, so any index list is safe, overlapping ones included. Identity moves are skipped.
+template <typename Unit, bool ACC64, bool LEN64>
+__global__ void compact_kv_kernel(CompactKvParams p, int64_t units, int64_t step) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Unit* stage = reinterpret_cast<Unit*>(smem);
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= units * p.H) return;
+  const int b = blockIdx.y, l = blockIdx.z % p.L;
+  unsigned char* cache = static_cast<unsigned char*>(blockIdx.z < p.L ? p.k : p.v);
+  unsigned char* base = cache + l * p.stride_l + b * p.stride_b + (col / units) * p.stride_h + (col % units) * step;
+  const int64_t n = p.cache_seqlens[b];
+  const int count = static_cast<int>(load_index<LEN64>(p.accept_len, b));
+  for (int i = 0; i < count; ++i) {
+    const int64_t src = load_index<ACC64>(p.accepted, b * p.accepted_stride + i);
+    if (src != i) stage[i * blockDim.x + threadIdx.x] = *reinterpret_cast<const Unit*>(base + (n + src) * p.stride_s);
+  }
+  for (int i = 0; i < count; ++i) {
+    const int64_t src = load_index<ACC64>(p.accepted, b * p.accepted_stride + i);
+    if (src != i) *reinterpret_cast<Unit*>(base + (n + i) * p.stride_s) = stage[i * blockDim.x + threadIdx.x];
+  }
+}
+
+}  // namespace ht
