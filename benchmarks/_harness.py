@@ -36,6 +36,7 @@ def parse_args(description: str, quick_help: str) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls can be slow on CPUs)")
     p.add_argument("--providers", help="comma-separated subset to run (the reference always runs)")
+    p.add_argument("--case", help="only the cases with these values, e.g. B=8,L=16384")
     args = p.parse_args()
     args.device = torch.device(args.device)
     if args.device.type == "cpu" and not args.full and not args.quick:
@@ -90,6 +91,15 @@ def time_fn(fn, warmup: float = 25, rep: float = 100, *, device: torch.device) -
     return statistics.median(us), deciles[1], deciles[7]
 
 
+def copy_gb_per_s(device: torch.device) -> float:
+    """Bytes read + written per second by a 512 MiB device-to-device copy: the bandwidth targets' yardstick."""
+    src = torch.empty(2**29, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    gbs = 2 * src.numel() / time_fn(lambda: dst.copy_(src), device=device)[0] / 1e3
+    print(f"device-to-device copy: {gbs:.0f} GB/s (bytes read + written)")
+    return gbs
+
+
 def run(args, cases: list[dict], setup, providers: dict, *, reference: str, baseline: str, metrics: dict) -> None:
     """Checks and times every provider on every case; prints the table, then the skips; maybe JSON.
 
@@ -100,6 +110,11 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
     """
     if args.providers:
         providers = {k: v for k, v in providers.items() if k in args.providers.split(",") or k == reference}
+    if args.case:
+        want = dict(kv.split("=") for kv in args.case.split(","))
+        cases = [c for c in cases if all(str(c.get(k)) == v for k, v in want.items())]
+        if not cases:
+            raise SystemExit(f"--case {args.case}: no case has these values")
     head = header(args.device, args.dtype)
     print("  ".join(f"{k}: {v}" for k, v in head.items()))
     columns = [*cases[0], "provider", "median us", "p20-p80 us", *metrics, f"x {baseline}"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import ht_kernels as ht
-from _harness import Skip, parse_args, run, time_fn
+from _harness import Skip, copy_gb_per_s, parse_args, run
 
 QUICK_HELP = ("small CPU-friendly set: B in {1, 2}, L in {256, 1024}, T in {16, 64}, Hq/Hkv 8/2, D 64 "
               "(fp32 on CPU unless --dtype); well under a minute on a 2-core CPU")
@@ -110,11 +110,7 @@ def main() -> None:
 
     metrics = {"GB/s": gb_per_s}
     if dev.type == "cuda":  # the target is a fraction of what a plain device-to-device copy achieves
-        src = torch.empty(2**29, dtype=torch.uint8, device=dev)
-        dst = torch.empty_like(src)
-        copy_gbs = 2 * src.numel() / time_fn(lambda: dst.copy_(src), device=dev)[0] / 1e3  # read + write
-        del src, dst
-        print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written)")
+        copy_gbs = copy_gb_per_s(dev)
         metrics["% copy"] = lambda case, us: 100 * gb_per_s(case, us) / copy_gbs
 
     providers = {"torch": backend("torch"), "sdpa": sdpa, "flex": flex,

@@ -64,4 +64,36 @@ struct HiddenTransferParams {
 const char* hidden_transfer_kernel_name(const HiddenTransferParams& p);
 void run_hidden_transfer(const HiddenTransferParams& p, cudaStream_t stream);
 
+// tree_attention: T tree queries per row over its cache prefix [0, n) (unmasked) and the tree slots
+// [n, n + T) (tree_mask), n = cache_seqlens[b]. q [B, T, Hq, D]; caches [B, S, Hkv, D] (k and v share
+// strides); k_new, v_new [B, T, Hkv, D] (or null) are first written to the tree slots; tree_mask bool
+// [T, T] (mask_stride_b = 0) or [B, T, T], rows contiguous; out [B, T, Hq, D]; lse [B, Hq, T] fp32
+// (natural log). fp16/bf16, D 64 or 128, every last dim contiguous and rows 16-byte aligned. With
+// num_splits > 1 the key range is split over that many blocks, which write fp32 partials to
+// out_partial [splits, B, T, Hq, D] and lse_partial [splits, B, Hq, T], merged in a fixed order.
+struct TreeAttentionParams {
+  const void* q;
+  int64_t q_stride_b, q_stride_t, q_stride_h;
+  void* k_cache;
+  void* v_cache;
+  int64_t cache_stride_b, cache_stride_s, cache_stride_h;
+  const void* k_new;
+  const void* v_new;
+  int64_t new_stride_b, new_stride_t, new_stride_h;
+  const int32_t* cache_seqlens;
+  const bool* tree_mask;
+  int64_t mask_stride_b;
+  void* out;
+  int64_t out_stride_b, out_stride_t, out_stride_h;
+  float* lse;
+  float* out_partial;
+  float* lse_partial;
+  int B, T, Hq, Hkv, D, S, num_splits;
+  float scale;  // softmax scale (natural units)
+  DType dtype;
+};
+// The split count run_tree_attention wants: about two waves of blocks on the current device.
+int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S);
+void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
+
 }  // namespace ht

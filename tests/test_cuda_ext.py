@@ -20,6 +20,10 @@ except cuda_build.CudaBuildError as e:
     pytest.skip(f"cannot build the CUDA extension here: {e}", allow_module_level=True)
 
 SO = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+# q, its strides, caches, their strides, new k/v, their strides, lengths, mask, its stride, out, its strides, lse,
+# partials, B, T, Hq, Hkv, D, S, splits, scale, dtype (bf16), stream: one tiny case at address 0.
+TREE_ATTENTION_ARGS = [0, 64, 64, 64, 0, 0, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 64, 64, 0, 0, 0,
+                       1, 1, 1, 1, 64, 4, 1, 0.125, 2, 0]
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +52,20 @@ def test_builds_for_sm80_and_sm90a_with_warnings_as_errors(built):
 def test_imports_with_the_launchers_and_its_source_hash(built):
     _, C = built
     assert C.source_hash == cuda_build.source_hash()
-    assert {"compact_kv", "verify_tree_greedy", "hidden_transfer"} <= set(dir(C))
+    assert {"compact_kv", "verify_tree_greedy", "hidden_transfer", "tree_attention"} <= set(dir(C))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_launch_without_gpu_raises_runtime_error(built):
     _, C = built
-    launches = {
-        "compact_kv": lambda: C.compact_kv(0, 0, 0, 0, 0, 0, 2, 1, 1, 1, 8, 2, 0, 0, 1, True, 0, False, 1, 0),
-        "verify_tree_greedy": lambda: C.verify_tree_greedy(0, 0, 0, 0, 0, 0, 1, 1, 0),
-        "hidden_transfer": lambda: C.hidden_transfer(0, 8, 0, 64, 8, 0, 0, 0, 8, 8, 1, 1, 1, 8, 2, 0),
-    }
-    for op, launch in launches.items():
+    launches = [  # (the op the error names, a call)
+        ("compact_kv", lambda: C.compact_kv(0, 0, 0, 0, 0, 0, 2, 1, 1, 1, 8, 2, 0, 0, 1, True, 0, False, 1, 0)),
+        ("verify_tree_greedy", lambda: C.verify_tree_greedy(0, 0, 0, 0, 0, 0, 1, 1, 0)),
+        ("hidden_transfer", lambda: C.hidden_transfer(0, 8, 0, 64, 8, 0, 0, 0, 8, 8, 1, 1, 1, 8, 2, 0)),
+        ("tree_attention", lambda: C.tree_attention(*TREE_ATTENTION_ARGS)),
+        ("tree_attention", lambda: C.tree_attention_num_splits(1, 1, 1, 1, 16)),
+    ]
+    for op, launch in launches:
         with pytest.raises(RuntimeError, match=rf"^{op}: CUDA error: "):
             launch()
 
@@ -68,6 +74,10 @@ def test_bad_arguments_raise_value_error(built):
     _, C = built
     with pytest.raises(ValueError, match="dtype"):
         C.hidden_transfer(0, 8, 0, 64, 8, 0, 0, 0, 8, 8, 1, 1, 1, 8, 7, 0)
+    with pytest.raises(ValueError, match="D must be 64 or 128"):
+        C.tree_attention(*TREE_ATTENTION_ARGS[:28], 80, *TREE_ATTENTION_ARGS[29:])
+    with pytest.raises(ValueError, match="dtype"):
+        C.tree_attention(*TREE_ATTENTION_ARGS[:32], 0, 0)
     with pytest.raises(ValueError, match="elem_bytes"):
         C.compact_kv(0, 0, 0, 0, 0, 0, 3, 1, 1, 1, 8, 3, 0, 0, 1, True, 0, False, 1, 0)
 
@@ -116,3 +126,41 @@ def test_load_reuses_a_current_build_and_skips_a_stale_one(built, tmp_path, monk
     monkeypatch.setattr(cuda_build, "cache_dir", lambda: cache)
     assert cuda_build.load.__wrapped__() is built[1] and imported[1:] == [tmp_path / "package" / SO, cache / SO]
     assert "built from other sources" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_small_case_of_each_kernel():
+    """One small call of every CUDA kernel against the torch backend (run under compute-sanitizer by
+    benchmarks/gpu_check.sh)."""
+    import ht_kernels as ht
+
+    dev, dtype = "cuda", torch.bfloat16
+    q = torch.randn(2, 5, 4, 64, device=dev, dtype=dtype)
+    caches = [torch.randn(2, 80, 2, 64, device=dev, dtype=dtype) for _ in range(2)]
+    kv = [torch.randn(2, 5, 2, 64, device=dev, dtype=dtype) for _ in range(2)]
+    lens = torch.tensor([70, 3], dtype=torch.int32, device=dev)
+    mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool, device=dev)
+    got, want = ([ht.tree_attention(q, *[c.clone() for c in caches], lens, mask, k=kv[0], v=kv[1], backend=b)
+                  for b in ("cuda", "torch")])
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+    hidden, weight = torch.randn(7, 64, device=dev, dtype=dtype), torch.randn(3, 64, 64, device=dev, dtype=dtype) / 8
+    torch.testing.assert_close(ht.hidden_transfer(hidden, weight, backend="cuda"),
+                               ht.hidden_transfer(hidden, weight, backend="torch"), atol=2e-2, rtol=2e-2)
+
+    draft = torch.randint(0, 2, (3, 5), device=dev)
+    target = torch.randint(0, 2, (3, 5), device=dev)
+    parents = torch.tensor([-1, 0, 0, 1, 2], device=dev)
+    for a, b in zip(ht.verify_tree_greedy(draft, parents, target, backend="cuda"),
+                    ht.verify_tree_greedy(draft, parents, target, backend="torch")):
+        assert torch.equal(a, b)
+
+    cache = [torch.randn(3, 2, 20, 2, 64, device=dev, dtype=dtype) for _ in range(2)]
+    accepted = torch.tensor([[0, 2, 4], [0, 1, -1]], device=dev)
+    accept_len = torch.tensor([3, 2], dtype=torch.int32, device=dev)
+    lens = torch.tensor([4, 9], dtype=torch.int32, device=dev)
+    moved = [c.clone() for c in cache]
+    ht.compact_kv(*moved, lens, accepted, accept_len, backend="cuda")
+    ht.compact_kv(*cache, lens, accepted, accept_len, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(moved, cache))

@@ -63,8 +63,11 @@ def reference(q, k_cache, v_cache, seqlens, mask, k, v, scale=None):
 def check(backend, case, scale=None, **launch):
     q, k_cache, v_cache, seqlens, mask, k, v = case
     ref_out, ref_lse, ref_kc, ref_vc = reference(*case, scale)
-    if launch:  # call the Triton launcher directly, with poisoned output buffers
-        from ht_kernels.triton.tree_attention import tree_attention_fwd
+    if launch:  # call the backend's launcher directly, with poisoned output buffers
+        if backend == "cuda":
+            from ht_kernels.cuda.tree_attention import tree_attention_fwd
+        else:
+            from ht_kernels.triton.tree_attention import tree_attention_fwd
 
         out = torch.full_like(q, POISON)
         lse = torch.full(ref_lse.shape, POISON, device=q.device)
@@ -155,6 +158,57 @@ def test_random_cases(B, T, G, Hkv, D, dtype, data):
     splits = data.draw(st.integers(1, 4))
     case = make_case(B, T, G * Hkv, Hkv, D, dtype, lens, mask=mask, per_row=per_row, with_kv=with_kv)
     check("triton", case, num_splits=splits)
+
+
+# The CUDA kernel: fp16/bf16, head dims 64 and 128; the same shapes, masks and prefix lengths.
+CUDA_SHAPES = [
+    (G, T, [64, 128][i % 2], [torch.float16, torch.bfloat16][i // 2 % 2], [[0, 1, 97], [133, 64, 5], [1, 0, 300]][i % 3])
+    for i, (G, T) in enumerate(itertools.product([1, 3, 4, 8], [1, 63, 65, 130]))
+]
+
+
+@pytest.fixture
+def poisoned_workspace(monkeypatch):
+    """The CUDA launcher's split partials start as NaN, so a partial the kernel misses shows."""
+    import ht_kernels.cuda.tree_attention as cuda_ta
+
+    monkeypatch.setattr(cuda_ta, "_workspace", lambda *shape, device: torch.full(shape, POISON, device=device))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_splits", [1, 2, 7])
+@pytest.mark.parametrize("G,T,D,dtype,lens", CUDA_SHAPES)
+def test_cuda_matches_reference(G, T, D, dtype, lens, num_splits, poisoned_workspace):
+    check("cuda", make_case(len(lens), T, 2 * G, 2, D, dtype, lens), num_splits=num_splits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask", ["tree", "any"])
+@pytest.mark.parametrize("with_kv", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_masks_per_row_and_default_splits(mask, with_kv, dtype, poisoned_workspace):
+    case = make_case(3, 37, 6, 2, 64, dtype, [0, 65, 129], mask=mask, per_row=True, with_kv=with_kv)
+    check("cuda", case)
+    check("cuda", make_case(2, 64, 32, 8, 128, dtype, [4100, 77], mask=mask, with_kv=with_kv), scale=0.05)
+
+
+@pytest.mark.cuda
+def test_cuda_query_that_sees_nothing_and_unsupported_inputs():
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, 5, 2, 1, 64, torch.float16, [0, 4])
+    mask = mask.clone()
+    mask[2] = False
+    out, lse = ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, mask, k=k, v=v, return_lse=True, backend="cuda")
+    assert torch.all(out[0, 2] == 0) and torch.all(lse[0, :, 2] == -math.inf)
+    assert torch.isfinite(out).all() and torch.isfinite(lse[1]).all()
+    for D, dtype in ((80, torch.float16), (64, torch.float32)):
+        case = make_case(1, 3, 2, 1, D, dtype, [5])
+        with pytest.raises(ht_kernels.BackendUnavailableError, match="cuda"):
+            ht_kernels.tree_attention(*case[:5], k=case[5], v=case[6], backend="cuda")
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(1, 3, 2, 1, 64, torch.float16, [5])
+    wide = [torch.zeros(*k_cache.shape[:3], 72, dtype=torch.float16, device=DEVICE) for _ in range(2)]
+    shifted = [w[..., 1:65] for w in wide]  # rows start 2 bytes past a 16-byte boundary
+    with pytest.raises(ht_kernels.BackendUnavailableError, match="aligned"):
+        ht_kernels.tree_attention(q, *shifted, seqlens, mask, k=k, v=v, backend="cuda")
 
 
 def test_auto_picks_torch_on_cpu(monkeypatch):

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..eager.tree_attention import tree_attention_torch
-from ._backend import device_guard, resolve_backend, shape_of
+from ._backend import BackendUnavailableError, device_guard, resolve_backend, shape_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
@@ -37,14 +37,20 @@ def tree_attention(
     softmax_scale: defaults to 1 / sqrt(D).
     Returns out [B, T, Hq, D] in q's dtype, and with return_lse also lse [B, Hq, T] fp32 (natural
     log). A query that sees nothing gets out 0 and lse -inf.
-    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "triton" | "torch" ("cuda" is not
-    implemented yet and raises BackendUnavailableError).
+    backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" (fp16/bf16, head dims 64 and 128,
+    16-byte aligned cache rows; other inputs raise BackendUnavailableError) | "triton" | "torch".
 
     The cache bound cache_seqlens + T <= S is checked against the values of cache_seqlens, which
     costs one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured.
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v)
-    name = resolve_backend("tree_attention", backend, q.device, available=("triton", "torch"))
+    name = resolve_backend("tree_attention", backend, q.device)
+    if name == "cuda":
+        from ..cuda.tree_attention import unsupported
+
+        why = unsupported(q, k_cache, v_cache)
+        if why:
+            raise BackendUnavailableError(f"tree_attention: backend='cuda' cannot run these inputs: {why}")
     if name == "triton" and q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(
             f"tree_attention: backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, "
@@ -128,8 +134,11 @@ def _tree_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
-    if backend == "triton":
-        from ..triton.tree_attention import tree_attention_fwd
+    if backend in ("cuda", "triton"):
+        if backend == "cuda":
+            from ..cuda.tree_attention import tree_attention_fwd
+        else:
+            from ..triton.tree_attention import tree_attention_fwd
 
         with device_guard(q.device):
             return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)

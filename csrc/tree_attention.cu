@@ -1,0 +1,57 @@
+// run_tree_attention: writes the new keys/values, then one attention launch over (b, KV head) x query
+// tiles x splits, then the merge when split; dispatch on head dim (64, 128) and dtype (fp16, bf16).
+#include <algorithm>
+
+#include "tree_attention.cuh"
+
+namespace ht {
+
+namespace {
+
+template <int D, typename T>
+void launch(const TreeAttentionParams& p, cudaStream_t stream) {
+  using Traits = TreeAttentionTraits<D, T>;
+  const int G = p.Hq / p.Hkv;
+  dim3 grid(p.B * p.Hkv, (p.T * G + Traits::kBlockM - 1) / Traits::kBlockM, p.num_splits);
+  HT_BOOL_SWITCH(p.num_splits > 1, SPLIT, [&] {
+    auto kernel = tree_attention_kernel<Traits, SPLIT>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
+               "tree_attention");
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  });
+  check_launch("tree_attention");
+  if (p.num_splits > 1) {
+    tree_attention_merge_kernel<T><<<p.B * p.T * p.Hq, D, 0, stream>>>(p);
+    check_launch("tree_attention (merge)");
+  }
+}
+
+}  // namespace
+
+int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S) {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "tree_attention");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "tree_attention");
+  const int tiles = B * Hkv * ((T * (Hq / Hkv) + 63) / 64);
+  const int key_blocks = (S + 63) / 64;
+  return std::max(1, std::min({(2 * sms + tiles - 1) / tiles, key_blocks, 64}));
+}
+
+void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0) return;
+  if (p.k_new) {
+    tree_attention_write_kv_kernel<<<dim3(p.T, p.B), 128, 0, stream>>>(p);
+    check_launch("tree_attention (cache write)");
+  }
+  if (p.dtype == DType::f32 || (p.D != 64 && p.D != 128))
+    throw std::runtime_error("tree_attention: the CUDA kernel takes fp16/bf16 and head dims 64 and 128");
+  if (p.D == 64) {
+    if (p.dtype == DType::f16) launch<64, __half>(p, stream);
+    else launch<64, __nv_bfloat16>(p, stream);
+  } else {
+    if (p.dtype == DType::f16) launch<128, __half>(p, stream);
+    else launch<128, __nv_bfloat16>(p, stream);
+  }
+}
+
+}  // namespace ht
