@@ -24,3 +24,4 @@ timeout 60 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,trit
 timeout 60 python3 benchmarks/bench_hidden_transfer.py --providers matmul,triton,cuda \
     --json "$out/hidden_transfer.json" 2>&1 | tee "$out/bench_hidden_transfer.txt"
 timeout 40 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json" 2>&1 | tee "$out/bench_step_ops.txt"
+python3 benchmarks/gpu_summary.py "$out" 2>&1 | tee "$out/summary.txt"

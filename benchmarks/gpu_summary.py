@@ -1,0 +1,49 @@
+"""The issue targets from the JSON files of benchmarks/gpu_check.sh, as one short table.
+
+    python benchmarks/gpu_summary.py DIR      # DIR: gpu_check.sh's output folder
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows(path: Path, **case) -> dict:
+    """{provider: row} of the case with these values in one benchmark JSON (empty when missing)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {r["provider"]: r for r in data["rows"] if all(r.get(k) == v for k, v in case.items())}
+
+
+def main(folder: str) -> None:
+    d = Path(folder)
+    big = dict(B=8, L=16384, T=64, Hq=32, Hkv=8, D=128)
+    ta = rows(d / "tree_attention.json", **big) or rows(d / "tree_attention_flex.json", **big)
+    flex = rows(d / "tree_attention_flex.json", **big).get("flex", {}).get("median_us")
+    small = rows(d / "tree_attention.json", B=1, L=4096, T=64, Hq=32, Hkv=8, D=128)
+    ht = rows(d / "hidden_transfer.json", N=64, K=4, D=4096)
+    step = rows(d / "step_ops.json", layers=30, B=8, T=64)
+    cell = lambda r, key, fmt: fmt.format(r[key]) if r and r.get(key) is not None else "-"  # noqa: E731
+    print(f"{'target':<66} {'provider':>8} {'median us':>10} {'measured':>12}")
+    for name, r in ta.items():
+        if name in ("triton", "cuda"):
+            vs_flex = f", {flex / r['median_us']:.2f}x flex" if flex else ""
+            print(f"{'tree_attention B8 L16384 T64 32/8 D128: >=80% copy, 1.5x flex, 3x sdpa':<66} {name:>8} "
+                  f"{cell(r, 'median_us', '{:.1f}'):>10} {cell(r, '% copy', '{:.0f}%')}, {cell(r, 'ratio', '{:.2f}x')} sdpa"
+                  + vs_flex)
+    for name, r in small.items():
+        if name in ("triton", "cuda"):
+            print(f"{'tree_attention B1 L4096 T64: within 2x of a 5 us launch':<66} {name:>8} "
+                  f"{cell(r, 'median_us', '{:.1f}'):>10} {r['median_us'] / 5:.1f}x floor")
+    for name, r in ht.items():
+        if name in ("matmul", "triton", "cuda"):
+            print(f"{'hidden_transfer rows 64 D4096 K4: >=75% copy':<66} {name:>8} "
+                  f"{cell(r, 'median_us', '{:.1f}'):>10} {cell(r, '% copy', '{:.0f}%')}")
+    for name, r in step.items():
+        print(f"{'verify + compact_kv 30 layers B8 T64: < 20 us':<66} {name:>8} {cell(r, 'median_us', '{:.1f}'):>10}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
