@@ -93,6 +93,22 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
     }                                    \
   }()
 
+// HALF_SWITCH(dtype, T, [&] { ... T ... }): T is __half (f16) or __nv_bfloat16 (any other dtype).
+#define HT_HALF_SWITCH(DTYPE, T, ...)                                          \
+  [&] {                                                                        \
+    if ((DTYPE) == ::ht::DType::f16) { using T = __half; return __VA_ARGS__(); } \
+    using T = __nv_bfloat16;                                                   \
+    return __VA_ARGS__();                                                      \
+  }()
+
+// HEADDIM_SWITCH(d, NAME, [&] { ... NAME ... }): NAME is the constexpr int 64 (d <= 64) or 128.
+#define HT_HEADDIM_SWITCH(HEADDIM, NAME, ...)                                  \
+  [&] {                                                                        \
+    if ((HEADDIM) <= 64) { constexpr static int NAME = 64; return __VA_ARGS__(); } \
+    constexpr static int NAME = 128;                                           \
+    return __VA_ARGS__();                                                      \
+  }()
+
 // DTYPE_SWITCH(dtype, T, [&] { ... T ... }): T is float, __half or __nv_bfloat16.
 #define HT_DTYPE_SWITCH(DTYPE, T, ...)                                         \
   [&] {                                                                        \

@@ -36,8 +36,7 @@ const char* hidden_transfer_kernel_name(const HiddenTransferParams& p) { return 
 void run_hidden_transfer(const HiddenTransferParams& p, cudaStream_t stream) {
   if (p.N == 0 || p.K == 0 || p.D == 0) return;
   if (mma_ok(p)) {
-    if (p.dtype == DType::f16) launch_mma_rows<__half>(p, stream);
-    else launch_mma_rows<__nv_bfloat16>(p, stream);
+    HT_HALF_SWITCH(p.dtype, T, [&] { launch_mma_rows<T>(p, stream); });
   } else {
     HT_DTYPE_SWITCH(p.dtype, T, [&] {
       hidden_transfer_simt_kernel<T><<<dim3((p.D + 7) / 8, p.K), 256, 0, stream>>>(p);

@@ -45,13 +45,7 @@ void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   }
   if (p.dtype == DType::f32 || (p.D != 64 && p.D != 128))
     throw std::runtime_error("tree_attention: the CUDA kernel takes fp16/bf16 and head dims 64 and 128");
-  if (p.D == 64) {
-    if (p.dtype == DType::f16) launch<64, __half>(p, stream);
-    else launch<64, __nv_bfloat16>(p, stream);
-  } else {
-    if (p.dtype == DType::f16) launch<128, __half>(p, stream);
-    else launch<128, __nv_bfloat16>(p, stream);
-  }
+  HT_HEADDIM_SWITCH(p.D, D, [&] { HT_HALF_SWITCH(p.dtype, T, [&] { launch<D, T>(p, stream); }); });
 }
 
 }  // namespace ht
