@@ -1,0 +1,187 @@
+"""Project hidden-transfer decoding to large models: step latency of random models with Llama-2-7B and
+Llama-3-8B shapes against the tree, combined with the tau measured on the real model.
+
+For each shape and tree: the median latency of one plain step (one token) and of one hidden-transfer step
+(the tree's real nodes through all layers, a pseudo chain of K under every node after layer t, the LM head,
+verification, next drafts) at a `--context`-token prefix, batch 1; then
+    projected speedup = tau(tree) x t(plain step) / t(hidden-transfer step),
+with tau from the shipped SmolLM2 maps (benchmarks/RESULTS.md, `--tau`) or a bench_drafts.py JSON
+(`--tau-json`). Steps are timed eagerly and, with `--graphs` on CUDA, as CUDA graph replays. Peak memory
+of each step (cache included) is reported against the plain step's. Weights are random: only the shapes
+matter for latency.
+
+    python benchmarks/bench_projection.py [--shapes llama2-7b,llama3-8b] [--context 2048] [--graphs]
+        [--device cuda] [--dtype bfloat16] [--trees default,dynamic16,dynamic32,dynamic64]
+        [--tau default=1.86,dynamic16=1.95,dynamic64=2.14] [--tau-json drafts.json] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ht_kernels as ht
+from ht_kernels.model import ModelConfig, Transformer
+from _harness import header
+from bench_drafts import TREES
+
+SHAPES = {
+    "llama2-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                             hidden_dim=11008, max_seq_len=4096, name="llama2-7b-shape"),
+    "llama3-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                             hidden_dim=14336, rope_theta=500000.0, max_seq_len=8192, name="llama3-8b-shape"),
+    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                        max_seq_len=4096, name="tiny"),
+}
+# tau of the shipped SmolLM2-135M maps on 48 Spec-Bench dev prompts, greedy, bf16 (benchmarks/RESULTS.md)
+MEASURED_TAU = "default=1.862,dynamic16=1.949,dynamic64=2.143"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="llama2-7b,llama3-8b", help=f"comma-separated subset of {','.join(SHAPES)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--context", type=int, default=2048, help="prefix tokens in the cache")
+    p.add_argument("--trees", default="default,dynamic16,dynamic32,dynamic64", help=f"subset of {','.join(TREES)}")
+    p.add_argument("--tau", default=MEASURED_TAU, help="tree=tau pairs (default: the shipped maps' tau)")
+    p.add_argument("--tau-json", help="take tau from the first transfer row of a bench_drafts.py --json file")
+    p.add_argument("--graphs", action="store_true", help="also time each step as a CUDA graph replay")
+    p.add_argument("--reps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (CPU runs)")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device, args.dtype = torch.device(args.device), getattr(torch, args.dtype)
+    return args
+
+
+def taus(args) -> dict[str, float]:
+    if args.tau_json:
+        rows = json.loads(Path(args.tau_json).read_text())["rows"]
+        return next(r["tau"] for r in rows if r.get("kind") == "transfer")
+    return {k: float(v) for k, v in (kv.split("=") for kv in args.tau.split(",") if kv)}
+
+
+def timed(fn, reps: int, device: torch.device) -> float:
+    """Median milliseconds of fn() over reps calls after 3 warmups."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def as_graph(fn, device: torch.device):
+    """fn captured once as a CUDA graph (its tensors stay the static buffers); returns the replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def peak_mib(fn, device: torch.device, base: int) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[dict]:
+    dev, C = args.device, args.context
+    torch.manual_seed(0)
+    model = Transformer.from_config(cfg, dtype=args.dtype, device=dev)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+    rows = []
+    with torch.inference_mode():
+        plain_dec = ht.HiddenTransferDecoder(model, transfer=None)
+        plain_cache = model.new_cache(1, C + 1)
+        plain_cache.lengths.fill_(C)
+        token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+        def plain():
+            return plain_dec._forward_all(token, plain_cache.lengths[:, None].long(), plain_cache).argmax(-1)
+
+        t_plain = timed(plain, args.reps, dev)
+        g_plain = timed(as_graph(plain, dev), args.reps, dev) if args.graphs else None
+        mem_plain = peak_mib(plain, dev, base)
+        rows.append(dict(shape=name, tree="plain", tokens=1, ms=t_plain, graph_ms=g_plain, peak_mib=mem_plain))
+        print(f"{name}: plain step {t_plain:.2f} ms" + (f" (graph {g_plain:.2f} ms)" if g_plain else ""), flush=True)
+        plain_cache = None
+        for tree_name in args.trees.split(","):
+            tree, budget = TREES[tree_name]
+            dec = ht.HiddenTransferDecoder(model, transfer=None, tree=tree, budget=budget)
+            K = dec.transfer.K
+            cache = model.new_cache(1, C + dec._step_tokens())
+            cache.lengths.fill_(C)
+            root = torch.zeros(1, dtype=torch.long, device=dev)
+            drafts = torch.randn(1, K, cfg.vocab_size, device=dev).log_softmax(-1)
+
+            def step(dec=dec, cache=cache, root=root, drafts=drafts):
+                return dec._step(root, drafts, cache, None, None)[1]
+            t_step = timed(step, args.reps, dev)
+            g_step = None
+            if args.graphs:
+                try:
+                    g_step = timed(as_graph(step, dev), args.reps, dev)
+                except Exception as e:  # a step op that cannot be captured yet: reported, eager stays
+                    print(f"{name} {tree_name}: CUDA graph capture failed: {type(e).__name__}: {e}"[:300])
+            mem = peak_mib(step, dev, base)
+            T = dec.tree.budget
+            best = g_step if g_step and g_plain else t_step
+            ref = g_plain if g_step and g_plain else t_plain
+            row = dict(shape=name, tree=tree_name, tokens=T * (1 + K), ms=t_step, graph_ms=g_step, peak_mib=mem,
+                       step_x_plain=best / ref, tau=tau.get(tree_name),
+                       projected_speedup=tau[tree_name] * ref / best if tree_name in tau else None)
+            rows.append(row)
+            print(f"{name} {tree_name}: {T} nodes + {T * K} pseudo, step {t_step:.2f} ms"
+                  + (f" (graph {g_step:.2f} ms)" if g_step else "") + f", {row['step_x_plain']:.2f}x plain"
+                  + (f", projected {row['projected_speedup']:.2f}x at tau {row['tau']:.2f}" if row["tau"] else ""),
+                  flush=True)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    head = header(args.device, args.dtype)
+    print("  ".join(f"{k}: {v}" for k, v in head.items()) + f"  context: {args.context}")
+    tau = taus(args)
+    rows = [r for name in args.shapes.split(",") for r in measure(name, SHAPES[name], args, tau)]
+    print(f"\n{'shape':>10} {'tree':>10} {'tokens':>6} {'step ms':>8} {'graph ms':>8} {'x plain':>7} "
+          f"{'tau':>5} {'proj. x':>7} {'peak MiB':>9}")
+    fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+    for r in rows:
+        print(f"{r['shape']:>10} {r['tree']:>10} {r['tokens']:>6} {r['ms']:>8.2f} {fmt(r['graph_ms'], '8.2f'):>8} "
+              f"{fmt(r.get('step_x_plain'), '7.2f'):>7} {fmt(r.get('tau'), '5.2f'):>5} "
+              f"{fmt(r.get('projected_speedup'), '7.2f'):>7} {fmt(r['peak_mib'], '9.0f'):>9}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"header": head, "context": args.context, "tau": tau, "rows": rows},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
