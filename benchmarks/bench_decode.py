@@ -8,7 +8,8 @@ decoding step (the prefill's first token left out). `hf` is a transformers Llama
 the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-eos.
 
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
-        [--temperature F] [--methods ht,ar,hf] [--prompts PATH] [--threads N] [--json PATH] [--plot PATH]
+        [--temperature F] [--methods ht,ar,hf] [--prompts PATH] [--threads N] [--device cuda] [--json PATH]
+        [--plot PATH]
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--stop-at-eos", action="store_true", help="end each generation at the tokenizer's eos")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
@@ -188,7 +190,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = ht.load_model(args.model, dtype=dtype)
+    model = ht.load_model(args.model, dtype=dtype, device=args.device)
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
     runners = make_runners(model, args)
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
