@@ -193,8 +193,13 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
 
     Writes out_dir/checkpoint.safetensors every save_every steps and at the end (parameters, AdamW
     moments, step, config and `meta` as metadata). resume=True continues from that checkpoint, which
-    must hold the same config. Under torchrun every process must pass the same examples.
+    must hold the same config. Under torchrun every process must pass the same examples. model: an
+    ht_kernels Transformer or a transformers Llama / Qwen2 / Mistral model (its weights are shared).
     """
+    if not hasattr(model, "run_layers"):
+        from ..loading import load_model
+
+        model = load_model(model)
     cfg.check(model.config.n_layers)
     check_examples(examples, cfg.K)
     rank, world, dist = _dist()
