@@ -11,7 +11,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-
 import ht_kernels as ht
 from ht_kernels.train.__main__ import main as train
 
