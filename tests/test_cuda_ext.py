@@ -117,14 +117,14 @@ def test_load_reuses_a_current_build_and_skips_a_stale_one(built, tmp_path, monk
     monkeypatch.setenv("HT_KERNELS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "package").mkdir()
     shutil.copy2(built[0], tmp_path / "package" / SO)
-    assert cuda_build.load.__wrapped__() is built[1] and imported == [tmp_path / "package" / SO]
+    assert cuda_build._load() is built[1] and imported == [tmp_path / "package" / SO]
 
     cache = cuda_build.cache_dir()
     cache.mkdir(parents=True)
     shutil.copy2(built[0], cache / SO)
     monkeypatch.setattr(cuda_build, "source_hash", lambda: "0123456789abcdef")   # the sources moved on
     monkeypatch.setattr(cuda_build, "cache_dir", lambda: cache)
-    assert cuda_build.load.__wrapped__() is built[1] and imported[1:] == [tmp_path / "package" / SO, cache / SO]
+    assert cuda_build._load() is built[1] and imported[1:] == [tmp_path / "package" / SO, cache / SO]
     assert "built from other sources" in capsys.readouterr().err
 
 
@@ -164,3 +164,21 @@ def test_small_case_of_each_kernel():
     ht.compact_kv(*moved, lens, accepted, accept_len, backend="cuda")
     ht.compact_kv(*cache, lens, accepted, accept_len, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(moved, cache))
+
+
+def test_a_failed_build_is_tried_once_per_process(monkeypatch):
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise cuda_build.CudaBuildError("no compiler")
+
+    monkeypatch.setattr(cuda_build, "_load", failing)
+    cuda_build._load_once.cache_clear()
+    try:
+        for _ in range(2):
+            with pytest.raises(cuda_build.CudaBuildError, match="no compiler"):
+                cuda_build.load()
+        assert len(calls) == 1
+    finally:
+        cuda_build._load_once.cache_clear()

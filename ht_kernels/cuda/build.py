@@ -129,10 +129,25 @@ def _import(path: Path):
     return module
 
 
-@functools.cache
 def load():
     """The `_C` module: the ahead-of-time build when its sources are current, else the just-in-time one
-    (built here on first use). Raises CudaBuildError when it cannot be built."""
+    (built here on first use). Raises CudaBuildError when it cannot be built (remembered: a process tries
+    once)."""
+    module, error = _load_once()
+    if error is not None:
+        raise error
+    return module
+
+
+@functools.cache
+def _load_once():
+    try:
+        return _load(), None
+    except CudaBuildError as e:
+        return None, e
+
+
+def _load():
     digest = source_hash()
     aot = sorted(PACKAGE.glob(NAME + ".*.so"))
     if aot:
