@@ -123,7 +123,7 @@ def test_load_reuses_a_current_build_and_skips_a_stale_one(built, tmp_path, monk
     cache.mkdir(parents=True)
     shutil.copy2(built[0], cache / SO)
     monkeypatch.setattr(cuda_build, "source_hash", lambda: "0123456789abcdef")   # the sources moved on
-    monkeypatch.setattr(cuda_build, "cache_dir", lambda: cache)
+    monkeypatch.setattr(cuda_build, "cache_dir", lambda digest=None: cache)
     assert cuda_build._load() is built[1] and imported[1:] == [tmp_path / "package" / SO, cache / SO]
     assert "built from other sources" in capsys.readouterr().err
 

@@ -117,9 +117,9 @@ def build_into_package() -> Path:
     return PACKAGE / name
 
 
-def cache_dir() -> Path:
+def cache_dir(digest: str | None = None) -> Path:
     root = os.environ.get("HT_KERNELS_CACHE") or Path.home() / ".cache" / "ht_kernels"
-    return Path(root) / f"cuda-{source_hash()}"
+    return Path(root) / f"cuda-{digest or source_hash()}"
 
 
 def _import(path: Path):
@@ -157,7 +157,7 @@ def _load():
         print(f"ht_kernels: {aot[0].name} was built from other sources; using a just-in-time build", file=sys.stderr)
     from filelock import FileLock
 
-    out = cache_dir()
+    out = cache_dir(digest)
     out.mkdir(parents=True, exist_ok=True)
     target = out / (NAME + sysconfig.get_config_var("EXT_SUFFIX"))
     with FileLock(str(out / "build.lock")):
