@@ -8,8 +8,8 @@ decoding step (the prefill's first token left out). `hf` is a transformers Llama
 the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-eos.
 
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
-        [--temperature F] [--methods ht,ar,hf] [--prompts PATH] [--threads N] [--device cuda] [--json PATH]
-        [--plot PATH]
+        [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
+        [--prompts PATH] [--threads N] [--device cuda] [--json PATH] [--plot PATH]
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +30,7 @@ from tqdm import tqdm  # a dependency of transformers
 
 import ht_kernels as ht
 from ht_kernels.cli import encode_prompt, resolve_transfer_arg
+from ht_kernels.decode.autotree import TreeChoice, format_table
 from ht_kernels.loading import LAYER_NAMES, TOP_NAMES
 from _harness import header
 
@@ -56,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ht,ar,hf")
+    p.add_argument("--tree", choices=["auto", "default", "dynamic"], default="auto",
+                   help="ht's tree: auto (default; measured on this machine once, then cached), the static "
+                        "default, or dynamic with --budget nodes")
+    p.add_argument("--budget", type=int, default=16, help="nodes of a dynamic tree")
+    p.add_argument("--n-chains", type=int, help="pseudo chains under the n best nodes only (default: all)")
+    p.add_argument("--tree-table", action="store_true", help="print tree auto's measured candidates")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: accepted-length histogram, tokens/s per method")
@@ -99,13 +107,18 @@ def hf_sharing_weights(model):
     return hf.eval()
 
 
-def make_runners(model, args) -> dict:
-    """{method: run(ids, max_new_tokens, seed) -> GenerateOutput} for the chosen methods."""
-    tok, runners = model.tokenizer, {}
+def make_runners(model, args) -> tuple[dict, dict | None]:
+    """{method: run(ids, max_new_tokens, seed) -> GenerateOutput} for the chosen methods, and ht's tree
+    (its setting, and tree auto's measured choice)."""
+    tok, runners, tree_info = model.tokenizer, {}, None
     eos = tok.eos_token_id if args.stop_at_eos else None
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if {"ht", "ar"} & set(args.methods):
-        dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer))
+        tree = {"auto": "auto", "default": None, "dynamic": "dynamic"}[args.tree]
+        dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer), tree=tree,
+                                       budget=args.budget, n_chains=args.n_chains)
+        tree_info = {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
+                     "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
             runners[name] = lambda ids, n, seed, fn=fn: fn(
                 [ids], max_new_tokens=n, eos_token_id=eos, generator=torch.Generator(model.device).manual_seed(seed),
@@ -125,7 +138,7 @@ def make_runners(model, args) -> dict:
             return ht.GenerateOutput([new], [[1] * len(new)])
 
         runners["hf"] = run_hf
-    return {m: runners[m] for m in args.methods}
+    return {m: runners[m] for m in args.methods}, tree_info
 
 
 def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
@@ -192,7 +205,7 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     model = ht.load_model(args.model, dtype=dtype, device=args.device)
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
-    runners = make_runners(model, args)
+    runners, tree = make_runners(model, args)
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
             "transformers": importlib.metadata.version("transformers")}
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
@@ -201,6 +214,16 @@ def main(argv=None) -> None:
           f"{' or up to eos' if args.stop_at_eos else ' each (eos ignored)'}, temperature {args.temperature}"
           + (", hf: transformers LlamaForCausalLM sharing the model's weights" if "hf" in runners else ""),
           flush=True)
+    if tree is not None:
+        every = tree["n_chains"] is None or tree["n_chains"] >= tree["budget"]
+        chains = "every node" if every else f"the best {tree['n_chains']}"
+        print(f"ht tree: {args.tree}, {tree['budget']} nodes, pseudo chains under {chains}", flush=True)
+    if tree is not None and tree["auto"] is not None:
+        choice = TreeChoice(**tree["auto"])
+        print(f"tree auto (calibration): tau {choice.tau:.2f}, step {choice.step_ms:.1f} ms, plain step "
+              f"{choice.ar_ms:.1f} ms" + ("" if args.tree_table else "; --tree-table lists every candidate"))
+        if args.tree_table:
+            print(format_table(choice))
     for run in runners.values():  # warmup
         run(prompts[0], WARMUP_TOKENS, args.seed)
     rows, bar = [], tqdm(total=len(prompts) * len(runners), unit="gen", file=sys.stderr)
@@ -224,7 +247,7 @@ def main(argv=None) -> None:
         print(f"identical to ar (hf): {hf_same:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}))
+        Path(args.json).write_text(json.dumps({"summary": summary, "tree": tree, "rows": rows}))
     if args.plot:
         plot(args.plot, rows, summary, args.methods, title)
     print(f"total {time.perf_counter() - t0:.0f} s (loading, warmup and all generations)")

@@ -109,8 +109,10 @@ def test_generate_errors_exit_2_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: load_model") and "Traceback" not in proc.stderr
 
 
-def test_bench_decode_end_to_end(tiny, tmp_path, capsys):
+def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     import bench_decode
+
+    monkeypatch.setenv("HT_KERNELS_CACHE", str(tmp_path / "cache"))
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["Say hi.", "ignored"]}\n{"prompt": "Count: 1 2 3"}\n{"prompt": "unused"}\n')
@@ -121,11 +123,16 @@ def test_bench_decode_end_to_end(tiny, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("device: ") and "threads: " in out[0] and "git: " in out[0]
     assert "2 prompts, 12 new tokens each" in out[1]
-    assert out[2].split() == ["method", "tokens/s", "tau", "new", "tokens", "seconds", "x", "AR", "x", "HF"]
-    assert [line.split()[0] for line in out[3:6]] == ["ht", "ar", "hf"]
-    assert out[6] == "identical to ar (ht): 1.00"
     result = json.loads(js.read_text())
-    assert set(result) == {"summary", "rows"}
+    tree = result["tree"]
+    assert tree["tree"] == "auto" and (tree["budget"], tree["n_chains"]) == (tree["auto"]["budget"],
+                                                                             tree["auto"]["n_chains"])
+    assert out[2].startswith(f"ht tree: auto, {tree['budget']} nodes, pseudo chains under ")
+    assert out[3].startswith("tree auto (calibration): tau ")
+    assert out[4].split() == ["method", "tokens/s", "tau", "new", "tokens", "seconds", "x", "AR", "x", "HF"]
+    assert [line.split()[0] for line in out[5:8]] == ["ht", "ar", "hf"]
+    assert out[8] == "identical to ar (ht): 1.00"
+    assert set(result) == {"summary", "tree", "rows"}
     s = result["summary"]
     assert set(s) == {"ht", "ar", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}
     for m in ("ht", "ar", "hf"):
@@ -145,7 +152,7 @@ def test_bench_decode_sampling_subset(tiny, tmp_path, capsys):
 
     js = tmp_path / "r.json"
     bench_decode.main(["--model", tiny, "--transfer", "none", "--limit", "1", "--max-new-tokens", "6",
-                       "--methods", "ht,hf", "--temperature", "0.7", "--json", str(js)])
+                       "--methods", "ht,hf", "--temperature", "0.7", "--tree", "default", "--json", str(js)])
     assert "identical to ar (ht): n/a (sampling)" in capsys.readouterr().out
     s = json.loads(js.read_text())["summary"]
     assert set(s) == {"ht", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}

@@ -235,15 +235,16 @@ def test_data_two_rounds(smol, tmp_path):
 
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])
-@pytest.mark.parametrize("method", ["transfer", "medusa"])
-def test_replay_equals_decoding(tree, method):
+@pytest.mark.parametrize("method, n_chains", [("transfer", None), ("transfer", 2), ("transfer", 12),
+                                              ("medusa", None)])
+def test_replay_equals_decoding(tree, method, n_chains):
     """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
     decoder stays lossless with these drafters."""
     model = tiny_model(vocab=12, out_std=4.0)
     K, D = 3, model.config.dim
     if method == "transfer":
         weights = random_transfer(model, K=K, layer=2)
-        dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12)
+        dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains)
     else:
         weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)
         dec = MedusaDecoder(model, weights, tree=tree, budget=12)
@@ -253,7 +254,7 @@ def test_replay_equals_decoding(tree, method):
     examples = [Example(p + s, len(p) - 1) for p, s in zip(prompts, out.sequences)]
     got = []
     for logp, nxt in draft_logprobs(model, drafter_from_weights(weights), examples, batch_size=2):
-        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40))
+        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40, n_chains))
     want = [a[1:] for a in out.accept_lengths]
     assert got == want
     assert sum(x > 1 for row in want for x in row) >= 3  # drafts were accepted: the replay was exercised

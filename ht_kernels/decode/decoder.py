@@ -37,8 +37,10 @@ class HiddenTransferDecoder:
     """model: an ht_kernels Transformer (or a transformers Llama-family model, wrapped without copying).
     transfer: "default" (the weights shipped for the model), a weights file, TransferWeights, or None
     (untrained maps). tree: None (a static Medusa-style tree), a list of top-k rank paths, "dynamic" (the
-    best `budget` nodes by draft probability, per row) or a TreePolicy. n_chains: pseudo chains hang under
-    every real node (None) or under the n_chains best-scoring ones.
+    best `budget` nodes by draft probability, per row), a TreePolicy, or "auto": the dynamic budget and
+    n_chains with the most tokens per second on this machine (`autotree.tune_tree`: measured once, about
+    a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under every real
+    node (None) or under the n_chains best-scoring ones.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None):
@@ -53,11 +55,20 @@ class HiddenTransferDecoder:
         self.transfer = weights
         self.weight = weights.weight.to(param.device, param.dtype)
         self.bias = weights.bias.to(param.device, param.dtype)
-        self.tree = make_tree_policy(tree, weights.K, budget)
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
-        self.n_chains = n_chains
+        self.tree_choice = None
+        if isinstance(tree, str) and tree == "auto":
+            if n_chains is not None:
+                raise ValueError(f"n_chains: tree='auto' chooses it, got n_chains={n_chains!r}")
+            from .autotree import tune_tree
+
+            self.tree, self.n_chains = make_tree_policy("dynamic", weights.K, budget), None
+            self.tree_choice = tune_tree(self)
+            self.tree, self.n_chains = self.tree_choice.policy(weights.K), self.tree_choice.n_chains
+        else:
+            self.tree, self.n_chains = make_tree_policy(tree, weights.K, budget), n_chains
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None, eos_token_id=None,

@@ -108,6 +108,17 @@ def ancestor_masks(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     return mask[..., :T]
 
 
+def chain_owners(tree: StepTree, n_chains: int | None = None) -> torch.Tensor:
+    """[B, n] the nodes that get pseudo chains, ascending: all T nodes (n_chains None), or the n_chains
+    best-scoring ones with the root always among them (shallower first among equal scores)."""
+    B, T = tree.tokens.shape
+    dev = tree.tokens.device
+    if n_chains is None or n_chains >= T:
+        return torch.arange(T, device=dev).expand(B, T)
+    key = (tree.scores - 1e-3 * tree.depths).index_fill(1, torch.tensor([0], device=dev), float("inf"))
+    return key.topk(n_chains, dim=1).indices.sort(dim=1).values
+
+
 @dataclass
 class StepLayout:
     """The tokens of one hidden-transfer step: T real nodes, then a chain of K pseudo nodes under each of
@@ -129,12 +140,8 @@ def step_layout(tree: StepTree, K: int, n_chains: int | None = None) -> StepLayo
     the root always among them (shallower first among equal scores)."""
     B, T = tree.tokens.shape
     dev = tree.tokens.device
-    n = T if n_chains is None else min(n_chains, T)
-    if n < T:
-        key = (tree.scores - 1e-3 * tree.depths).index_fill(1, torch.tensor([0], device=dev), float("inf"))
-        owners = key.topk(n, dim=1).indices.sort(dim=1).values
-    else:
-        owners = torch.arange(T, device=dev).expand(B, T)
+    owners = chain_owners(tree, n_chains)
+    n = owners.shape[1]
     real = ancestor_masks(tree.parents, K)
     chain = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
     pseudo_real = real.gather(1, owners[..., None].expand(B, n, T)).repeat_interleave(K, dim=1)

@@ -11,9 +11,11 @@ one forward pass per sequence.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..decode.trees import TreePolicy
+from ..decode.trees import TreePolicy, chain_owners
 from ..ops.verify_tree import verify_tree_greedy
 from .data import Example
 from .drafters import MedusaDrafter, TransferDrafter
@@ -64,27 +66,45 @@ def depth_accuracy(logp: torch.Tensor, greedy: torch.Tensor, top: int = 5) -> to
 
 
 def replay_accept_lengths(policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
-                          max_new_tokens: int) -> list[int]:
+                          max_new_tokens: int, n_chains: int | None = None) -> list[int]:
     """The tokens each decoding step commits, replayed from teacher-forced drafts.
 
     logp: [n, K, V] drafts of anchors P-1 .. P+n-2 (P the prompt length: anchor 0 is the prompt's last
-    token); greedy: [n] the greedy token after each of them (greedy[j] is new token j). Returns the
-    accept lengths of the steps after the prefill, cut like `generate` cuts them at max_new_tokens
-    (at most n new tokens are replayed).
+    token); greedy: [n] the greedy token after each of them (greedy[j] is new token j). n_chains: the
+    decoder's setting (None: a pseudo chain under every node). Returns the accept lengths of the steps
+    after the prefill, cut like `generate` cuts them at max_new_tokens (at most n new tokens are replayed).
     """
-    n, K, _ = logp.shape
+    n, K, V = logp.shape
     total = min(max_new_tokens, n)
-    # Every anchor's step at once: root = greedy[j] (new token j, made by anchor j), drafts of anchor j.
-    anchors = torch.arange(n - 1)
-    tree = policy.choose(greedy[:-1], logp[:-1])
-    # The target of a node at depth d under root j is new token j + d + 1 (only on-path nodes matter).
-    pos = (anchors[:, None] + tree.depths + 1).clamp_max(n - 1)
-    target = torch.where(anchors[:, None] + tree.depths + 1 < n, greedy[pos], -1)
-    _, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
-    lengths, j = [], 0  # new token 0 came from the prefill; the step rooted at token j commits a
+    # A step's drafts are those of anchor j - s shifted by s, for root j (new token j) and shift s: the
+    # levels between the last accepted node and the deepest chain owner on the accepted path (0 when the
+    # last node owns a chain, always so with chains under every node; `HiddenTransferDecoder._next_drafts`).
+    # Every root's step for one shift at once -> (accept length, owner depth) per root, then the walk.
+    tables: dict[int, tuple[list[int], list[int]]] = {}
+
+    def steps(shift: int):
+        if shift not in tables:
+            roots = torch.arange(shift, n - 1)
+            src = logp[roots - shift]
+            drafts = torch.cat([src[:, shift:], src.new_full((len(roots), shift, V), -math.log(V))], 1)
+            tree = policy.choose(greedy[roots], drafts)
+            # The target of a node at depth d under root j is new token j + d + 1 (on-path nodes matter).
+            after = roots[:, None] + tree.depths + 1
+            target = torch.where(after < n, greedy[after.clamp_max(n - 1)], -1)
+            accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
+            owned = torch.zeros_like(tree.tokens, dtype=torch.bool).scatter_(1, chain_owners(tree, n_chains), True)
+            path = accepted.clamp_min(0)
+            on_path = torch.arange(tree.size) < accept_len[:, None]
+            owner_depth = torch.where(owned.gather(1, path) & on_path, tree.depths.gather(1, path), -1).amax(1)
+            tables[shift] = accept_len.tolist(), owner_depth.tolist()  # the root always owns a chain
+        return tables[shift]
+
+    lengths, j, shift = [], 0, 0  # new token 0 came from the prefill; the step rooted at token j commits a
     while j + 1 < total:
-        a = int(accept_len[j])
+        accept, owner = steps(shift)
+        a = accept[j - shift]
         lengths.append(min(a, total - 1 - j))
+        shift = a - 1 - owner[j - shift]
         j += a
     return lengths
 

@@ -1,0 +1,204 @@
+"""The hardware-aware tree: the step shape that commits the most tokens per second on this machine.
+
+A step's cost depends on its shape only: T real nodes run layers 1..L and n pseudo chains of K nodes run
+layers t+1..L. Its yield, tau (mean tokens committed per step), depends on the drafts. `tune_tree`
+measures both for every candidate, a dynamic tree of `budget` nodes with chains under its `n_chains`
+best-scoring nodes: the step latency on this machine at a fixed context, and tau replayed from the
+drafter's teacher-forced drafts of the model's own greedy answers to built-in prompts (never an
+evaluation set). It keeps the candidate with the highest tau / latency and caches that choice per
+machine, model, dtype and transfer weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .trees import TreePolicy
+
+BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+CHAINS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # capped at the budget: chains under every node
+VERSION = 1  # bump when the measurement changes, so cached choices are remade
+
+
+@dataclass
+class TreeChoice:
+    """budget: tree nodes (root included); n_chains: nodes with pseudo chains; tau: replayed tokens per
+    step; step_ms: median step latency; ar_ms: a plain one-token step at the same context; table: one
+    row (budget, n_chains, tau, step_ms, tokens_per_s) per candidate."""
+
+    budget: int
+    n_chains: int
+    tau: float
+    step_ms: float
+    ar_ms: float
+    table: list[dict]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1e3 * self.tau / self.step_ms
+
+    def policy(self, K: int) -> TreePolicy:
+        return TreePolicy(K, None, budget=self.budget)
+
+
+def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None,
+              gen_tokens: int = 128, context: int = 256, reps: int = 5, cache: bool = True,
+              log=None) -> TreeChoice:
+    """Measure every (budget, n_chains) candidate for `decoder`'s model and drafts; return the best.
+
+    prompts: calibration prompts as token lists (default: 8 of the package's built-in prompts in the
+    model's chat template; needs the tokenizer). gen_tokens: length of the greedy answers replayed.
+    context: committed tokens before the timed steps. cache: reuse (and store) the choice kept under
+    `$HT_KERNELS_CACHE/trees` (default ~/.cache/ht_kernels/trees) for this machine, model and weights.
+    budgets, chains: the candidates (default BUDGETS, CHAINS; chains beyond a budget mean every node).
+    log: a print-like callable for progress and the table (None: silent).
+    """
+    budgets, chains = budgets or BUDGETS, chains or CHAINS
+    cands = sorted({(b, min(c, b)) for b in budgets for c in chains})
+    if not cands or min(b for b, _ in cands) < 2:
+        raise ValueError(f"tune_tree: budgets must be >= 2 nodes (the root and a draft), got {budgets}")
+    if context < 1 or context + max(b for b, _ in cands) * (1 + decoder.transfer.K) > decoder.model.config.max_seq_len:
+        raise ValueError(f"tune_tree: context + the largest step must fit the model's "
+                         f"{decoder.model.config.max_seq_len} positions, got context {context}")
+    if prompts is None:
+        prompts = builtin_calibration(decoder.model)
+    path = _cache_path(decoder, prompts, cands, gen_tokens, context)
+    if cache and path.exists():
+        return TreeChoice(**json.loads(path.read_text()))
+    say = log or (lambda *_: None)
+    say(f"tree auto: replaying {len(cands)} trees on {len(prompts)} calibration answers")
+    taus = _replayed_taus(decoder, prompts, cands, gen_tokens)
+    say("tree auto: timing the steps")
+    ms, ar_ms = _step_latencies(decoder, cands, context, reps)
+    table = [{"budget": b, "n_chains": c, "tau": round(taus[b, c], 4), "step_ms": round(ms[b, c], 3),
+              "tokens_per_s": round(1e3 * taus[b, c] / ms[b, c], 2)} for b, c in cands]
+    best = max(table, key=lambda r: r["tokens_per_s"])
+    choice = TreeChoice(best["budget"], best["n_chains"], best["tau"], best["step_ms"], round(ar_ms, 3), table)
+    say(format_table(choice))
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(choice)))
+        tmp.replace(path)
+    return choice
+
+
+def format_table(choice: TreeChoice) -> str:
+    """The candidates as text, the chosen one marked."""
+    lines = [f"{'budget':>6} {'chains':>6} {'tau':>6} {'step ms':>8} {'tok/s':>7}"]
+    for r in choice.table:
+        mark = " <" if (r["budget"], r["n_chains"]) == (choice.budget, choice.n_chains) else ""
+        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {r['tau']:>6.3f} {r['step_ms']:>8.2f} "
+                     f"{r['tokens_per_s']:>7.2f}{mark}")
+    lines.append(f"plain step {choice.ar_ms:.2f} ms ({1e3 / choice.ar_ms:.2f} tok/s)")
+    return "\n".join(lines)
+
+
+def builtin_calibration(model, n: int = 8, seed: int = 1) -> list[list[int]]:
+    """n built-in prompts (train.data templates) in the model's chat template."""
+    from ..cli import encode_prompt
+    from ..train.data import builtin_prompts
+
+    if model.tokenizer is None:
+        raise ValueError("tree='auto' needs the model's tokenizer for its calibration prompts; pass prompts "
+                         "to tune_tree, or a tree")
+    return [encode_prompt(model.tokenizer, p) for p in builtin_prompts(n, seed=seed)]
+
+
+def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int], float]:
+    """Mean replayed accept length per candidate over the prompts' greedy answers."""
+    from ..train.data import synthesize
+    from ..train.evaluate import draft_logprobs, drafter_from_weights, replay_accept_lengths
+
+    model = decoder.model
+    examples = synthesize(model, prompts, gen_tokens, batch_size=len(prompts))
+    drafter = drafter_from_weights(decoder.transfer).to(model.device)
+    lengths = {c: [] for c in cands}
+    with torch.no_grad():
+        for logp, nxt in draft_logprobs(model, drafter, examples):
+            for b, c in cands:
+                policy = TreePolicy(decoder.transfer.K, None, budget=b)
+                lengths[b, c] += replay_accept_lengths(policy, logp, nxt, gen_tokens, None if c >= b else c)
+    return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
+
+
+@torch.inference_mode()
+def _step_latencies(decoder, cands, context: int, reps: int):
+    """Median latency (ms) of one step per candidate, and of a plain step, after `context` random tokens."""
+    from ..ops.compact_kv import compact_kv
+
+    model = decoder.model
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (context,), generator=gen).tolist()
+    K = decoder.transfer.K
+    cache = model.new_cache(1, context + max(b for b, _ in cands) * (1 + K))
+    _, drafts = decoder._prefill([prompt], cache, draft=True)
+    root = torch.zeros(1, dtype=torch.long, device=model.device)
+    tree, n_chains = decoder.tree, decoder.n_chains
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            _sync(model.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(model.device)
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    def step():  # the cache's committed length stays: every step overwrites the same slots
+        _, accepted, accept_len, _, _ = decoder._step(root, drafts, cache, None, None)
+        compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len)
+        accept_len.tolist()
+
+    ms = {}
+    try:
+        for b, c in cands:
+            decoder.tree, decoder.n_chains = TreePolicy(K, None, budget=b), c
+            ms[b, c] = median_ms(step)
+    finally:
+        decoder.tree, decoder.n_chains = tree, n_chains
+    positions = cache.lengths[:, None].long()
+    ar_ms = median_ms(lambda: decoder._forward_all(root[:, None], positions, cache).argmax(-1).tolist())
+    return ms, ar_ms
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
+    """One file per machine, threads, torch, model, dtype, weights, calibration and candidates."""
+    model, w = decoder.model, decoder.transfer
+    if model.device.type == "cuda":
+        machine = torch.cuda.get_device_name(model.device)
+    else:
+        machine = f"{_cpu_name()} x{os.cpu_count()} threads {torch.get_num_threads()}"
+    h = hashlib.sha256()
+    for part in (VERSION, machine, platform.machine(), torch.__version__, repr(model.config), model.dtype,
+                 w.layer, json.dumps(prompts), cands, gen_tokens, context):
+        h.update(repr(part).encode())
+    for t in (w.weight, w.bias):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    root = os.environ.get("HT_KERNELS_CACHE") or Path.home() / ".cache" / "ht_kernels"
+    return Path(root) / "trees" / f"{h.hexdigest()[:24]}.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

@@ -1,0 +1,88 @@
+"""tree="auto": the measured choice, its cache per machine / model / weights, and lossless decoding with it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_decode import random_transfer, tiny_model
+
+from ht_kernels.decode import autotree
+from ht_kernels.decode.autotree import tune_tree
+from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.trees import TreePolicy
+from ht_kernels.train.data import Example
+from ht_kernels.train.evaluate import draft_logprobs, drafter_from_weights, replay_accept_lengths
+
+PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 1, 2]]
+GRID = {"budgets": (2, 4, 8), "chains": (1, 2, 8), "gen_tokens": 24, "context": 16, "reps": 1}
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("HT_KERNELS_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = tiny_model(vocab=12, out_std=4.0)
+    return model, HiddenTransferDecoder(model, random_transfer(model), tree="dynamic")
+
+
+def test_choice_is_the_best_measured_candidate(cache_root):
+    model, dec = setup()
+    choice = tune_tree(dec, PROMPTS, **GRID)
+    cands = [(r["budget"], r["n_chains"]) for r in choice.table]
+    assert cands == [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 8)]
+    best = max(choice.table, key=lambda r: r["tau"] / r["step_ms"])
+    assert (choice.budget, choice.n_chains) == (best["budget"], best["n_chains"])
+    assert all(r["step_ms"] > 0 and r["tau"] >= 1 for r in choice.table) and choice.ar_ms > 0
+    # tau is the replay of the decoder's own greedy answers (an independent recomputation here)
+    want = dec.generate_ar(PROMPTS, max_new_tokens=24).sequences
+    examples = [Example(p + s, len(p) - 1) for p, s in zip(PROMPTS, want)]
+    lengths = []
+    for logp, nxt in draft_logprobs(model, drafter_from_weights(dec.transfer), examples):
+        lengths += replay_accept_lengths(TreePolicy(3, None, budget=8), logp, nxt, 24, 2)
+    row = next(r for r in choice.table if (r["budget"], r["n_chains"]) == (8, 2))
+    assert row["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)
+    assert dec.tree.budget == 16 and dec.n_chains is None  # tuning leaves the decoder as it was
+
+
+def test_choice_is_cached_per_weights(cache_root, monkeypatch):
+    _, dec = setup()
+    first = tune_tree(dec, PROMPTS, **GRID)
+    assert len(list((cache_root / "trees").glob("*.json"))) == 1
+
+    def fail(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(autotree, "_step_latencies", fail)
+    assert tune_tree(dec, PROMPTS, **GRID) == first
+    _, other = setup(seed=1)  # other transfer weights: a new measurement
+    with pytest.raises(AssertionError, match="measured again"):
+        tune_tree(other, PROMPTS, **GRID)
+    with pytest.raises(AssertionError, match="measured again"):
+        tune_tree(dec, PROMPTS, **GRID, cache=False)
+
+
+def test_decoder_auto_is_lossless(cache_root, monkeypatch):
+    model, _ = setup()
+    monkeypatch.setattr(autotree, "builtin_calibration", lambda m: PROMPTS)
+    monkeypatch.setattr(autotree, "BUDGETS", (3, 6))
+    monkeypatch.setattr(autotree, "CHAINS", (1, 6))
+    dec = HiddenTransferDecoder(model, random_transfer(model), tree="auto")
+    c = dec.tree_choice
+    assert (dec.tree.budget, dec.n_chains) == (c.budget, c.n_chains) and not dec.tree.static
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    assert dec.generate(prompts, max_new_tokens=30).sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
+
+
+def test_bad_arguments(cache_root):
+    model, dec = setup()
+    with pytest.raises(ValueError, match="tokenizer"):
+        HiddenTransferDecoder(model, random_transfer(model), tree="auto")
+    with pytest.raises(ValueError, match="n_chains"):
+        HiddenTransferDecoder(model, random_transfer(model), tree="auto", n_chains=2)
+    with pytest.raises(ValueError, match="budgets"):
+        tune_tree(dec, PROMPTS, budgets=(1,))
+    with pytest.raises(ValueError, match="context"):
+        tune_tree(dec, PROMPTS, context=1020)
