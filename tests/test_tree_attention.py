@@ -113,6 +113,19 @@ def test_masks_per_row(backend, mask, with_kv):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T,lens,mask,dtype", [
+    (1, 1, [57], "tree", torch.bfloat16),   # a plain decoding step: no mask at all
+    (1, 1, [0], "tree", torch.float32),
+    (2, 5, [40, 40], "tree", torch.float16),
+    (1, 33, [129], "any", torch.bfloat16),
+    (2, 7, [0, 0], "any", torch.float32),   # queries that see nothing
+])
+def test_one_prefix_length(backend, B, T, lens, mask, dtype):
+    """Rows sharing one prefix length (the decoder's batch-1 steps) take the torch backend's shared-mask path."""
+    check(backend, make_case(B, T, 6, 2, 64, dtype, lens, mask=mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_query_that_sees_nothing(backend):
     q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, 5, 2, 1, 32, torch.float16, [0, 4])
     mask = mask.clone()
