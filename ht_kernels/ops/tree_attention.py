@@ -57,9 +57,10 @@ def tree_attention(
             f"got q of shape {tuple(q.shape)}"
         )
     scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.ht_kernels.tree_attention(
-        q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, scale, name
-    )
+    # Eager calls run the op's body directly: the custom-op dispatch costs tens of microseconds a call,
+    # once per layer. torch.compile sees the registered op.
+    op = torch.ops.ht_kernels.tree_attention if torch.compiler.is_compiling() else _tree_attention_impl
+    out, lse = op(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, scale, name)
     return (out, lse) if return_lse else out
 
 
@@ -121,8 +122,7 @@ def _check_cache_bounds(cache_seqlens: torch.Tensor, T: int, S: int) -> None:
         )
 
 
-@torch.library.custom_op("ht_kernels::tree_attention", mutates_args=("k_cache", "v_cache"))
-def _tree_attention_op(
+def _tree_attention_impl(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -144,6 +144,10 @@ def _tree_attention_op(
             return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
     out, lse = tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
     return out, lse.float()
+
+
+_tree_attention_op = torch.library.custom_op("ht_kernels::tree_attention", _tree_attention_impl,
+                                             mutates_args=("k_cache", "v_cache"))
 
 
 @_tree_attention_op.register_fake
