@@ -24,7 +24,7 @@ import torch
 from .trees import TreePolicy
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
-CHAINS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # capped at the budget: chains under every node
+CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
 VERSION = 1  # bump when the measurement changes, so cached choices are remade
 
 
@@ -116,7 +116,7 @@ def builtin_calibration(model, n: int = 8, seed: int = 1) -> list[list[int]]:
 def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int], float]:
     """Mean replayed accept length per candidate over the prompts' greedy answers."""
     from ..train.data import synthesize
-    from ..train.evaluate import draft_logprobs, drafter_from_weights, replay_accept_lengths
+    from ..train.evaluate import Replay, draft_logprobs, drafter_from_weights
 
     model = decoder.model
     examples = synthesize(model, prompts, gen_tokens, batch_size=len(prompts))
@@ -124,9 +124,11 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int],
     lengths = {c: [] for c in cands}
     with torch.no_grad():
         for logp, nxt in draft_logprobs(model, drafter, examples):
-            for b, c in cands:
-                policy = TreePolicy(decoder.transfer.K, None, budget=b)
-                lengths[b, c] += replay_accept_lengths(policy, logp, nxt, gen_tokens, None if c >= b else c)
+            for budget in sorted({b for b, _ in cands}):
+                replay = Replay(TreePolicy(decoder.transfer.K, None, budget=budget), logp, nxt)
+                for b, c in cands:
+                    if b == budget:
+                        lengths[b, c] += replay.accept_lengths(gen_tokens, None if c >= b else c)
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
 
 

@@ -74,39 +74,55 @@ def replay_accept_lengths(policy: TreePolicy, logp: torch.Tensor, greedy: torch.
     decoder's setting (None: a pseudo chain under every node). Returns the accept lengths of the steps
     after the prefill, cut like `generate` cuts them at max_new_tokens (at most n new tokens are replayed).
     """
-    n, K, V = logp.shape
-    total = min(max_new_tokens, n)
-    # A step's drafts are those of anchor j - s shifted by s, for root j (new token j) and shift s: the
-    # levels between the last accepted node and the deepest chain owner on the accepted path (0 when the
-    # last node owns a chain, always so with chains under every node; `HiddenTransferDecoder._next_drafts`).
-    # Every root's step for one shift at once -> (accept length, owner depth) per root, then the walk.
-    tables: dict[int, tuple[list[int], list[int]]] = {}
+    return Replay(policy, logp, greedy).accept_lengths(max_new_tokens, n_chains)
 
-    def steps(shift: int):
-        if shift not in tables:
+
+class Replay:
+    """The decoding of one greedy continuation under one tree policy, replayed for any n_chains.
+
+    A step's drafts are those of anchor j - s shifted by s, for root j (new token j) and shift s: the
+    levels between the last accepted node and the deepest chain owner on the accepted path (0 when the
+    last node owns a chain, always so with chains under every node; `HiddenTransferDecoder._next_drafts`).
+    The steps of every root for one shift are verified at once, once per shift; the walk is then cheap.
+    """
+
+    def __init__(self, policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor):
+        self.policy, self.logp, self.greedy = policy, logp, greedy
+        self._steps: dict[int, tuple] = {}
+        self._owner: dict[tuple[int, int | None], list[int]] = {}
+
+    def accept_lengths(self, max_new_tokens: int, n_chains: int | None = None) -> list[int]:
+        total = min(max_new_tokens, self.logp.shape[0])
+        lengths, j, shift = [], 0, 0  # new token 0 came from the prefill; the step rooted at token j commits a
+        while j + 1 < total:
+            accept, owner = self._table(shift, n_chains)
+            a = accept[j - shift]
+            lengths.append(min(a, total - 1 - j))
+            shift = a - 1 - owner[j - shift]
+            j += a
+        return lengths
+
+    def _table(self, shift: int, n_chains: int | None) -> tuple[list[int], list[int]]:
+        """Accept length and deepest owner depth on the accepted path, for roots shift .. n - 2."""
+        n, K, V = self.logp.shape
+        if shift not in self._steps:
             roots = torch.arange(shift, n - 1)
-            src = logp[roots - shift]
+            src = self.logp[roots - shift]
             drafts = torch.cat([src[:, shift:], src.new_full((len(roots), shift, V), -math.log(V))], 1)
-            tree = policy.choose(greedy[roots], drafts)
+            tree = self.policy.choose(self.greedy[roots], drafts)
             # The target of a node at depth d under root j is new token j + d + 1 (on-path nodes matter).
             after = roots[:, None] + tree.depths + 1
-            target = torch.where(after < n, greedy[after.clamp_max(n - 1)], -1)
+            target = torch.where(after < n, self.greedy[after.clamp_max(n - 1)], -1)
             accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
+            self._steps[shift] = tree, accepted, accept_len, accept_len.tolist()
+        tree, accepted, accept_len, accept = self._steps[shift]
+        if (shift, n_chains) not in self._owner:
             owned = torch.zeros_like(tree.tokens, dtype=torch.bool).scatter_(1, chain_owners(tree, n_chains), True)
             path = accepted.clamp_min(0)
             on_path = torch.arange(tree.size) < accept_len[:, None]
-            owner_depth = torch.where(owned.gather(1, path) & on_path, tree.depths.gather(1, path), -1).amax(1)
-            tables[shift] = accept_len.tolist(), owner_depth.tolist()  # the root always owns a chain
-        return tables[shift]
-
-    lengths, j, shift = [], 0, 0  # new token 0 came from the prefill; the step rooted at token j commits a
-    while j + 1 < total:
-        accept, owner = steps(shift)
-        a = accept[j - shift]
-        lengths.append(min(a, total - 1 - j))
-        shift = a - 1 - owner[j - shift]
-        j += a
-    return lengths
+            depth = torch.where(owned.gather(1, path) & on_path, tree.depths.gather(1, path), -1).amax(1)
+            self._owner[shift, n_chains] = depth.tolist()  # the root always owns a chain: >= 0
+        return accept, self._owner[shift, n_chains]
 
 
 @torch.no_grad()
