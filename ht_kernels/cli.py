@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     g.add_argument("--ar", action="store_true", help="plain one-token-per-step decoding instead")
+    g.add_argument("--tree", choices=["auto", "default", "dynamic"], default="auto",
+                   help="auto (default): the tree with the most tokens/s on this machine, measured once (about a "
+                        "minute) and cached; default: the static 16-node tree; dynamic: the best --budget nodes")
+    g.add_argument("--budget", type=int, default=16, help="nodes of a dynamic tree")
     return p.parse_args(argv)
 
 
@@ -92,8 +96,12 @@ def generate(args: argparse.Namespace) -> None:
     model = ht.load_model(args.model, dtype=getattr(torch, args.dtype))
     tok = model.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
-    # --ar never uses the maps: untrained ones spare it the shipped weights and their warning.
-    dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer))
+    # --ar never uses the maps or the tree: untrained ones spare it the shipped weights and their warning.
+    tree = None if args.ar else {"auto": "auto", "default": None, "dynamic": "dynamic"}[args.tree]
+    if tree == "auto":
+        print("tree auto: choosing the tree for this machine (measured once, then cached)", file=sys.stderr, flush=True)
+    dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer),
+                                   tree=tree, budget=args.budget)
     gen = None if args.seed is None else torch.Generator(model.device).manual_seed(args.seed)
     stream = TextStream(tok)
     run = dec.generate_ar if args.ar else dec.generate

@@ -84,10 +84,13 @@ def test_stream_holds_back_incomplete_characters():
 
 
 @pytest.mark.parametrize("extra", [[], ["--ar"], ["--no-chat", "--temperature", "0.8", "--top-k", "20", "--seed", "1"]])
-def test_generate_streams_text_and_reports(tiny, capsys, extra):
+def test_generate_streams_text_and_reports(tiny, capsys, extra, tmp_path, monkeypatch):
+    monkeypatch.setenv("HT_KERNELS_CACHE", str(tmp_path))
     argv = ["generate", "--prompt", "Grüße ✓", "--model", tiny, "--transfer", "none", "--max-new-tokens", "24", *extra]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert ("tree auto: choosing" in err) == ("--ar" not in extra)
+    assert len(list(tmp_path.glob("trees/*.json"))) == ("--ar" not in extra)
     text, last = out.rstrip("\n").rsplit("\n", 1)
     m = SUMMARY.match(last)
     assert m, last
