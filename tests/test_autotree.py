@@ -71,7 +71,8 @@ def test_decoder_auto_is_lossless(cache_root, monkeypatch):
     monkeypatch.setattr(autotree, "CHAINS", (1, 6))
     dec = HiddenTransferDecoder(model, random_transfer(model), tree="auto")
     c = dec.tree_choice
-    assert (dec.tree.budget, dec.n_chains) == (c.budget, c.n_chains) and not dec.tree.static
+    assert (dec.tree.budget, dec.n_chains, dec.head_once) == (c.budget, c.n_chains, c.head_once)
+    assert not dec.tree.static and all(isinstance(r["head_once"], bool) for r in c.table)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
     assert dec.generate(prompts, max_new_tokens=30).sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
 
@@ -86,3 +87,19 @@ def test_bad_arguments(cache_root):
         tune_tree(dec, PROMPTS, budgets=(1,))
     with pytest.raises(ValueError, match="context"):
         tune_tree(dec, PROMPTS, context=1020)
+
+
+@pytest.mark.parametrize("n_chains", [None, 2])
+def test_head_once_gives_the_same_steps(n_chains):
+    """One LM-head call over every row of a step, or two calls: the same tokens and accept lengths (fp32)."""
+    model, _ = setup()
+    weights = random_transfer(model)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    runs = []
+    for once in (False, True):
+        dec = HiddenTransferDecoder(model, weights, tree="dynamic", budget=6, n_chains=n_chains)
+        dec.head_once = once
+        runs.append(dec.generate(prompts, max_new_tokens=30))
+    assert runs[0] == runs[1]
+    assert runs[0].sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
+    assert max(a for row in runs[0].accept_lengths for a in row) > 1

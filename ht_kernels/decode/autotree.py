@@ -25,17 +25,19 @@ from .trees import TreePolicy
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
-VERSION = 1  # bump when the measurement changes, so cached choices are remade
+VERSION = 2  # bump when the measurement changes, so cached choices are remade
 
 
 @dataclass
 class TreeChoice:
-    """budget: tree nodes (root included); n_chains: nodes with pseudo chains; tau: replayed tokens per
-    step; step_ms: median step latency; ar_ms: a plain one-token step at the same context; table: one
-    row (budget, n_chains, tau, step_ms, tokens_per_s) per candidate."""
+    """budget: tree nodes (root included); n_chains: nodes with pseudo chains; head_once: the LM head runs
+    once over every row of the step (else once for the real nodes, once for the accepted node's chain);
+    tau: replayed tokens per step; step_ms: median step latency; ar_ms: a plain one-token step at the
+    same context; table: one row (budget, n_chains, head_once, tau, step_ms, tokens_per_s) per candidate."""
 
     budget: int
     n_chains: int
+    head_once: bool
     tau: float
     step_ms: float
     ar_ms: float
@@ -77,11 +79,14 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     say(f"tree auto: replaying {len(cands)} trees on {len(prompts)} calibration answers")
     taus = _replayed_taus(decoder, prompts, cands, gen_tokens)
     say("tree auto: timing the steps")
-    ms, ar_ms = _step_latencies(decoder, cands, context, reps)
-    table = [{"budget": b, "n_chains": c, "tau": round(taus[b, c], 4), "step_ms": round(ms[b, c], 3),
-              "tokens_per_s": round(1e3 * taus[b, c] / ms[b, c], 2)} for b, c in cands]
+    once = _head_once(decoder, cands, reps)
+    ms, ar_ms = _step_latencies(decoder, cands, once, context, reps)
+    table = [{"budget": b, "n_chains": c, "head_once": once[b, c], "tau": round(taus[b, c], 4),
+              "step_ms": round(ms[b, c], 3), "tokens_per_s": round(1e3 * taus[b, c] / ms[b, c], 2)}
+             for b, c in cands]
     best = max(table, key=lambda r: r["tokens_per_s"])
-    choice = TreeChoice(best["budget"], best["n_chains"], best["tau"], best["step_ms"], round(ar_ms, 3), table)
+    choice = TreeChoice(best["budget"], best["n_chains"], best["head_once"], best["tau"], best["step_ms"],
+                        round(ar_ms, 3), table)
     say(format_table(choice))
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,11 +98,11 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
 
 def format_table(choice: TreeChoice) -> str:
     """The candidates as text, the chosen one marked."""
-    lines = [f"{'budget':>6} {'chains':>6} {'tau':>6} {'step ms':>8} {'tok/s':>7}"]
+    lines = [f"{'budget':>6} {'chains':>6} {'head':>5} {'tau':>6} {'step ms':>8} {'tok/s':>7}"]
     for r in choice.table:
         mark = " <" if (r["budget"], r["n_chains"]) == (choice.budget, choice.n_chains) else ""
-        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {r['tau']:>6.3f} {r['step_ms']:>8.2f} "
-                     f"{r['tokens_per_s']:>7.2f}{mark}")
+        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {'once' if r['head_once'] else 'twice':>5} "
+                     f"{r['tau']:>6.3f} {r['step_ms']:>8.2f} {r['tokens_per_s']:>7.2f}{mark}")
     lines.append(f"plain step {choice.ar_ms:.2f} ms ({1e3 / choice.ar_ms:.2f} tok/s)")
     return "\n".join(lines)
 
@@ -132,9 +137,33 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int],
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
 
 
+def _median_ms(fn, device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 @torch.inference_mode()
-def _step_latencies(decoder, cands, context: int, reps: int):
-    """Median latency (ms) of one step per candidate, and of a plain step, after `context` random tokens."""
+def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int], bool]:
+    """Per candidate: whether one LM-head call over all T + n K rows of a step is measured to cost less
+    than one over the T real rows plus one over the K rows of a chain."""
+    model, K = decoder.model, decoder.transfer.K
+    rows = sorted({K} | {r for b, c in cands for r in (b, b + c * K)})
+    h = torch.randn(1, max(rows), model.config.dim, dtype=model.dtype, device=model.device)
+    ms = {r: _median_ms(lambda r=r: model.logits(h[:, :r]), model.device, reps) for r in rows}
+    return {(b, c): ms[b + c * K] < ms[b] + ms[K] for b, c in cands}
+
+
+@torch.inference_mode()
+def _step_latencies(decoder, cands, once, context: int, reps: int):
+    """Median latency (ms) of one step per candidate (with its head_once), and of a plain step, after
+    `context` random tokens."""
     from ..ops.compact_kv import compact_kv
 
     model = decoder.model
@@ -144,18 +173,7 @@ def _step_latencies(decoder, cands, context: int, reps: int):
     cache = model.new_cache(1, context + max(b for b, _ in cands) * (1 + K))
     _, drafts = decoder._prefill([prompt], cache, draft=True)
     root = torch.zeros(1, dtype=torch.long, device=model.device)
-    tree, n_chains = decoder.tree, decoder.n_chains
-
-    def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            _sync(model.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(model.device)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+    saved = decoder.tree, decoder.n_chains, decoder.head_once
 
     def step():  # the cache's committed length stays: every step overwrites the same slots
         _, accepted, accept_len, _, _ = decoder._step(root, drafts, cache, None, None)
@@ -165,12 +183,13 @@ def _step_latencies(decoder, cands, context: int, reps: int):
     ms = {}
     try:
         for b, c in cands:
-            decoder.tree, decoder.n_chains = TreePolicy(K, None, budget=b), c
-            ms[b, c] = median_ms(step)
+            decoder.tree, decoder.n_chains, decoder.head_once = TreePolicy(K, None, budget=b), c, once[b, c]
+            ms[b, c] = _median_ms(step, model.device, reps)
     finally:
-        decoder.tree, decoder.n_chains = tree, n_chains
+        decoder.tree, decoder.n_chains, decoder.head_once = saved
     positions = cache.lengths[:, None].long()
-    ar_ms = median_ms(lambda: decoder._forward_all(root[:, None], positions, cache).argmax(-1).tolist())
+    ar_ms = _median_ms(lambda: decoder._forward_all(root[:, None], positions, cache).argmax(-1).tolist(),
+                       model.device, reps)
     return ms, ar_ms
 
 

@@ -58,7 +58,7 @@ class HiddenTransferDecoder:
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
-        self.tree_choice = None
+        self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
             if n_chains is not None:
                 raise ValueError(f"n_chains: tree='auto' chooses it, got n_chains={n_chains!r}")
@@ -67,6 +67,7 @@ class HiddenTransferDecoder:
             self.tree, self.n_chains = make_tree_policy("dynamic", weights.K, budget), None
             self.tree_choice = tune_tree(self)
             self.tree, self.n_chains = self.tree_choice.policy(weights.K), self.tree_choice.n_chains
+            self.head_once = self.tree_choice.head_once
         else:
             self.tree, self.n_chains = make_tree_policy(tree, weights.K, budget), n_chains
 
@@ -176,9 +177,12 @@ class HiddenTransferDecoder:
         owners_h = h.gather(1, lay.owners[..., None].expand(B, n, h.shape[-1]))
         hidden_transfer(owners_h, self.weight, self.bias, out=hs[:, T:].view(B, n, K, -1))
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
-        logits = m.logits(hs[:, :T])                                                 # [B, T, V]
+        # The LM head reads its whole weight per call: one call over every row can cost less than a call
+        # for the real rows and one for the accepted node's chain (`head_once`, chosen by tree auto).
+        every = m.logits(hs) if self.head_once else None                             # [B, T + n K, V]
+        logits = every[:, :T] if self.head_once else m.logits(hs[:, :T])             # [B, T, V]
         accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator)
-        return tree, accepted, accept_len, nxt, self._next_drafts(hs, tree, lay, last)
+        return tree, accepted, accept_len, nxt, self._next_drafts(every if self.head_once else hs, tree, lay, last)
 
     def _step_tokens(self) -> int:
         """Tokens one step feeds per row: the tree and the pseudo chains (all of them at most)."""
@@ -196,20 +200,21 @@ class HiddenTransferDecoder:
         accepted, accept_len, nxt = verify_tree_sampling(warp(logits), tree, generator)
         return accepted, accept_len, nxt, accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
 
-    def _next_drafts(self, hs, tree: StepTree, lay, last) -> torch.Tensor:
+    def _next_drafts(self, rows_in, tree: StepTree, lay, last) -> torch.Tensor:
         """Draft log-probabilities [B, K, V] of depths 1..K below the next root, from the chain of the
         deepest chain owner on the accepted path (the last accepted node itself when it has one): pseudo
         j of an owner d levels above the last node predicts depth j - d; depths it cannot reach are
-        uniform."""
+        uniform. rows_in: the step's hidden states [B, N, dim], or its logits [B, N, V] (head_once)."""
         m, K = self.model, self.transfer.K
         B, T = tree.tokens.shape
         on_path = lay.real_mask.gather(1, last[:, None, None].expand(B, 1, T)).squeeze(1)    # [B, T]
         owner_depth = tree.depths.gather(1, lay.owners)                                      # [B, n]
         chain = torch.where(on_path.gather(1, lay.owners), owner_depth, -1).argmax(1)        # [B]
         shift = tree.depths.gather(1, last[:, None]) - owner_depth.gather(1, chain[:, None])  # [B, 1]
-        j = torch.arange(K, device=hs.device) + shift                                        # pseudo j+1
+        j = torch.arange(K, device=rows_in.device) + shift                                   # pseudo j+1
         rows = T + chain[:, None] * K + j.clamp_max(K - 1)
-        logp = m.logits(hs.gather(1, rows[..., None].expand(B, K, hs.shape[-1]))).log_softmax(-1)
+        picked = rows_in.gather(1, rows[..., None].expand(B, K, rows_in.shape[-1]))
+        logp = (picked if self.head_once else m.logits(picked)).log_softmax(-1)
         return torch.where((j < K)[..., None], logp, -math.log(logp.shape[-1]))
 
     @staticmethod
