@@ -137,16 +137,19 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int],
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
 
 
-def _median_ms(fn, device, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _median_ms(fns: dict, device, reps: int) -> dict:
+    """Median milliseconds of each callable, timed in turns (one call of each per round), so that a
+    change in the machine's speed during the measurement hits every candidate alike."""
+    times = {key: [] for key in fns}
+    for r in range(reps + 1):  # round 0 warms up
+        for key, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if r:
+                times[key].append(time.perf_counter() - t0)
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
 @torch.inference_mode()
@@ -156,7 +159,7 @@ def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int], bool]:
     model, K = decoder.model, decoder.transfer.K
     rows = sorted({K} | {r for b, c in cands for r in (b, b + c * K)})
     h = torch.randn(1, max(rows), model.config.dim, dtype=model.dtype, device=model.device)
-    ms = {r: _median_ms(lambda r=r: model.logits(h[:, :r]), model.device, reps) for r in rows}
+    ms = _median_ms({r: lambda r=r: model.logits(h[:, :r]) for r in rows}, model.device, reps)
     return {(b, c): ms[b + c * K] < ms[b] + ms[K] for b, c in cands}
 
 
@@ -173,24 +176,22 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
     cache = model.new_cache(1, context + max(b for b, _ in cands) * (1 + K))
     _, drafts = decoder._prefill([prompt], cache, draft=True)
     root = torch.zeros(1, dtype=torch.long, device=model.device)
+    positions = cache.lengths[:, None].long()
     saved = decoder.tree, decoder.n_chains, decoder.head_once
 
-    def step():  # the cache's committed length stays: every step overwrites the same slots
+    def step(b, c):  # the cache's committed length stays: every step overwrites the same slots
+        decoder.tree, decoder.n_chains, decoder.head_once = TreePolicy(K, None, budget=b), c, once[b, c]
         _, accepted, accept_len, _, _ = decoder._step(root, drafts, cache, None, None)
         compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len)
         accept_len.tolist()
 
-    ms = {}
+    fns = {cand: lambda cand=cand: step(*cand) for cand in cands}
+    fns["plain"] = lambda: decoder._forward_all(root[:, None], positions, cache).argmax(-1).tolist()
     try:
-        for b, c in cands:
-            decoder.tree, decoder.n_chains, decoder.head_once = TreePolicy(K, None, budget=b), c, once[b, c]
-            ms[b, c] = _median_ms(step, model.device, reps)
+        ms = _median_ms(fns, model.device, reps)
     finally:
         decoder.tree, decoder.n_chains, decoder.head_once = saved
-    positions = cache.lengths[:, None].long()
-    ar_ms = _median_ms(lambda: decoder._forward_all(root[:, None], positions, cache).argmax(-1).tolist(),
-                       model.device, reps)
-    return ms, ar_ms
+    return ms, ms.pop("plain")
 
 
 def _sync(device) -> None:
