@@ -25,7 +25,8 @@ from .trees import TreePolicy
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
-VERSION = 2  # bump when the measurement changes, so cached choices are remade
+COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
+VERSION = 3  # bump when the measurement changes, so cached choices are remade
 
 
 @dataclass
@@ -33,7 +34,8 @@ class TreeChoice:
     """budget: tree nodes (root included); n_chains: nodes with pseudo chains; head_once: the LM head runs
     once over every row of the step (else once for the real nodes, once for the accepted node's chain);
     tau: replayed tokens per step; step_ms: median step latency; ar_ms: a plain one-token step at the
-    same context; table: one row (budget, n_chains, head_once, tau, step_ms, tokens_per_s) per candidate."""
+    same context; table: one row (budget, n_chains, head_once, tau, step_ms, tokens_per_s, finalist) per
+    candidate (finalists: timed again, longer; the choice is the best of them)."""
 
     budget: int
     n_chains: int
@@ -52,13 +54,13 @@ class TreeChoice:
 
 
 def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None,
-              gen_tokens: int = 128, context: int = 256, reps: int = 5, cache: bool = True,
+              gen_tokens: int = 128, context: int = 256, reps: int = 15, cache: bool = True,
               log=None) -> TreeChoice:
     """Measure every (budget, n_chains) candidate for `decoder`'s model and drafts; return the best.
 
     prompts: calibration prompts as token lists (default: 8 of the package's built-in prompts in the
     model's chat template; needs the tokenizer). gen_tokens: length of the greedy answers replayed.
-    context: committed tokens before the timed steps. cache: reuse (and store) the choice kept under
+    context: committed tokens before the timed steps; reps: timed steps per finalist. cache: reuse (and store) the choice kept under
     `$HT_KERNELS_CACHE/trees` (default ~/.cache/ht_kernels/trees) for this machine, model and weights.
     budgets, chains: the candidates (default BUDGETS, CHAINS; chains beyond a budget mean every node).
     log: a print-like callable for progress and the table (None: silent).
@@ -80,11 +82,16 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     taus = _replayed_taus(decoder, prompts, cands, gen_tokens)
     say("tree auto: timing the steps")
     once = _head_once(decoder, cands, reps)
-    ms, ar_ms = _step_latencies(decoder, cands, once, context, reps)
+    # A short pass over every candidate, then a long one over the best few and a plain step: a step
+    # takes tens of milliseconds and the machine's speed drifts by more than the candidates differ.
+    ms, _ = _step_latencies(decoder, cands, once, context, COARSE_REPS)
+    finalists = sorted(cands, key=lambda c: -taus[c] / ms[c])[:FINALISTS]
+    fine, ar_ms = _step_latencies(decoder, finalists, once, context, reps)
+    ms.update(fine)
     table = [{"budget": b, "n_chains": c, "head_once": once[b, c], "tau": round(taus[b, c], 4),
-              "step_ms": round(ms[b, c], 3), "tokens_per_s": round(1e3 * taus[b, c] / ms[b, c], 2)}
-             for b, c in cands]
-    best = max(table, key=lambda r: r["tokens_per_s"])
+              "step_ms": round(ms[b, c], 3), "tokens_per_s": round(1e3 * taus[b, c] / ms[b, c], 2),
+              "finalist": (b, c) in fine} for b, c in cands]
+    best = max((r for r in table if r["finalist"]), key=lambda r: r["tokens_per_s"])
     choice = TreeChoice(best["budget"], best["n_chains"], best["head_once"], best["tau"], best["step_ms"],
                         round(ar_ms, 3), table)
     say(format_table(choice))
@@ -98,9 +105,10 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
 
 def format_table(choice: TreeChoice) -> str:
     """The candidates as text, the chosen one marked."""
-    lines = [f"{'budget':>6} {'chains':>6} {'head':>5} {'tau':>6} {'step ms':>8} {'tok/s':>7}"]
+    lines = [f"{'budget':>6} {'chains':>6} {'head':>5} {'tau':>6} {'step ms':>8} {'tok/s':>7}  (* timed again, < chosen)"]
     for r in choice.table:
-        mark = " <" if (r["budget"], r["n_chains"]) == (choice.budget, choice.n_chains) else ""
+        mark = " *" if r["finalist"] else ""
+        mark += " <" if (r["budget"], r["n_chains"]) == (choice.budget, choice.n_chains) else ""
         lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {'once' if r['head_once'] else 'twice':>5} "
                      f"{r['tau']:>6.3f} {r['step_ms']:>8.2f} {r['tokens_per_s']:>7.2f}{mark}")
     lines.append(f"plain step {choice.ar_ms:.2f} ms ({1e3 / choice.ar_ms:.2f} tok/s)")
@@ -159,7 +167,7 @@ def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int], bool]:
     model, K = decoder.model, decoder.transfer.K
     rows = sorted({K} | {r for b, c in cands for r in (b, b + c * K)})
     h = torch.randn(1, max(rows), model.config.dim, dtype=model.dtype, device=model.device)
-    ms = _median_ms({r: lambda r=r: model.logits(h[:, :r]) for r in rows}, model.device, reps)
+    ms = _median_ms({r: lambda r=r: model.logits(h[:, :r]) for r in rows}, model.device, COARSE_REPS)
     return {(b, c): ms[b + c * K] < ms[b] + ms[K] for b, c in cands}
 
 
