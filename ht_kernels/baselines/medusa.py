@@ -32,12 +32,14 @@ class MedusaWeights:
 
     @classmethod
     def load(cls, path: str | Path) -> MedusaWeights:
+        """From a safetensors file with tensors "weight" [K, D, D] and "bias" [K, D], and its metadata."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             return cls(f.get_tensor("weight"), f.get_tensor("bias"), dict(f.metadata() or {}))
 
     def save(self, path: str | Path) -> None:
+        """To safetensors: "weight", "bias" and the metadata, with K and dim added."""
         from safetensors.torch import save_file
 
         meta = {**self.meta, "K": str(self.K), "dim": str(self.weight.shape[1])}

@@ -50,6 +50,7 @@ class TreeChoice:
         return 1e3 * self.tau / self.step_ms
 
     def policy(self, K: int) -> TreePolicy:
+        """The chosen tree as a dynamic TreePolicy over K draft depths."""
         return TreePolicy(K, None, budget=self.budget)
 
 

@@ -32,6 +32,8 @@ class TransferWeights:
 
     @classmethod
     def load(cls, path: str | Path) -> TransferWeights:
+        """From a safetensors file with tensors "weight" [K, D, D], "bias" [K, D] and a "layer" in its
+        metadata (the rest of the metadata becomes `meta`)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -42,6 +44,7 @@ class TransferWeights:
         return cls(weight, bias, int(meta.pop("layer")), meta)
 
     def save(self, path: str | Path) -> None:
+        """To safetensors: "weight", "bias" and the metadata, with layer, K and dim added."""
         from safetensors.torch import save_file
 
         meta = {**self.meta, "layer": str(self.layer), "K": str(self.K), "dim": str(self.weight.shape[1])}
