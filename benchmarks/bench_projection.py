@@ -2,8 +2,8 @@
 Llama-3-8B shapes against the tree, combined with the tau measured on the real model.
 
 For each shape and tree: the median latency of one plain step (one token) and of one hidden-transfer step
-(the tree's real nodes through all layers, a pseudo chain of K under every node after layer t, the LM head,
-verification, next drafts) at a `--context`-token prefix, batch 1; then
+(the tree's real nodes through all layers, a pseudo chain of K under every node after layer t = 2/3 of the
+depth, the LM head, verification, next drafts) at a `--context`-token prefix, batch 1; then
     projected speedup = tau(tree) x t(plain step) / t(hidden-transfer step),
 with tau from the shipped SmolLM2 maps (benchmarks/RESULTS.md, `--tau`) or a bench_drafts.py JSON
 (`--tau-json`). Steps are timed eagerly and, with `--graphs` on CUDA, as CUDA graph replays. Peak memory
@@ -12,7 +12,7 @@ matter for latency.
 
     python benchmarks/bench_projection.py [--shapes llama2-7b,llama3-8b] [--context 2048] [--graphs]
         [--device cuda] [--dtype bfloat16] [--trees default,dynamic16,dynamic32,dynamic64]
-        [--tau default=1.86,dynamic16=1.95,dynamic64=2.14] [--tau-json drafts.json] [--json PATH]
+        [--tau default=1.91,dynamic16=2.01,dynamic64=2.18] [--tau-json drafts.json] [--json PATH]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import ht_kernels as ht
+from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.model import ModelConfig, Transformer
 from _harness import header
 from bench_drafts import TREES
@@ -38,7 +39,8 @@ SHAPES = {
                         max_seq_len=4096, name="tiny"),
 }
 # tau of the shipped SmolLM2-135M maps on 48 Spec-Bench dev prompts, greedy, bf16 (benchmarks/RESULTS.md)
-MEASURED_TAU = "default=1.862,dynamic16=1.949,dynamic64=2.143"
+MEASURED_TAU = "default=1.905,dynamic16=2.011,dynamic64=2.184"
+SHIPPED_T = 20 / 30  # the shipped maps' transfer layer over SmolLM2's depth
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,7 +132,9 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         plain_cache = None
         for tree_name in args.trees.split(","):
             tree, budget = TREES[tree_name]
-            dec = ht.HiddenTransferDecoder(model, transfer=None, tree=tree, budget=budget)
+            # The transfer layer at the shipped maps' fraction of the depth (t = 20 of 30 layers).
+            maps = TransferWeights.untrained(cfg.dim, cfg.n_layers, layer=round(cfg.n_layers * SHIPPED_T))
+            dec = ht.HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=budget)
             K = dec.transfer.K
             cache = model.new_cache(1, C + dec._step_tokens())
             cache.lengths.fill_(C)

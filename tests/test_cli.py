@@ -200,3 +200,18 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
         assert list(cats) == ["chat", "count"] and all(c["prompts"] == 1 and c["tau dynamic64"] >= 1 for c in cats.values())
     if HAS_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_projection_tiny_shape(tmp_path):
+    """The projection runs end to end on CPU (tiny shape): projected speedup = tau x plain / step."""
+    import bench_projection
+
+    js = tmp_path / "p.json"
+    bench_projection.main(["--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--context", "40",
+                           "--trees", "default,dynamic16", "--reps", "2", "--json", str(js)])
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["tree"] for r in rows] == ["plain", "default", "dynamic16"]
+    plain = rows[0]["ms"]
+    for r in rows[1:]:
+        assert r["tokens"] == 64 and r["ms"] > 0
+        assert r["projected_speedup"] == pytest.approx(r["tau"] * plain / r["ms"], rel=1e-6)
