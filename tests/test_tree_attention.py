@@ -306,3 +306,22 @@ def test_opcheck_and_compile():
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
     assert torch.equal(kc2, k_cache) and torch.equal(vc2, v_cache)
+
+
+def test_cache_bounds_known_skips_the_host_check(monkeypatch):
+    """The decoder sizes its cache itself and runs its steps inside cache_bounds_known(): no host read of
+    the lengths per layer. Outside the context the bound is checked again."""
+    from ht_kernels.decode.decoder import HiddenTransferDecoder
+    from ht_kernels.ops import tree_attention as op
+    from test_decode import random_transfer, tiny_model
+
+    lens = torch.tensor([100], dtype=torch.int32)
+    with op.cache_bounds_known():
+        op._check_cache_bounds(lens, 5, 10)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        op._check_cache_bounds(lens, 5, 10)
+    seen = []
+    monkeypatch.setattr(op, "_check_cache_bounds", lambda *args: seen.append(op._BOUNDS_KNOWN.get()))
+    model = tiny_model()
+    HiddenTransferDecoder(model, random_transfer(model)).generate([[1, 2, 3]], max_new_tokens=4)
+    assert seen and all(seen)

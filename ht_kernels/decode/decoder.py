@@ -17,6 +17,7 @@ import torch
 
 from ..ops.compact_kv import compact_kv
 from ..ops.hidden_transfer import hidden_transfer
+from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
 from .sampling import sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
@@ -89,6 +90,7 @@ class HiddenTransferDecoder:
                               callback, speculative=False)
 
     @torch.inference_mode()
+    @cache_bounds_known()  # the cache below is sized for every step: no host read of its lengths per layer
     def _generate(self, input_ids, max_new_tokens, temperature, top_p, top_k, generator, eos_token_id,
                   callback, speculative: bool) -> GenerateOutput:
         m, cfg = self.model, self.model.config

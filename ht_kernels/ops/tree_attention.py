@@ -1,6 +1,8 @@
 """`ht_kernels.tree_attention`: attention of a tree of new tokens over a KV cache (public op)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
@@ -110,9 +112,25 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v) -> None:
             fail(f"{name} is on {t.device} but q is on {q.device}")
 
 
+_BOUNDS_KNOWN = contextvars.ContextVar("ht_kernels_bounds_known", default=False)
+
+
+@contextlib.contextmanager
+def cache_bounds_known():
+    """Within: tree_attention skips its check of cache_seqlens + T against the cache, which reads the
+    lengths on the host (a device synchronisation per call on CUDA). For callers that sized the cache
+    themselves, like the decoder."""
+    token = _BOUNDS_KNOWN.set(True)
+    try:
+        yield
+    finally:
+        _BOUNDS_KNOWN.reset(token)
+
+
 def _check_cache_bounds(cache_seqlens: torch.Tensor, T: int, S: int) -> None:
     """cache_seqlens + T must fit in the cache of capacity S (reads the lengths on the host)."""
-    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if cache_seqlens.numel() == 0 or _BOUNDS_KNOWN.get() or (
+            cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
     if lo < 0 or hi + T > S:
