@@ -43,7 +43,8 @@ def tree_attention(
     16-byte aligned cache rows; other inputs raise BackendUnavailableError) | "triton" | "torch".
 
     The cache bound cache_seqlens + T <= S is checked against the values of cache_seqlens, which
-    costs one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured.
+    costs one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured and
+    inside `cache_bounds_known()` (for callers that size the cache themselves, like the decoder).
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v)
     name = resolve_backend("tree_attention", backend, q.device)
