@@ -325,3 +325,13 @@ def test_cache_bounds_known_skips_the_host_check(monkeypatch):
     model = tiny_model()
     HiddenTransferDecoder(model, random_transfer(model)).generate([[1, 2, 3]], max_new_tokens=4)
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("lens,mask", [([0, 65, 129], "any"), ([40, 40], "tree")])
+def test_torch_backend_without_the_flash_kernel(monkeypatch, lens, mask):
+    """The torch backend's materialized path (other devices, or a PyTorch without the CPU flash kernel)."""
+    from ht_kernels.eager import tree_attention as eager
+
+    monkeypatch.setattr(eager, "FLASH_CPU", False)
+    for dtype in DTYPES:
+        check("torch", make_case(len(lens), 33, 6, 2, 64, dtype, lens, mask=mask))
