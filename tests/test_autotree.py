@@ -88,6 +88,11 @@ def test_bad_arguments(cache_root):
         tune_tree(dec, PROMPTS, budgets=(1,))
     with pytest.raises(ValueError, match="context"):
         tune_tree(dec, PROMPTS, context=1020)
+    short = tiny_model(vocab=12, max_seq_len=60)  # the default context shrinks to fit; no room at all fails
+    tune_tree(HiddenTransferDecoder(short, random_transfer(short)), PROMPTS, budgets=(2, 4), chains=(1,),
+              gen_tokens=8, reps=1, cache=False)
+    with pytest.raises(ValueError, match="context"):
+        tune_tree(HiddenTransferDecoder(short, random_transfer(short)), PROMPTS, budgets=(16,), cache=False)
 
 
 @pytest.mark.parametrize("n_chains", [None, 2])

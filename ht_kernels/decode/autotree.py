@@ -55,13 +55,14 @@ class TreeChoice:
 
 
 def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None,
-              gen_tokens: int = 128, context: int = 256, reps: int = 15, cache: bool = True,
+              gen_tokens: int = 128, context: int | None = None, reps: int = 15, cache: bool = True,
               log=None) -> TreeChoice:
     """Measure every (budget, n_chains) candidate for `decoder`'s model and drafts; return the best.
 
     prompts: calibration prompts as token lists (default: 8 of the package's built-in prompts in the
     model's chat template; needs the tokenizer). gen_tokens: length of the greedy answers replayed.
-    context: committed tokens before the timed steps; reps: timed steps per finalist. cache: reuse (and store) the choice kept under
+    context: committed tokens before the timed steps (default 256, less where the model's positions end);
+    reps: timed steps per finalist. cache: reuse (and store) the choice kept under
     `$HT_KERNELS_CACHE/trees` (default ~/.cache/ht_kernels/trees) for this machine, model and weights.
     budgets, chains: the candidates (default BUDGETS, CHAINS; chains beyond a budget mean every node).
     log: a print-like callable for progress and the table (None: silent).
@@ -70,7 +71,9 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     cands = sorted({(b, min(c, b)) for b in budgets for c in chains})
     if not cands or min(b for b, _ in cands) < 2:
         raise ValueError(f"tune_tree: budgets must be >= 2 nodes (the root and a draft), got {budgets}")
-    if context < 1 or context + max(b for b, _ in cands) * (1 + decoder.transfer.K) > decoder.model.config.max_seq_len:
+    room = decoder.model.config.max_seq_len - max(b for b, _ in cands) * (1 + decoder.transfer.K)
+    context = min(256, room) if context is None else context
+    if context < 1 or context > room:
         raise ValueError(f"tune_tree: context + the largest step must fit the model's "
                          f"{decoder.model.config.max_seq_len} positions, got context {context}")
     if prompts is None:
