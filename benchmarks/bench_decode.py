@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm  # a dependency of transformers
 
 import ht_kernels as ht
-from ht_kernels.cli import encode_prompt, resolve_transfer_arg
+from ht_kernels.cli import encode_prompt, resolve_transfer_arg, resolve_tree_arg
 from ht_kernels.decode.autotree import TreeChoice, format_table
 from ht_kernels.loading import LAYER_NAMES, TOP_NAMES
 from _harness import header
@@ -114,9 +114,8 @@ def make_runners(model, args) -> tuple[dict, dict | None]:
     eos = tok.eos_token_id if args.stop_at_eos else None
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if {"ht", "ar"} & set(args.methods):
-        tree = {"auto": "auto", "default": None, "dynamic": "dynamic"}[args.tree]
-        dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer), tree=tree,
-                                       budget=args.budget, n_chains=args.n_chains)
+        dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer),
+                                       tree=resolve_tree_arg(args.tree), budget=args.budget, n_chains=args.n_chains)
         tree_info = {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
                      "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):

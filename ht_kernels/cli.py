@@ -29,6 +29,11 @@ def resolve_transfer_arg(value: str):
     return None if value == "none" else value
 
 
+def resolve_tree_arg(value: str):
+    """--tree: "auto", "default" (the static tree: None) or "dynamic"."""
+    return None if value == "default" else value
+
+
 def mean_accepted(accept_lengths: list[int]) -> float:
     """Mean tokens per decoding step; the first entry (the prefill's token) is not a decoding step."""
     steps = accept_lengths[1:] or accept_lengths
@@ -97,7 +102,7 @@ def generate(args: argparse.Namespace) -> None:
     tok = model.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     # --ar never uses the maps or the tree: untrained ones spare it the shipped weights and their warning.
-    tree = None if args.ar else {"auto": "auto", "default": None, "dynamic": "dynamic"}[args.tree]
+    tree = None if args.ar else resolve_tree_arg(args.tree)
     if tree == "auto":
         print("tree auto: choosing the tree for this machine (measured once, then cached)", file=sys.stderr, flush=True)
     dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer),

@@ -140,12 +140,10 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int],
     drafter = drafter_from_weights(decoder.transfer).to(model.device)
     lengths = {c: [] for c in cands}
     with torch.no_grad():
-        for logp, nxt in draft_logprobs(model, drafter, examples):
-            for budget in sorted({b for b, _ in cands}):
-                replay = Replay(TreePolicy(decoder.transfer.K, None, budget=budget), logp, nxt)
-                for b, c in cands:
-                    if b == budget:
-                        lengths[b, c] += replay.accept_lengths(gen_tokens, None if c >= b else c)
+        for logp, nxt in draft_logprobs(model, drafter, examples):  # one replay per budget, shared by its chains
+            replays = {b: Replay(TreePolicy(decoder.transfer.K, None, budget=b), logp, nxt) for b, _ in cands}
+            for b, c in cands:
+                lengths[b, c] += replays[b].accept_lengths(gen_tokens, None if c >= b else c)
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
 
 

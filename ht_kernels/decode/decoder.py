@@ -181,10 +181,13 @@ class HiddenTransferDecoder:
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
         # The LM head reads its whole weight per call: one call over every row can cost less than a call
         # for the real rows and one for the accepted node's chain (`head_once`, chosen by tree auto).
-        every = m.logits(hs) if self.head_once else None                             # [B, T + n K, V]
-        logits = every[:, :T] if self.head_once else m.logits(hs[:, :T])             # [B, T, V]
+        if self.head_once:
+            rows_in = m.logits(hs)                                                   # [B, T + n K, V]
+            logits = rows_in[:, :T]
+        else:
+            rows_in, logits = hs, m.logits(hs[:, :T])                                # [B, T, V]
         accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator)
-        return tree, accepted, accept_len, nxt, self._next_drafts(every if self.head_once else hs, tree, lay, last)
+        return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, tree, lay, last)
 
     def _step_tokens(self) -> int:
         """Tokens one step feeds per row: the tree and the pseudo chains (all of them at most)."""
