@@ -9,7 +9,12 @@ the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-
 
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
         [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
-        [--prompts PATH] [--threads N] [--device cuda] [--json PATH] [--plot PATH]
+        [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs] [--json PATH]
+        [--plot PATH]
+
+On CUDA, ht and ar replay each greedy step as a CUDA graph (--no-cuda-graphs: eager steps), and the
+table adds each method's peak memory above what was allocated before the runs (the weights, the maps:
+torch.cuda.max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -65,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-chains", type=int, help="pseudo chains under the n best nodes only (default: all)")
     p.add_argument("--tree-table", action="store_true", help="print tree auto's measured candidates")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], default="auto",
+                   help="backend of ht/ar's tree attention and step ops (default auto)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="ht/ar: eager steps on CUDA")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: accepted-length histogram, tokens/s per method")
     args = p.parse_args(argv)
@@ -107,17 +115,17 @@ def hf_sharing_weights(model):
     return hf.eval()
 
 
-def make_runners(model, args) -> tuple[dict, dict | None]:
-    """{method: run(ids, max_new_tokens, seed) -> GenerateOutput} for the chosen methods, and ht's tree
-    (its setting, and tree auto's measured choice)."""
-    tok, runners, tree_info = model.tokenizer, {}, None
+def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
+    """{method: run(ids, max_new_tokens, seed) -> GenerateOutput} for the chosen methods, and the decoder
+    that runs ht and ar (None when neither runs)."""
+    tok, runners, dec = model.tokenizer, {}, None
     eos = tok.eos_token_id if args.stop_at_eos else None
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if {"ht", "ar"} & set(args.methods):
+        model.attn_backend = args.backend
         dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer),
-                                       tree=resolve_tree_arg(args.tree), budget=args.budget, n_chains=args.n_chains)
-        tree_info = {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
-                     "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
+                                       tree=resolve_tree_arg(args.tree), budget=args.budget, n_chains=args.n_chains,
+                                       backend=args.backend, cuda_graphs=not args.no_cuda_graphs)
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
             runners[name] = lambda ids, n, seed, fn=fn: fn(
                 [ids], max_new_tokens=n, eos_token_id=eos, generator=torch.Generator(model.device).manual_seed(seed),
@@ -137,7 +145,7 @@ def make_runners(model, args) -> tuple[dict, dict | None]:
             return ht.GenerateOutput([new], [[1] * len(new)])
 
         runners["hf"] = run_hf
-    return {m: runners[m] for m in args.methods}, tree_info
+    return {m: runners[m] for m in args.methods}, dec
 
 
 def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
@@ -146,8 +154,10 @@ def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
         mine = [r for r in rows if r["method"] == m]
         steps = [a for r in mine for a in r["accept_lengths"][1:]]
         new, seconds = sum(r["new_tokens"] for r in mine), sum(r["seconds"] for r in mine)
+        peaks = [r["peak_mib"] for r in mine if r["peak_mib"] is not None]
         summary[m] = {"tokens_per_s": new / seconds, "tau": sum(steps) / len(steps) if steps else 1.0,
-                      "new_tokens": new, "seconds": seconds}
+                      "new_tokens": new, "seconds": seconds, "peak_mib": max(peaks) if peaks else None,
+                      "graphs": sorted({r["graph"] for r in mine if r["graph"] is not None}) or None}
     tps = {m: s["tokens_per_s"] for m, s in summary.items()}
     summary["speedup_vs_ar"] = tps["ht"] / tps["ar"] if "ht" in tps and "ar" in tps else None
     summary["speedup_vs_hf"] = tps["ht"] / tps["hf"] if "ht" in tps and "hf" in tps else None
@@ -164,12 +174,15 @@ def identical(rows: list[dict], a: str, b: str) -> float | None:
 
 def print_table(summary: dict, methods: list[str]) -> None:
     tps = {m: summary[m]["tokens_per_s"] for m in methods}
-    print(f"{'method':>6}  {'tokens/s':>9}  {'tau':>5}  {'new tokens':>10}  {'seconds':>8}  {'x AR':>6}  {'x HF':>6}")
+    cuda = any(summary[m]["peak_mib"] is not None for m in methods)
+    print(f"{'method':>6}  {'tokens/s':>9}  {'tau':>5}  {'new tokens':>10}  {'seconds':>8}  {'x AR':>6}  {'x HF':>6}"
+          + (f"  {'peak MiB':>8}  CUDA graph" if cuda else ""))
     for m in methods:
         s = summary[m]
         ratio = lambda base: f"{tps[m] / tps[base]:.2f}x" if base in tps else "-"  # noqa: E731
         print(f"{m:>6}  {s['tokens_per_s']:9.2f}  {s['tau']:5.2f}  {s['new_tokens']:10d}  {s['seconds']:8.1f}  "
-              f"{ratio('ar'):>6}  {ratio('hf'):>6}")
+              f"{ratio('ar'):>6}  {ratio('hf'):>6}"
+              + (f"  {s['peak_mib']:8.1f}  {', '.join(s['graphs'] or ['-'])}" if cuda else ""))
 
 
 def plot(path: str, rows: list[dict], summary: dict, methods: list[str], title: str) -> None:
@@ -204,7 +217,11 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     model = ht.load_model(args.model, dtype=dtype, device=args.device)
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
-    runners, tree = make_runners(model, args)
+    runners, dec = make_runners(model, args)
+    tree = None if dec is None else {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
+                                     "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
+    cuda = model.device.type == "cuda"
+    weights_bytes = torch.cuda.memory_allocated(model.device) if cuda else 0
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
             "transformers": importlib.metadata.version("transformers")}
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
@@ -228,11 +245,16 @@ def main(argv=None) -> None:
     rows, bar = [], tqdm(total=len(prompts) * len(runners), unit="gen", file=sys.stderr)
     for i, ids in enumerate(prompts):
         for m, run in runners.items():
+            if cuda:
+                torch.cuda.synchronize(model.device)
+                torch.cuda.reset_peak_memory_stats(model.device)
             start = time.perf_counter()
             out = run(ids, args.max_new_tokens, args.seed + i)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start  # the run ends with a host read of its last tokens
+            peak = (torch.cuda.max_memory_allocated(model.device) - weights_bytes) / 2**20 if cuda else None
             rows.append({"prompt": i, "method": m, "new_tokens": len(out.sequences[0]), "seconds": seconds,
-                         "accept_lengths": out.accept_lengths[0], "tokens": out.sequences[0]})
+                         "accept_lengths": out.accept_lengths[0], "tokens": out.sequences[0], "peak_mib": peak,
+                         "graph": dec.graph_status if m in ("ht", "ar") else None})
             bar.set_postfix_str(f"prompt {i} {m}", refresh=False)
             bar.update()
     bar.close()

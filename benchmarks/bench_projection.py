@@ -3,7 +3,8 @@ Llama-3-8B shapes against the tree, combined with the tau measured on the real m
 
 For each shape and tree: the median latency of one plain step (one token) and of one hidden-transfer step
 (the tree's real nodes through all layers, a pseudo chain of K under every node after layer t = 2/3 of the
-depth, the LM head, verification, next drafts) at a `--context`-token prefix, batch 1; then
+depth, the LM head, verification, next drafts, moving the accepted keys/values: the decoder's whole
+forward pass) at a `--context`-token prefix, batch 1; then
     projected speedup = tau(tree) x t(plain step) / t(hidden-transfer step),
 with tau from the shipped SmolLM2 maps (benchmarks/RESULTS.md, `--tau`) or a bench_drafts.py JSON
 (`--tau-json`). Steps are timed eagerly and, with `--graphs` on CUDA, as CUDA graph replays. Peak memory
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import ht_kernels as ht
+from ht_kernels.decode.graphs import StepGraph
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.model import ModelConfig, Transformer
 from _harness import header
@@ -85,18 +87,14 @@ def timed(fn, reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def as_graph(fn, device: torch.device):
-    """fn captured once as a CUDA graph (its tensors stay the static buffers); returns the replay."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def graph_ms(fn, args) -> float | None:
+    """Median ms of fn replayed as a CUDA graph (timed's warm-ups record it); None if it cannot be recorded."""
+    graph = StepGraph(fn, args.device)
+    ms = timed(graph, args.reps, args.device)
+    if graph.graph is None:
+        print(f"CUDA graph not recorded: {graph.error}"[:300])
+        return None
+    return ms
 
 
 def peak_mib(fn, device: torch.device, base: int) -> float | None:
@@ -119,13 +117,11 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         plain_dec = ht.HiddenTransferDecoder(model, transfer=None)
         plain_cache = model.new_cache(1, C + 1)
         plain_cache.lengths.fill_(C)
-        token = torch.zeros(1, 1, dtype=torch.long, device=dev)
-
-        def plain():
-            return plain_dec._forward_all(token, plain_cache.lengths[:, None].long(), plain_cache).argmax(-1)
-
+        token = torch.zeros(1, dtype=torch.long, device=dev)
+        plain = plain_dec._forward_pass(False, token, None, plain_cache, torch.zeros(1, 2, dtype=torch.long, device=dev),
+                                        lambda x: x.argmax(-1), None, None)
         t_plain = timed(plain, args.reps, dev)
-        g_plain = timed(as_graph(plain, dev), args.reps, dev) if args.graphs else None
+        g_plain = graph_ms(plain, args) if args.graphs else None
         mem_plain = peak_mib(plain, dev, base)
         rows.append(dict(shape=name, tree="plain", tokens=1, ms=t_plain, graph_ms=g_plain, peak_mib=mem_plain))
         print(f"{name}: plain step {t_plain:.2f} ms" + (f" (graph {g_plain:.2f} ms)" if g_plain else ""), flush=True)
@@ -141,15 +137,10 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
             root = torch.zeros(1, dtype=torch.long, device=dev)
             drafts = torch.randn(1, K, cfg.vocab_size, device=dev).log_softmax(-1)
 
-            def step(dec=dec, cache=cache, root=root, drafts=drafts):
-                return dec._step(root, drafts, cache, None, None)[1]
+            out = torch.zeros(1, 1 + dec.tree.size, dtype=torch.long, device=dev)
+            step = dec._forward_pass(True, root, drafts, cache, out, None, None, None)
             t_step = timed(step, args.reps, dev)
-            g_step = None
-            if args.graphs:
-                try:
-                    g_step = timed(as_graph(step, dev), args.reps, dev)
-                except Exception as e:  # a step op that cannot be captured yet: reported, eager stays
-                    print(f"{name} {tree_name}: CUDA graph capture failed: {type(e).__name__}: {e}"[:300])
+            g_step = graph_ms(step, args) if args.graphs else None
             mem = peak_mib(step, dev, base)
             T = dec.tree.budget
             best = g_step if g_step and g_plain else t_step

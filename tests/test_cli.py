@@ -139,7 +139,8 @@ def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     s = result["summary"]
     assert set(s) == {"ht", "ar", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}
     for m in ("ht", "ar", "hf"):
-        assert set(s[m]) == {"tokens_per_s", "tau", "new_tokens", "seconds"}
+        assert set(s[m]) == {"tokens_per_s", "tau", "new_tokens", "seconds", "peak_mib", "graphs"}
+        assert s[m]["peak_mib"] is None and s[m]["graphs"] is None  # CUDA only
         assert s[m]["new_tokens"] == 24 and s[m]["tokens_per_s"] > 0 and s[m]["tau"] >= 1
     assert s["identical_fraction"] == 1.0 and s["speedup_vs_ar"] > 0 and s["speedup_vs_hf"] > 0
     assert len(result["rows"]) == 6

@@ -48,9 +48,10 @@ class MedusaWeights:
 
 class MedusaDecoder(HiddenTransferDecoder):
     """Lossless tree decoding with Medusa drafts. model: an ht_kernels Transformer; heads: a weights
-    file or MedusaWeights; tree, budget: as for HiddenTransferDecoder. generate / generate_ar as there."""
+    file or MedusaWeights; tree, budget, backend, cuda_graphs: as for HiddenTransferDecoder. generate /
+    generate_ar as there."""
 
-    def __init__(self, model, heads, *, tree=None, budget: int = 16):
+    def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -65,6 +66,7 @@ class MedusaDecoder(HiddenTransferDecoder):
         self.weight = heads.weight.to(param.device, param.dtype)
         self.bias = heads.bias.to(param.device, param.dtype)
         self.tree = make_tree_policy(tree, heads.K, budget)
+        self._set_execution(backend, cuda_graphs)
 
     def _drafts(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, dim] last-layer hidden states -> draft log-probabilities [B, K, V]."""
@@ -91,6 +93,6 @@ class MedusaDecoder(HiddenTransferDecoder):
         mask = ancestor_masks(tree.parents, self.heads.K)
         positions = cache.lengths[:, None].long() + tree.depths
         h = m.run_layers(m.embed(tree.tokens), positions, cache, mask, range(m.config.n_layers))
-        accepted, accept_len, nxt, last = self._verify(m.logits(h), tree, warp, generator)
+        accepted, accept_len, nxt, last = self._verify(m.logits(h), tree, warp, generator, self.backend)
         h_last = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         return tree, accepted, accept_len, nxt, self._drafts(h_last)

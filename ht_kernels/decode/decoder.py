@@ -15,10 +15,12 @@ from typing import Callable
 
 import torch
 
+from ..ops._backend import BACKENDS
 from ..ops.compact_kv import compact_kv
 from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
+from .graphs import StepGraph
 from .sampling import sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
 from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
@@ -41,10 +43,15 @@ class HiddenTransferDecoder:
     best `budget` nodes by draft probability, per row), a TreePolicy, or "auto": the dynamic budget and
     n_chains with the most tokens per second on this machine (`autotree.tune_tree`: measured once, about
     a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under every real
-    node (None) or under the n_chains best-scoring ones.
+    node (None) or under the n_chains best-scoring ones. backend: the backend of the step's
+    hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda" | "triton" | "torch"; tree
+    attention takes the model's `attn_backend`). cuda_graphs: on CUDA, greedy decoding records its step
+    once per generate call as a CUDA graph and replays it (`graphs.StepGraph`; `graph_status` tells
+    how the last call ran); sampling runs eagerly.
     """
 
-    def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None):
+    def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
+                 backend: str = "auto", cuda_graphs: bool = True):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -59,6 +66,7 @@ class HiddenTransferDecoder:
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
+        self._set_execution(backend, cuda_graphs)
         self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
             if n_chains is not None:
@@ -71,6 +79,13 @@ class HiddenTransferDecoder:
             self.head_once = self.tree_choice.head_once
         else:
             self.tree, self.n_chains = make_tree_policy(tree, weights.K, budget), n_chains
+
+    def _set_execution(self, backend: str, cuda_graphs: bool) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
+        # The last generate call's: None (no CUDA graph tried), "replayed", or "eager: <why recording failed>"
+        self.graph_status: str | None = None
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None, eos_token_id=None,
@@ -112,24 +127,47 @@ class HiddenTransferDecoder:
 
         logits, drafts = self._prefill(prompts, cache, draft=speculative)
         root = choose(logits)
-        seqs, steps = [[] for _ in range(B)], [[] for _ in range(B)]
-        active = torch.ones(B, dtype=torch.bool, device=root.device)
+        seqs, steps, active = [[] for _ in range(B)], [[] for _ in range(B)], [True] * B
         self._emit(root[:, None].tolist(), seqs, steps, active, max_new_tokens, eos, callback)
-        while bool(active.any()):
-            if speculative:
-                tree, accepted, accept_len, root, drafts = self._step(root, drafts, cache, warp, generator)
-                compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len)
-                new = torch.cat([tree.tokens.gather(1, accepted.clamp_min(0))[:, 1:], root[:, None]], dim=1)
-                rows = [row[:n] + [r] for row, n, r in zip(new.tolist(), (accept_len - 1).tolist(), root.tolist())]
-            else:
-                accept_len = torch.ones(B, dtype=torch.long, device=root.device)
-                root = choose(self._forward_all(root[:, None], cache.lengths[:, None].long(), cache)[:, 0])
-                rows = root[:, None].tolist()
+        out = torch.zeros(B, 1 + (self.tree.size if speculative else 1), dtype=torch.long, device=root.device)
+        forward_pass = self._forward_pass(speculative, root, drafts, cache, out, choose, warp, generator)
+        graphs = self.cuda_graphs and warp is None and root.is_cuda
+        run = StepGraph(forward_pass, root.device) if graphs else forward_pass
+        live, n_live = torch.ones(B, dtype=cache.lengths.dtype, device=root.device), B
+        while any(active):
+            run()
+            rows = [r[1:1 + r[0]] for r in out.tolist()]
             self._emit(rows, seqs, steps, active, max_new_tokens, eos, callback)
-            # Commit the step's accepted nodes for the rows that go on; a retired row's cache stays as it
-            # was, so its later (ignored) steps stay inside the P + max_new_tokens + one step slots.
-            cache.lengths += (accept_len * active).to(cache.lengths.dtype)
+            # Commit the pass's accepted nodes for the rows that go on; a retired row's cache stays as
+            # it was, so its later (ignored) passes stay inside the P + max_new_tokens + one step slots.
+            if sum(active) < n_live:
+                live, n_live = torch.tensor(active, dtype=live.dtype, device=live.device), sum(active)
+            cache.lengths += out[:, 0].to(live.dtype) * live
+        self.graph_status = None if not graphs else "replayed" if run.graph is not None else f"eager: {run.error}"
         return GenerateOutput(seqs, steps)
+
+    def _forward_pass(self, speculative: bool, root, drafts, cache, out, choose, warp, generator):
+        """One forward pass over static tensors, as a function of none: it advances root [B] (and drafts
+        [B, K, V]) in place, moves the accepted nodes' keys/values behind the prefix, and writes out
+        [B, 1 + W]: each row's count n of new tokens, then the n tokens. It commits nothing (the caller
+        adds n to the lengths of the rows that go on) and, greedy, reads nothing on the host, so a CUDA
+        graph can replay it."""
+        if not speculative:
+            def forward_pass():
+                nxt = choose(self._forward_all(root[:, None], cache.lengths[:, None].long(), cache)[:, 0])
+                out.copy_(torch.stack([torch.ones_like(nxt), nxt], 1))
+                root.copy_(nxt)
+            return forward_pass
+
+        def forward_pass():
+            tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, drafts, cache, warp, generator)
+            compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len, backend=self.backend)
+            path = tree.tokens.gather(1, accepted.clamp_min(0))                       # [B, T]
+            new = torch.cat([path[:, 1:], nxt[:, None]], 1).scatter_(1, (accept_len - 1)[:, None], nxt[:, None])
+            out.copy_(torch.cat([accept_len[:, None], new], 1))
+            root.copy_(nxt)
+            drafts.copy_(nxt_drafts)
+        return forward_pass
 
     def _prefill(self, prompts: list[list[int]], cache, draft: bool):
         """Run the right-padded prompts causally and commit them. Returns the logits [B, V] after each
@@ -177,7 +215,7 @@ class HiddenTransferDecoder:
         hs = h.new_empty(B, T + n * K, h.shape[-1])
         hs[:, :T] = h
         owners_h = h.gather(1, lay.owners[..., None].expand(B, n, h.shape[-1]))
-        hidden_transfer(owners_h, self.weight, self.bias, out=hs[:, T:].view(B, n, K, -1))
+        hidden_transfer(owners_h, self.weight, self.bias, out=hs[:, T:].view(B, n, K, -1), backend=self.backend)
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
         # The LM head reads its whole weight per call: one call over every row can cost less than a call
         # for the real rows and one for the accepted node's chain (`head_once`, chosen by tree auto).
@@ -186,7 +224,7 @@ class HiddenTransferDecoder:
             logits = rows_in[:, :T]
         else:
             rows_in, logits = hs, m.logits(hs[:, :T])                                # [B, T, V]
-        accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator)
+        accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator, self.backend)
         return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, tree, lay, last)
 
     def _step_tokens(self) -> int:
@@ -194,12 +232,12 @@ class HiddenTransferDecoder:
         return self.tree.budget * (1 + self.transfer.K)
 
     @staticmethod
-    def _verify(logits, tree: StepTree, warp, generator):
+    def _verify(logits, tree: StepTree, warp, generator, backend: str = "auto"):
         """logits: [B, T, V] of the tree's real nodes -> accepted [B, T] node indices (path order),
         accept_len [B], the next root [B] and the last accepted node [B]."""
         if warp is None:
             target = logits.argmax(-1)
-            accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target)
+            accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target, backend=backend)
             last = accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
             return accepted, accept_len, target.gather(1, last[:, None]).squeeze(1), last
         accepted, accept_len, nxt = verify_tree_sampling(warp(logits), tree, generator)

@@ -67,6 +67,15 @@ class TreePolicy:
         self.cand_rank = torch.tensor([p[-1] for p in cands])
         self.cand_parent = torch.tensor([index.get(p[:-1], -1) for p in cands])
         self.chosen = torch.tensor([index[p] for p in paths]) if paths else None
+        self.size = len(paths) + 1 if paths else min(budget, 1 + len(cands))  # nodes of every tree it chooses
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """The candidate tables on `dev`, copied once: a step (or its CUDA graph) copies nothing from the host."""
+        if dev not in self._tables:
+            tables = (self.cand_depth, self.cand_rank, self.cand_parent, self.chosen)
+            self._tables[dev] = tuple(None if t is None else t.to(dev) for t in tables)
+        return self._tables[dev]
 
     def choose(self, root: torch.Tensor, draft_logprobs: torch.Tensor) -> StepTree:
         """root: [B] int64; draft_logprobs: [B, K, V] log-probabilities of depths 1..K -> StepTree."""
@@ -76,13 +85,13 @@ class TreePolicy:
             logp = torch.cat([logp, logp.new_full((B, self.K, self.width - logp.shape[-1]), 2 * _MIN_LOGPROB)], -1)
         vals, idx = logp.topk(self.width, dim=-1)                          # [B, K, W]
         idx = idx.clamp_max(draft_logprobs.shape[-1] - 1)
-        depth, rank, parent = (t.to(dev) for t in (self.cand_depth, self.cand_rank, self.cand_parent))
+        depth, rank, parent, chosen = self._on(dev)
         step = vals[:, depth - 1, rank]                                   # [B, C] log-prob of each edge
         score = step.clone()
         for _ in range(self.K - 1):  # add the ancestors' edges: paths are at most K deep
             score = step + torch.where(parent >= 0, score[:, parent.clamp_min(0)], 0.0)
         if self.static:
-            chosen = self.chosen.to(dev).expand(B, -1)
+            chosen = chosen.expand(B, -1)
         else:  # best candidates; a path scores strictly below its prefix, so the choice is prefix-closed
             n = min(self.budget - 1, depth.numel())
             chosen = (score - 1e-3 * depth).topk(n, dim=-1).indices.sort(dim=-1).values
@@ -115,7 +124,8 @@ def chain_owners(tree: StepTree, n_chains: int | None = None) -> torch.Tensor:
     dev = tree.tokens.device
     if n_chains is None or n_chains >= T:
         return torch.arange(T, device=dev).expand(B, T)
-    key = (tree.scores - 1e-3 * tree.depths).index_fill(1, torch.tensor([0], device=dev), float("inf"))
+    key = tree.scores - 1e-3 * tree.depths
+    key[:, 0].fill_(float("inf"))
     return key.topk(n_chains, dim=1).indices.sort(dim=1).values
 
 

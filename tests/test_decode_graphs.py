@@ -1,0 +1,115 @@
+"""The decoding step as a CUDA graph. Without a GPU: the greedy forward pass runs on fake tensors, where
+reading a tensor's value on the host raises, and building a tensor from host data is refused, so a pass
+that a graph could not replay fails here. On a GPU: graph replays decode exactly like eager steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_decode import random_transfer, tiny_model
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
+from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.graphs import StepGraph
+from ht_kernels.decode.transfer import TransferWeights
+from ht_kernels.model import ModelConfig, Transformer
+
+CFG = ModelConfig(vocab_size=96, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                  max_seq_len=256, name="tiny")
+
+
+class NoHostData(TorchDispatchMode):
+    """Refuses tensors built from host data (torch.tensor(...)), which a graph would bake in."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            raise AssertionError("a tensor was built from host data inside the forward pass")
+        return func(*args, **(kwargs or {}))
+
+
+def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=False, medusa=False) -> torch.Tensor:
+    """Builds a decoder on fake tensors and runs one greedy forward pass; returns its out buffer.
+
+    The ops dispatch to their registered fake implementations, as under torch.compile (their CPU
+    bodies check values on the host, which a GPU run does not)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        model = Transformer.from_config(CFG, dtype=torch.bfloat16)
+        K, D = 3, CFG.dim
+        maps = TransferWeights(torch.empty(K, D, D), torch.empty(K, D), layer=2)
+        if medusa:
+            dec = MedusaDecoder(model, MedusaWeights(maps.weight, maps.bias), tree=tree, budget=8)
+        else:
+            dec = HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=8, n_chains=n_chains)
+            dec.head_once = head_once
+        B = 2
+        cache = model.new_cache(B, 128)
+        root = torch.zeros(B, dtype=torch.long)
+        drafts = torch.empty(B, K, CFG.vocab_size)
+        out = torch.zeros(B, 1 + (dec.tree.size if speculative else 1), dtype=torch.long)
+        forward_pass = dec._forward_pass(speculative, root, drafts, cache, out, lambda x: x.argmax(-1), None, None)
+        with NoHostData():
+            forward_pass()
+        return out
+
+
+@pytest.mark.parametrize("tree,n_chains,head_once", [(None, None, False), ("dynamic", 3, True),
+                                                     ("dynamic", None, False)])
+def test_greedy_pass_reads_nothing_on_the_host(monkeypatch, tree, n_chains, head_once):
+    out = fake_pass(monkeypatch, True, tree, n_chains, head_once)
+    assert out.shape[1] == 1 + (16 if tree is None else 8)
+
+
+def test_medusa_pass_reads_nothing_on_the_host(monkeypatch):
+    assert fake_pass(monkeypatch, True, "dynamic", medusa=True).shape == (2, 9)
+
+
+def test_plain_pass_reads_nothing_on_the_host(monkeypatch):
+    assert fake_pass(monkeypatch, False, None).shape == (2, 2)
+
+
+def test_the_fake_pass_catches_host_reads(monkeypatch):
+    """The check can fail: a pass that reads the accepted lengths on the host, or builds a host tensor."""
+    real_step = HiddenTransferDecoder._step
+
+    def reads(self, *args):
+        result = real_step(self, *args)
+        int(result[2].max())
+        return result
+
+    monkeypatch.setattr(HiddenTransferDecoder, "_step", reads)
+    with pytest.raises(DataDependentOutputException):
+        fake_pass(monkeypatch, True, None)
+
+    def copies(self, *args):
+        result = real_step(self, *args)
+        result[3].add_(torch.tensor([1]))
+        return result
+
+    monkeypatch.setattr(HiddenTransferDecoder, "_step", copies)
+    with pytest.raises(AssertionError, match="host data"):
+        fake_pass(monkeypatch, True, None)
+
+
+def test_step_graph_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        StepGraph(lambda: None, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replays_decode_like_eager_steps(dtype):
+    torch.manual_seed(0)
+    model = tiny_model(vocab=64).to("cuda", dtype)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [3]]
+    runs = {}
+    for graphs in (False, True):
+        dec = HiddenTransferDecoder(model, transfer=random_transfer(model), tree="dynamic", budget=6,
+                                    n_chains=2, cuda_graphs=graphs)
+        runs[graphs] = (dec.generate(prompts, max_new_tokens=40), dec.generate_ar(prompts, max_new_tokens=40))
+        assert dec.graph_status == ("replayed" if graphs else None)
+    eager, graphed = runs[False], runs[True]
+    for a, b in zip(eager, graphed):
+        assert a.sequences == b.sequences and a.accept_lengths == b.accept_lengths
