@@ -216,3 +216,18 @@ def test_bench_projection_tiny_shape(tmp_path):
     for r in rows[1:]:
         assert r["tokens"] == 64 and r["ms"] > 0
         assert r["projected_speedup"] == pytest.approx(r["tau"] * plain / r["ms"], rel=1e-6)
+
+
+def test_bench_memory_end_to_end(tmp_path):
+    """Peak memory per method, each in its own process, at a short context on CPU."""
+    import bench_memory
+
+    js = tmp_path / "m.json"
+    bench_memory.main(["--context", "96", "--new-tokens", "6", "--trees", "default", "--threads", "1",
+                       "--json", str(js)])
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ar", "ht default"]
+    assert [r["step_tokens"] for r in rows] == [1, 64]
+    for r in rows:
+        assert r["base_mib"] > 100 and r["peak_mib"] > 0 and r["tau"] >= 1  # the weights alone are 270 MB
+        assert r["x_plain"] == pytest.approx(r["peak_mib"] / rows[0]["peak_mib"])
