@@ -231,3 +231,5 @@ def test_bench_memory_end_to_end(tmp_path):
     for r in rows:
         assert r["base_mib"] > 100 and r["peak_mib"] > 0 and r["tau"] >= 1  # the weights alone are 270 MB
         assert r["x_plain"] == pytest.approx(r["peak_mib"] / rows[0]["peak_mib"])
+        total = (r["base_mib"] + r["peak_mib"]) / (rows[0]["base_mib"] + rows[0]["peak_mib"])
+        assert r["total_x_plain"] == pytest.approx(total)
