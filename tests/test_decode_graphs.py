@@ -3,9 +3,11 @@ reading a tensor's value on the host raises, and building a tensor from host dat
 that a graph could not replay fails here. On a GPU: graph replays decode exactly like eager steps."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from test_decode import random_transfer, tiny_model
+from test_decode import assert_same_greedy, random_transfer, tiny_model
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -113,3 +115,30 @@ def test_graph_replays_decode_like_eager_steps(dtype):
     eager, graphed = runs[False], runs[True]
     for a, b in zip(eager, graphed):
         assert a.sequences == b.sequences and a.accept_lengths == b.accept_lengths
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
+def test_decoding_on_the_triton_kernels():
+    """The loop on the Triton kernels (tree attention in every layer, hidden transfer into the step's
+    strided buffer) computes what the torch backend does: the prefill's and a step's drafts and keys
+    (fp32, within 1e-4), then whole generations: the inputs the decoder hands the kernels are valid."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(vocab=64, n_layers=3).to(dev)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    maps = random_transfer(model, layer=1)
+    steps, runs = {}, {}
+    for backend in ("torch", "triton"):
+        model.attn_backend = backend
+        dec = HiddenTransferDecoder(model, transfer=maps, tree="dynamic", budget=5, n_chains=2, backend=backend,
+                                    cuda_graphs=False)
+        with torch.inference_mode():
+            cache = model.new_cache(len(prompts), 64)
+            logits, drafts = dec._prefill(prompts, cache, draft=True)
+            _, accepted, accept_len, nxt, next_drafts = dec._step(logits.argmax(-1), drafts, cache, None, None)
+        steps[backend] = (drafts, next_drafts, cache.k, cache.v, accepted, accept_len, nxt)
+        runs[backend] = dec.generate(prompts, max_new_tokens=12)
+    model.attn_backend = "torch"
+    for got, want in zip(steps["triton"], steps["torch"]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_greedy(model.cpu(), prompts, runs["triton"].sequences, runs["torch"].sequences)

@@ -44,8 +44,8 @@ class HiddenTransferDecoder:
     n_chains with the most tokens per second on this machine (`autotree.tune_tree`: measured once, about
     a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under every real
     node (None) or under the n_chains best-scoring ones. backend: the backend of the step's
-    hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda" | "triton" | "torch"; tree
-    attention takes the model's `attn_backend`). cuda_graphs: on CUDA, greedy decoding records its step
+    hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda" | "triton" | "torch"; the last two
+    have no Triton kernels and run "auto" under "triton"; tree attention takes the model's `attn_backend`). cuda_graphs: on CUDA, greedy decoding records its step
     once per generate call as a CUDA graph and replays it (`graphs.StepGraph`; `graph_status` tells
     how the last call ran); sampling runs eagerly.
     """
@@ -84,6 +84,8 @@ class HiddenTransferDecoder:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
+        # verify_tree_greedy and compact_kv have no Triton kernels: "triton" leaves them to "auto"
+        self.verify_backend = "auto" if backend == "triton" else backend
         # The last generate call's: None (no CUDA graph tried), "replayed", or "eager: <why recording failed>"
         self.graph_status: str | None = None
 
@@ -161,7 +163,7 @@ class HiddenTransferDecoder:
 
         def forward_pass():
             tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, drafts, cache, warp, generator)
-            compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len, backend=self.backend)
+            compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len, backend=self.verify_backend)
             path = tree.tokens.gather(1, accepted.clamp_min(0))                       # [B, T]
             new = torch.cat([path[:, 1:], nxt[:, None]], 1).scatter_(1, (accept_len - 1)[:, None], nxt[:, None])
             out.copy_(torch.cat([accept_len[:, None], new], 1))
@@ -188,7 +190,8 @@ class HiddenTransferDecoder:
         h = m.run_layers(m.embed(tokens), positions, cache, mask, range(t))
         hs = h.new_empty(B, P + K, h.shape[-1])  # the prompt, then the last token's pseudo chain
         hs[:, :P] = h
-        hidden_transfer(h[rows, last][:, None], self.weight, self.bias, out=hs[:, P:].view(B, 1, K, -1))
+        hidden_transfer(h[rows, last][:, None], self.weight, self.bias, out=hs[:, P:].view(B, 1, K, -1),
+                        backend=self.backend)
         chain = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
         sees_prompt = (torch.arange(P, device=dev) <= last[:, None])[:, None, :].expand(B, K, P)
         ext = torch.cat([torch.cat([mask, mask.new_zeros(P, K)], 1).expand(B, P, P + K),
@@ -224,7 +227,7 @@ class HiddenTransferDecoder:
             logits = rows_in[:, :T]
         else:
             rows_in, logits = hs, m.logits(hs[:, :T])                                # [B, T, V]
-        accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator, self.backend)
+        accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator, self.verify_backend)
         return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, tree, lay, last)
 
     def _step_tokens(self) -> int:
