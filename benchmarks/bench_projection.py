@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device, args.dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.graphs and args.device.type != "cuda":
+        p.error(f"--graphs needs --device cuda, got {args.device}")
     return args
 
 

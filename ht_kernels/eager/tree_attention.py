@@ -47,20 +47,20 @@ def _flash_cpu(q, k_cache, v_cache, lens, tree_mask, softmax_scale):
     lo, hi = (int(x) for x in torch.aminmax(lens))
     S = hi + T
     kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)             # [B, Hkv, S, D]
+    # The additive mask is built per query head of a KV head ([B, 1, G, T, S] viewed as G * T rows).
     if lo == hi:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
         bias = None
         if T > 1 or not bool(tree_mask.all()):
-            bias = q.new_zeros(B, 1, T, S)
-            bias[..., lo:].masked_fill_(~tree_mask.reshape(-1, 1, T, T), -math.inf)
+            bias = q.new_zeros(B, 1, G, T, S)
+            bias[..., lo:].masked_fill_(~tree_mask.reshape(-1, 1, 1, T, T), -math.inf)
+            bias = bias.view(B, 1, G * T, S)
         blind = ~tree_mask.any(-1).expand(B, T) if lo == 0 else None
     else:  # keys past a row's own prefix + tree may hold anything (NaN too): zero them, mask them
         visible, rel = _visible(lens, tree_mask, T, S)
-        bias = q.new_zeros(B, 1, T, S).masked_fill_(~visible[:, None], -math.inf)
+        bias = q.new_zeros(B, 1, G, T, S).masked_fill_(~visible[:, None, None], -math.inf).view(B, 1, G * T, S)
         live = (rel < T)[:, None, :, None]
         kh, vh = kh.masked_fill(~live, 0.0), vh.masked_fill(~live, 0.0)
         blind = ~visible.any(-1) if lo == 0 else None
-    if bias is not None and G > 1:
-        bias = bias.repeat(1, 1, G, 1)
     qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=bias,
                                                                             scale=softmax_scale)
