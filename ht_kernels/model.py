@@ -113,6 +113,37 @@ class KVCache:
         return self.k.shape[2]
 
 
+def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `Linear.prepack` applies: CPU bf16 with oneDNN's bf16 kernels (avx512_bf16 or AMX)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, with `prepack` set, runs CPU bf16 inference through a copy of its weight packed
+    ahead in oneDNN's blocked layout (what inductor's freezing does): the same values, and a decoding
+    step 1.1-1.5x faster on an avx512_bf16 CPU (README). The copy is made by `pack()` and remade when
+    the weight changes; calls that record autograd, or inputs of another dtype or device, use `weight`.
+    """
+
+    prepack = False
+    _packed: tuple | None = None  # (weight, its version, the packed copy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prepack and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.pack(), self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> torch.Tensor:
+        """The packed copy of the current weight (made once per weight and version)."""
+        w = self.weight
+        version = None if w.is_inference() else w._version
+        if self._packed is None or self._packed[0] is not w or self._packed[1] != version:
+            with torch.no_grad():
+                self._packed = (w, version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+        return self._packed[2]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, **factory):
         super().__init__()
@@ -129,10 +160,10 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, **factory):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias, **factory)
-        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
-        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias, **factory)
+        self.wq = Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias, **factory)
+        self.wk = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
+        self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
+        self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias, **factory)
 
     def forward(self, x, cos, sin, k_cache, v_cache, lengths, mask, backend):
         """x: [B, N, dim]; k_cache, v_cache: [B, S, Hkv, D] (written at lengths + j). Returns [B, N, dim]."""
@@ -147,9 +178,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, c: ModelConfig, **factory):
         super().__init__()
-        self.w1 = nn.Linear(c.dim, c.hidden_dim, bias=False, **factory)  # gate
-        self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=False, **factory)  # up
-        self.w2 = nn.Linear(c.hidden_dim, c.dim, bias=False, **factory)  # down
+        self.w1 = Linear(c.dim, c.hidden_dim, bias=False, **factory)  # gate
+        self.w3 = Linear(c.dim, c.hidden_dim, bias=False, **factory)  # up
+        self.w2 = Linear(c.hidden_dim, c.dim, bias=False, **factory)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -178,7 +209,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, **factory)
         self.layers = nn.ModuleList(TransformerBlock(config, **factory) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, **factory)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False, **factory)
+        self.output = Linear(config.dim, config.vocab_size, bias=False, **factory)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.tokenizer = None
@@ -216,6 +247,23 @@ class Transformer(nn.Module):
             setattr(self.get_submodule(module_name), attr, p)
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def prepack_linears(self, enabled: bool = True) -> None:
+        """Run inference of every linear layer through oneDNN weights packed ahead (`Linear.prepack`;
+        CPU bf16 only, see `prepack_supported`): one more copy of those weights in memory."""
+        if enabled and not prepack_supported(self.device, self.dtype):
+            raise ValueError(f"prepack_linears: needs a CPU bf16 model and oneDNN bf16 support, got a "
+                             f"{self.dtype} model on {self.device}")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.prepack = enabled
+                m._packed = None
+                if enabled:
+                    m.pack()
+
+    @property
+    def prepacked(self) -> bool:
+        return self.output.prepack
 
     @property
     def dtype(self) -> torch.dtype:

@@ -40,10 +40,10 @@ def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=Fal
         model = Transformer.from_config(CFG, dtype=torch.bfloat16)
         K, D = 3, CFG.dim
         maps = TransferWeights(torch.empty(K, D, D), torch.empty(K, D), layer=2)
-        if medusa:
-            dec = MedusaDecoder(model, MedusaWeights(maps.weight, maps.bias), tree=tree, budget=8)
+        if medusa:  # prepacked weights are a CPU path, not what a graph replays
+            dec = MedusaDecoder(model, MedusaWeights(maps.weight, maps.bias), tree=tree, budget=8, prepack=False)
         else:
-            dec = HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=8, n_chains=n_chains)
+            dec = HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=8, n_chains=n_chains, prepack=False)
             dec.head_once = head_once
         B = 2
         cache = model.new_cache(B, 128)

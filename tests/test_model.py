@@ -10,10 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from helpers import TOL, rel_rms
+from helpers import TOL, assert_close, rel_rms
 
 import ht_kernels as ht
-from ht_kernels.model import KVCache, ModelConfig, Transformer, rope_inv_freq
+from ht_kernels.model import KVCache, Linear, ModelConfig, Transformer, prepack_supported, rope_inv_freq
 
 # SmolLM2 in fp32, ours vs transformers on the same dequantized weights: the same math in another
 # order (SDPA vs our reference attention, other GEMM blockings) through 30 layers. Measured max abs
@@ -217,3 +217,56 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type must be one of"):
         ht.load_model(tmp_path)
+
+
+PREPACK = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.bfloat16),
+                             reason="needs oneDNN bf16 kernels (avx512_bf16 or AMX)")
+
+
+@PREPACK
+@pytest.mark.parametrize("n_in,n_out,bias", [(64, 96, True), (37, 53, False), (576, 1536, False)])
+def test_prepacked_linear_matches_fp64(n_in, n_out, bias):
+    """Odd sizes, 1 to 3 dims, a strided input; poisoned weights would show as a mismatch."""
+    lin = Linear(n_in, n_out, bias=bias, dtype=torch.bfloat16)
+    lin.prepack = True
+    w, b = lin.weight.double(), None if lin.bias is None else lin.bias.double()
+    bf16 = dict(dtype=torch.bfloat16)
+    for x in (torch.randn(n_in, **bf16), torch.randn(3, 5, n_in, **bf16), torch.randn(2, 7, 2 * n_in, **bf16)[..., ::2]):
+        with torch.no_grad():
+            y = lin(x)
+        ref = x.double() @ w.T + (0 if b is None else b)
+        assert_close(y, ref, torch.bfloat16, f"prepacked linear {list(x.shape)}")
+    assert lin._packed is not None  # the packed path ran
+
+
+@PREPACK
+def test_prepacked_linear_follows_its_weight_and_autograd():
+    lin = Linear(64, 32, dtype=torch.bfloat16)
+    lin.prepack = True
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = lin(x)
+        lin.weight.mul_(2.0)  # in place: the packed copy is remade
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    lin.weight = torch.nn.Parameter(torch.randn(32, 64, dtype=torch.bfloat16))  # replaced: remade
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    xg = x.clone().requires_grad_()
+    lin(xg).sum().backward()  # autograd takes the plain weight
+    assert xg.grad is not None and not torch.equal(first, lin(x).detach())
+
+
+@PREPACK
+def test_decoder_prepacks_bf16_cpu_models():
+    from test_decode import assert_same_greedy, random_transfer, tiny_model
+
+    model = tiny_model(vocab=64).to(torch.bfloat16)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    plain = ht.HiddenTransferDecoder(model, transfer=random_transfer(model), prepack=False)
+    assert not model.prepacked
+    want = plain.generate(prompts, max_new_tokens=16).sequences
+    packed = ht.HiddenTransferDecoder(model, transfer=plain.transfer)  # None: where supported
+    assert model.prepacked and all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
+    assert_same_greedy(model, prompts, packed.generate(prompts, max_new_tokens=16).sequences, want)
+    with pytest.raises(ValueError, match="prepack_linears: needs a CPU bf16 model"):
+        ht.HiddenTransferDecoder(tiny_model(), transfer=None, prepack=True)

@@ -48,10 +48,11 @@ class MedusaWeights:
 
 class MedusaDecoder(HiddenTransferDecoder):
     """Lossless tree decoding with Medusa drafts. model: an ht_kernels Transformer; heads: a weights
-    file or MedusaWeights; tree, budget, backend, cuda_graphs: as for HiddenTransferDecoder. generate /
-    generate_ar as there."""
+    file or MedusaWeights; tree, budget, backend, cuda_graphs, prepack: as for HiddenTransferDecoder.
+    generate / generate_ar as there."""
 
-    def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True):
+    def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True,
+                 prepack: bool | None = None):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -66,7 +67,7 @@ class MedusaDecoder(HiddenTransferDecoder):
         self.weight = heads.weight.to(param.device, param.dtype)
         self.bias = heads.bias.to(param.device, param.dtype)
         self.tree = make_tree_policy(tree, heads.K, budget)
-        self._set_execution(backend, cuda_graphs)
+        self._set_execution(backend, cuda_graphs, prepack)
 
     def _drafts(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, dim] last-layer hidden states -> draft log-probabilities [B, K, V]."""

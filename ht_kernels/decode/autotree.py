@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .graphs import StepGraph
 from .trees import TreePolicy
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 3  # bump when the measurement changes, so cached choices are remade
+VERSION = 4  # bump when the measurement changes, so cached choices are remade
 
 
 @dataclass
@@ -175,30 +176,33 @@ def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int], bool]:
 
 @torch.inference_mode()
 def _step_latencies(decoder, cands, once, context: int, reps: int):
-    """Median latency (ms) of one step per candidate (with its head_once), and of a plain step, after
-    `context` random tokens."""
-    from ..ops.compact_kv import compact_kv
-
-    model = decoder.model
+    """Median latency (ms) of one forward pass per candidate (with its head_once), and of a plain one,
+    after `context` random tokens; as CUDA graph replays where the decoder replays its steps."""
+    model, K, dev = decoder.model, decoder.transfer.K, decoder.model.device
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, (context,), generator=gen).tolist()
-    K = decoder.transfer.K
     cache = model.new_cache(1, context + max(b for b, _ in cands) * (1 + K))
     _, drafts = decoder._prefill([prompt], cache, draft=True)
-    root = torch.zeros(1, dtype=torch.long, device=model.device)
-    positions = cache.lengths[:, None].long()
+    root = torch.zeros(1, dtype=torch.long, device=dev)
     saved = decoder.tree, decoder.n_chains, decoder.head_once
+    graphs = decoder.cuda_graphs and dev.type == "cuda"
 
-    def step(b, c):  # the cache's committed length stays: every step overwrites the same slots
-        decoder.tree, decoder.n_chains, decoder.head_once = TreePolicy(K, None, budget=b), c, once[b, c]
-        _, accepted, accept_len, _, _ = decoder._step(root, drafts, cache, None, None)
-        compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len)
-        accept_len.tolist()
+    def timed(settings=None):  # None: a plain pass. A pass commits nothing: each rewrites the same slots
+        out = torch.zeros(1, 1 + (settings[0].size if settings else 1), dtype=torch.long, device=dev)
+        forward_pass = decoder._forward_pass(settings is not None, root, drafts, cache, out,
+                                             lambda x: x.argmax(-1), None, None)
 
-    fns = {cand: lambda cand=cand: step(*cand) for cand in cands}
-    fns["plain"] = lambda: decoder._forward_all(root[:, None], positions, cache).argmax(-1).tolist()
+        def run():
+            if settings:
+                decoder.tree, decoder.n_chains, decoder.head_once = settings
+            forward_pass()
+        step = StepGraph(run, dev) if graphs else run
+        return lambda: (step(), out.tolist())
+
+    fns = {(b, c): timed((TreePolicy(K, None, budget=b), c, once[b, c])) for b, c in cands}
+    fns["plain"] = timed()
     try:
-        ms = _median_ms(fns, model.device, reps)
+        ms = _median_ms(fns, dev, reps)
     finally:
         decoder.tree, decoder.n_chains, decoder.head_once = saved
     return ms, ms.pop("plain")
@@ -210,7 +214,8 @@ def _sync(device) -> None:
 
 
 def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
-    """One file per machine, threads, torch, model, dtype, weights, calibration and candidates."""
+    """One file per machine, threads, torch, model, dtype, execution (prepacked weights, CUDA graphs),
+    weights, calibration and candidates."""
     model, w = decoder.model, decoder.transfer
     if model.device.type == "cuda":
         machine = torch.cuda.get_device_name(model.device)
@@ -218,7 +223,7 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
         machine = f"{_cpu_name()} x{os.cpu_count()} threads {torch.get_num_threads()}"
     h = hashlib.sha256()
     for part in (VERSION, machine, platform.machine(), torch.__version__, repr(model.config), model.dtype,
-                 w.layer, json.dumps(prompts), cands, gen_tokens, context):
+                 model.prepacked, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands, gen_tokens, context):
         h.update(repr(part).encode())
     for t in (w.weight, w.bias):
         h.update(t.detach().float().cpu().numpy().tobytes())

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..model import prepack_supported
 from ..ops._backend import BACKENDS
 from ..ops.compact_kv import compact_kv
 from ..ops.hidden_transfer import hidden_transfer
@@ -47,11 +48,13 @@ class HiddenTransferDecoder:
     hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda" | "triton" | "torch"; the last two
     have no Triton kernels and run "auto" under "triton"; tree attention takes the model's `attn_backend`). cuda_graphs: on CUDA, greedy decoding records its step
     once per generate call as a CUDA graph and replays it (`graphs.StepGraph`; `graph_status` tells
-    how the last call ran); sampling runs eagerly.
+    how the last call ran); sampling runs eagerly. prepack: run the model's linear layers through oneDNN
+    weights packed ahead (`model.prepack_linears`: CPU bf16, one more copy of the weights); None: where
+    supported.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
-                 backend: str = "auto", cuda_graphs: bool = True):
+                 backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -66,7 +69,7 @@ class HiddenTransferDecoder:
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
-        self._set_execution(backend, cuda_graphs)
+        self._set_execution(backend, cuda_graphs, prepack)
         self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
             if n_chains is not None:
@@ -80,9 +83,14 @@ class HiddenTransferDecoder:
         else:
             self.tree, self.n_chains = make_tree_policy(tree, weights.K, budget), n_chains
 
-    def _set_execution(self, backend: str, cuda_graphs: bool) -> None:
+    def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        m = self.model
+        if prepack is None:
+            prepack = prepack_supported(m.device, m.dtype)
+        if prepack != m.prepacked:
+            m.prepack_linears(prepack)
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
         # verify_tree_greedy and compact_kv have no Triton kernels: "triton" leaves them to "auto"
         self.verify_backend = "auto" if backend == "triton" else backend
