@@ -9,8 +9,8 @@ the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-
 
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
         [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
-        [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs] [--json PATH]
-        [--plot PATH]
+        [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs]
+        [--prepack auto|on|off] [--json PATH] [--plot PATH]
 
 On CUDA, ht and ar replay each greedy step as a CUDA graph (--no-cuda-graphs: eager steps), and the
 table adds each method's peak memory above what was allocated before the runs (the weights, the maps:
@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], default="auto",
                    help="backend of ht/ar's tree attention and step ops (default auto)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="ht/ar: eager steps on CUDA")
+    p.add_argument("--prepack", choices=["auto", "on", "off"], default="auto",
+                   help="ht/ar on CPU: linear weights packed ahead for oneDNN (auto: bf16 where supported)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: accepted-length histogram, tokens/s per method")
     args = p.parse_args(argv)
@@ -125,7 +127,8 @@ def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
         model.attn_backend = args.backend
         dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer),
                                        tree=resolve_tree_arg(args.tree), budget=args.budget, n_chains=args.n_chains,
-                                       backend=args.backend, cuda_graphs=not args.no_cuda_graphs)
+                                       backend=args.backend, cuda_graphs=not args.no_cuda_graphs,
+                                       prepack={"auto": None, "on": True, "off": False}[args.prepack])
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
             runners[name] = lambda ids, n, seed, fn=fn: fn(
                 [ids], max_new_tokens=n, eos_token_id=eos, generator=torch.Generator(model.device).manual_seed(seed),
@@ -223,7 +226,7 @@ def main(argv=None) -> None:
     cuda = model.device.type == "cuda"
     weights_bytes = torch.cuda.memory_allocated(model.device) if cuda else 0
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
-            "transformers": importlib.metadata.version("transformers")}
+            "transformers": importlib.metadata.version("transformers"), "prepacked": model.prepacked}
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
     print(title)
     print(f"model: {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens"

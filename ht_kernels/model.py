@@ -113,24 +113,29 @@ class KVCache:
         return self.k.shape[2]
 
 
+PREPACK_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `Linear.prepack` applies: CPU bf16 with oneDNN's bf16 kernels (avx512_bf16 or AMX)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether `Linear.prepack` applies: CPU fp32, or bf16 with oneDNN's bf16 kernels (avx512_bf16, AMX)."""
+    return (device.type == "cpu" and dtype in PREPACK_DTYPES and torch.backends.mkldnn.is_available()
+            and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, with `prepack` set, runs CPU bf16 inference through a copy of its weight packed
-    ahead in oneDNN's blocked layout (what inductor's freezing does): the same values, and a decoding
-    step 1.1-1.5x faster on an avx512_bf16 CPU (README). The copy is made by `pack()` and remade when
-    the weight changes; calls that record autograd, or inputs of another dtype or device, use `weight`.
+    """nn.Linear that, with `prepack` set, runs CPU inference through a copy of its weight packed ahead
+    in oneDNN's blocked layout (what inductor's freezing does), and a decoding step 1.2-1.5x faster on
+    this project's CPU (README). bf16 gives F.linear's values; fp32 differs from F.linear within rounding,
+    and a row computed alone or among others may differ in its last bits (plain and tree decoding can then
+    part at near-ties). The copy is made by `pack()` and remade when the weight changes; calls that
+    record autograd, or inputs of another dtype or device, use `weight`.
     """
 
     prepack = False
     _packed: tuple | None = None  # (weight, its version, the packed copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prepack and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.prepack and x.dtype == self.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled():
             return torch.ops.mkldnn._linear_pointwise(x, self.pack(), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -250,10 +255,10 @@ class Transformer(nn.Module):
 
     def prepack_linears(self, enabled: bool = True) -> None:
         """Run inference of every linear layer through oneDNN weights packed ahead (`Linear.prepack`;
-        CPU bf16 only, see `prepack_supported`): one more copy of those weights in memory."""
+        CPU fp32 or bf16, see `prepack_supported`): one more copy of those weights in memory."""
         if enabled and not prepack_supported(self.device, self.dtype):
-            raise ValueError(f"prepack_linears: needs a CPU bf16 model and oneDNN bf16 support, got a "
-                             f"{self.dtype} model on {self.device}")
+            raise ValueError(f"prepack_linears: needs a CPU fp32 or bf16 model and oneDNN (bf16: its bf16 "
+                             f"kernels), got a {self.dtype} model on {self.device}")
         for m in self.modules():
             if isinstance(m, Linear):
                 m.prepack = enabled

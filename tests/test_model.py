@@ -224,18 +224,19 @@ PREPACK = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.bf
 
 
 @PREPACK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_in,n_out,bias", [(64, 96, True), (37, 53, False), (576, 1536, False)])
-def test_prepacked_linear_matches_fp64(n_in, n_out, bias):
+def test_prepacked_linear_matches_fp64(n_in, n_out, bias, dtype):
     """Odd sizes, 1 to 3 dims, a strided input; poisoned weights would show as a mismatch."""
-    lin = Linear(n_in, n_out, bias=bias, dtype=torch.bfloat16)
+    lin = Linear(n_in, n_out, bias=bias, dtype=dtype)
     lin.prepack = True
     w, b = lin.weight.double(), None if lin.bias is None else lin.bias.double()
-    bf16 = dict(dtype=torch.bfloat16)
-    for x in (torch.randn(n_in, **bf16), torch.randn(3, 5, n_in, **bf16), torch.randn(2, 7, 2 * n_in, **bf16)[..., ::2]):
+    kw = dict(dtype=dtype)
+    for x in (torch.randn(n_in, **kw), torch.randn(3, 5, n_in, **kw), torch.randn(2, 7, 2 * n_in, **kw)[..., ::2]):
         with torch.no_grad():
             y = lin(x)
         ref = x.double() @ w.T + (0 if b is None else b)
-        assert_close(y, ref, torch.bfloat16, f"prepacked linear {list(x.shape)}")
+        assert_close(y, ref, dtype, f"prepacked linear {list(x.shape)}")
     assert lin._packed is not None  # the packed path ran
 
 
@@ -257,16 +258,25 @@ def test_prepacked_linear_follows_its_weight_and_autograd():
 
 
 @PREPACK
-def test_decoder_prepacks_bf16_cpu_models():
+@pytest.mark.parametrize("dtype,prepack", [(torch.float32, True), (torch.bfloat16, None)])
+def test_decoder_prepacks_cpu_models(dtype, prepack):
+    """bf16 models are prepacked by default, fp32 ones on request."""
     from test_decode import assert_same_greedy, random_transfer, tiny_model
 
-    model = tiny_model(vocab=64).to(torch.bfloat16)
+    model = tiny_model(vocab=64).to(dtype)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     plain = ht.HiddenTransferDecoder(model, transfer=random_transfer(model), prepack=False)
     assert not model.prepacked
     want = plain.generate(prompts, max_new_tokens=16).sequences
-    packed = ht.HiddenTransferDecoder(model, transfer=plain.transfer)  # None: where supported
+    ht.HiddenTransferDecoder(model, transfer=plain.transfer)
+    assert model.prepacked == (dtype == torch.bfloat16)
+    packed = ht.HiddenTransferDecoder(model, transfer=plain.transfer, prepack=prepack)
     assert model.prepacked and all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
     assert_same_greedy(model, prompts, packed.generate(prompts, max_new_tokens=16).sequences, want)
-    with pytest.raises(ValueError, match="prepack_linears: needs a CPU bf16 model"):
-        ht.HiddenTransferDecoder(tiny_model(), transfer=None, prepack=True)
+
+
+def test_prepack_needs_a_supported_dtype():
+    from test_decode import tiny_model
+
+    with pytest.raises(ValueError, match="prepack_linears: needs a CPU fp32 or bf16 model"):
+        ht.HiddenTransferDecoder(tiny_model().half(), transfer=None, prepack=True)

@@ -49,8 +49,8 @@ class HiddenTransferDecoder:
     have no Triton kernels and run "auto" under "triton"; tree attention takes the model's `attn_backend`). cuda_graphs: on CUDA, greedy decoding records its step
     once per generate call as a CUDA graph and replays it (`graphs.StepGraph`; `graph_status` tells
     how the last call ran); sampling runs eagerly. prepack: run the model's linear layers through oneDNN
-    weights packed ahead (`model.prepack_linears`: CPU bf16, one more copy of the weights); None: where
-    supported.
+    weights packed ahead (`model.prepack_linears`: CPU fp32 or bf16, one more copy of the weights); None:
+    where supported for bf16 (fp32 on request: the same tokens except at near-ties).
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
@@ -87,8 +87,8 @@ class HiddenTransferDecoder:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         m = self.model
-        if prepack is None:
-            prepack = prepack_supported(m.device, m.dtype)
+        if prepack is None:  # bf16 only: there the packed weights give F.linear's values
+            prepack = m.dtype == torch.bfloat16 and prepack_supported(m.device, m.dtype)
         if prepack != m.prepacked:
             m.prepack_linears(prepack)
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
