@@ -119,9 +119,8 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         plain_dec = ht.HiddenTransferDecoder(model, transfer=None)
         plain_cache = model.new_cache(1, C + 1)
         plain_cache.lengths.fill_(C)
-        token = torch.zeros(1, dtype=torch.long, device=dev)
-        plain = plain_dec._forward_pass(False, token, None, plain_cache, torch.zeros(1, 2, dtype=torch.long, device=dev),
-                                        lambda x: x.argmax(-1), None, None)
+        token, out = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, 2, dtype=torch.long, device=dev)
+        plain = plain_dec._forward_pass(False, token, None, plain_cache, out, lambda x: x.argmax(-1), None, None)
         t_plain = timed(plain, args.reps, dev)
         g_plain = graph_ms(plain, args) if args.graphs else None
         mem_plain = peak_mib(plain, dev, base)

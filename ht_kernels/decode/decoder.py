@@ -44,13 +44,15 @@ class HiddenTransferDecoder:
     best `budget` nodes by draft probability, per row), a TreePolicy, or "auto": the dynamic budget and
     n_chains with the most tokens per second on this machine (`autotree.tune_tree`: measured once, about
     a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under every real
-    node (None) or under the n_chains best-scoring ones. backend: the backend of the step's
-    hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda" | "triton" | "torch"; the last two
-    have no Triton kernels and run "auto" under "triton"; tree attention takes the model's `attn_backend`). cuda_graphs: on CUDA, greedy decoding records its step
-    once per generate call as a CUDA graph and replays it (`graphs.StepGraph`; `graph_status` tells
-    how the last call ran); sampling runs eagerly. prepack: run the model's linear layers through oneDNN
-    weights packed ahead (`model.prepack_linears`: CPU fp32 or bf16, one more copy of the weights); None:
-    where supported for bf16 (fp32 on request: the same tokens except at near-ties).
+    node (None) or under the n_chains best-scoring ones.
+    backend: the backend of the step's hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda"
+    | "triton" | "torch"; the last two have no Triton kernels and run "auto" under "triton"); tree
+    attention takes the model's `attn_backend`.
+    cuda_graphs: on CUDA, greedy decoding records its step once per generate call as a CUDA graph and
+    replays it (`graphs.StepGraph`; `graph_status` tells how the last call ran); sampling runs eagerly.
+    prepack: run the model's linear layers through oneDNN weights packed ahead (`model.prepack_linears`:
+    CPU fp32 or bf16, one more copy of the weights); None: where supported for bf16 (fp32 on request:
+    the same tokens except at near-ties).
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
