@@ -119,8 +119,8 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         plain_dec = ht.HiddenTransferDecoder(model, transfer=None)
         plain_cache = model.new_cache(1, C + 1)
         plain_cache.lengths.fill_(C)
-        token, out = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, 2, dtype=torch.long, device=dev)
-        plain = plain_dec._forward_pass(False, token, None, plain_cache, out, lambda x: x.argmax(-1), None, None)
+        token = torch.zeros(1, dtype=torch.long, device=dev)
+        plain, _ = plain_dec._forward_pass(False, token, None, plain_cache, lambda x: x.argmax(-1), None, None)
         t_plain = timed(plain, args.reps, dev)
         g_plain = graph_ms(plain, args) if args.graphs else None
         mem_plain = peak_mib(plain, dev, base)
@@ -138,8 +138,7 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
             root = torch.zeros(1, dtype=torch.long, device=dev)
             drafts = torch.randn(1, K, cfg.vocab_size, device=dev).log_softmax(-1)
 
-            out = torch.zeros(1, 1 + dec.tree.size, dtype=torch.long, device=dev)
-            step = dec._forward_pass(True, root, drafts, cache, out, None, None, None)
+            step, _ = dec._forward_pass(True, root, drafts, cache, None, None, None)
             t_step = timed(step, args.reps, dev)
             g_step = graph_ms(step, args) if args.graphs else None
             mem = peak_mib(step, dev, base)

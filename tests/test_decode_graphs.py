@@ -49,8 +49,7 @@ def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=Fal
         cache = model.new_cache(B, 128)
         root = torch.zeros(B, dtype=torch.long)
         drafts = torch.empty(B, K, CFG.vocab_size)
-        out = torch.zeros(B, 1 + (dec.tree.size if speculative else 1), dtype=torch.long)
-        forward_pass = dec._forward_pass(speculative, root, drafts, cache, out, lambda x: x.argmax(-1), None, None)
+        forward_pass, out = dec._forward_pass(speculative, root, drafts, cache, lambda x: x.argmax(-1), None, None)
         with NoHostData():
             forward_pass()
         return out

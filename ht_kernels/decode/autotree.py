@@ -188,20 +188,23 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
     graphs = decoder.cuda_graphs and dev.type == "cuda"
 
     def timed(settings=None):  # None: a plain pass. A pass commits nothing: each rewrites the same slots
-        out = torch.zeros(1, 1 + (settings[0].size if settings else 1), dtype=torch.long, device=dev)
-        forward_pass = decoder._forward_pass(settings is not None, root, drafts, cache, out,
-                                             lambda x: x.argmax(-1), None, None)
-
-        def run():
+        def use():  # the candidate's tree; the pass reads it when it runs (or is recorded)
             if settings:
                 decoder.tree, decoder.n_chains, decoder.head_once = settings
+
+        use()
+        forward_pass, out = decoder._forward_pass(settings is not None, root, drafts, cache,
+                                                  lambda x: x.argmax(-1), None, None)
+
+        def run():
+            use()
             forward_pass()
         step = StepGraph(run, dev) if graphs else run
         return lambda: (step(), out.tolist())
 
-    fns = {(b, c): timed((TreePolicy(K, None, budget=b), c, once[b, c])) for b, c in cands}
-    fns["plain"] = timed()
     try:
+        fns = {(b, c): timed((TreePolicy(K, None, budget=b), c, once[b, c])) for b, c in cands}
+        fns["plain"] = timed()
         ms = _median_ms(fns, dev, reps)
     finally:
         decoder.tree, decoder.n_chains, decoder.head_once = saved

@@ -141,8 +141,7 @@ class HiddenTransferDecoder:
         root = choose(logits)
         seqs, steps, active = [[] for _ in range(B)], [[] for _ in range(B)], [True] * B
         self._emit(root[:, None].tolist(), seqs, steps, active, max_new_tokens, eos, callback)
-        out = torch.zeros(B, 1 + (self.tree.size if speculative else 1), dtype=torch.long, device=root.device)
-        forward_pass = self._forward_pass(speculative, root, drafts, cache, out, choose, warp, generator)
+        forward_pass, out = self._forward_pass(speculative, root, drafts, cache, choose, warp, generator)
         graphs = self.cuda_graphs and warp is None and root.is_cuda
         run = StepGraph(forward_pass, root.device) if graphs else forward_pass
         live, n_live = torch.ones(B, dtype=cache.lengths.dtype, device=root.device), B
@@ -158,18 +157,21 @@ class HiddenTransferDecoder:
         self.graph_status = None if not graphs else "replayed" if run.graph is not None else f"eager: {run.error}"
         return GenerateOutput(seqs, steps)
 
-    def _forward_pass(self, speculative: bool, root, drafts, cache, out, choose, warp, generator):
-        """One forward pass over static tensors, as a function of none: it advances root [B] (and drafts
-        [B, K, V]) in place, moves the accepted nodes' keys/values behind the prefix, and writes out
-        [B, 1 + W]: each row's count n of new tokens, then the n tokens. It commits nothing (the caller
-        adds n to the lengths of the rows that go on) and, greedy, reads nothing on the host, so a CUDA
-        graph can replay it."""
+    def _forward_pass(self, speculative: bool, root, drafts, cache, choose, warp, generator):
+        """One forward pass over static tensors, as a function of none, and its output buffer out
+        [B, 1 + W] (W: the tree's nodes, 1 for a plain pass). The pass advances root [B] (and drafts
+        [B, K, V]) in place, moves the accepted nodes' keys/values behind the prefix, and writes into out
+        each row's count n of new tokens, then the n tokens. It commits nothing (the caller adds n to the
+        lengths of the rows that go on) and, greedy, reads nothing on the host, so a CUDA graph can
+        replay it."""
+        out = torch.zeros(root.shape[0], 1 + (self.tree.size if speculative else 1), dtype=torch.long,
+                          device=root.device)
         if not speculative:
             def forward_pass():
                 nxt = choose(self._forward_all(root[:, None], cache.lengths[:, None].long(), cache)[:, 0])
                 out.copy_(torch.stack([torch.ones_like(nxt), nxt], 1))
                 root.copy_(nxt)
-            return forward_pass
+            return forward_pass, out
 
         def forward_pass():
             tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, drafts, cache, warp, generator)
@@ -179,7 +181,7 @@ class HiddenTransferDecoder:
             out.copy_(torch.cat([accept_len[:, None], new], 1))
             root.copy_(nxt)
             drafts.copy_(nxt_drafts)
-        return forward_pass
+        return forward_pass, out
 
     def _prefill(self, prompts: list[list[int]], cache, draft: bool):
         """Run the right-padded prompts causally and commit them. Returns the logits [B, V] after each

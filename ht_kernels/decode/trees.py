@@ -93,8 +93,7 @@ class TreePolicy:
         if self.static:
             chosen = chosen.expand(B, -1)
         else:  # best candidates; a path scores strictly below its prefix, so the choice is prefix-closed
-            n = min(self.budget - 1, depth.numel())
-            chosen = (score - 1e-3 * depth).topk(n, dim=-1).indices.sort(dim=-1).values
+            chosen = (score - 1e-3 * depth).topk(self.size - 1, dim=-1).indices.sort(dim=-1).values
         node_of = torch.zeros(B, depth.numel(), dtype=torch.long, device=dev)  # candidate -> node id
         node_of.scatter_(1, chosen, torch.arange(1, chosen.shape[1] + 1, device=dev).expand(B, -1))
         cand_parent = parent[chosen]
