@@ -240,16 +240,19 @@ def test_data_two_rounds(smol, tmp_path):
 def test_replay_equals_decoding(tree, method, n_chains):
     """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
     decoder stays lossless with these drafters."""
-    model = tiny_model(vocab=12, out_std=4.0)
-    K, D = 3, model.config.dim
-    if method == "transfer":
-        weights = random_transfer(model, K=K, layer=2)
-        dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains)
-    else:
-        weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)
-        dec = MedusaDecoder(model, weights, tree=tree, budget=12)
-    prompts = random_tokens(model, [5, 9, 3])
-    out = dec.generate(prompts, max_new_tokens=40)
+    for _ in range(5):  # a random model can fall into a loop its random drafts never predict: draw again
+        model = tiny_model(vocab=12, out_std=4.0)
+        K, D = 3, model.config.dim
+        if method == "transfer":
+            weights = random_transfer(model, K=K, layer=2)
+            dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains)
+        else:
+            weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)
+            dec = MedusaDecoder(model, weights, tree=tree, budget=12)
+        prompts = random_tokens(model, [5, 9, 3])
+        out = dec.generate(prompts, max_new_tokens=40)
+        if sum(x > 1 for row in out.accept_lengths for x in row[1:]) >= 3:
+            break
     assert out.sequences == dec.generate_ar(prompts, max_new_tokens=40).sequences
     examples = [Example(p + s, len(p) - 1) for p, s in zip(prompts, out.sequences)]
     got = []
