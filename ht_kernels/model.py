@@ -132,21 +132,75 @@ class Linear(nn.Linear):
     """
 
     prepack = False
-    _packed: tuple | None = None  # (weight, its version, the packed copy)
+    _packed: tuple | None = None  # ((weight, its version), the packed copy)
+
+    fused = False  # set by FusedLinears: the layer's packed copy is part of its group's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prepack and x.dtype == self.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.packs(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.pack(), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether a call on x runs through the packed weight."""
+        return self.prepack and x.dtype == self.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
+
     def pack(self) -> torch.Tensor:
         """The packed copy of the current weight (made once per weight and version)."""
-        w = self.weight
-        version = None if w.is_inference() else w._version
-        if self._packed is None or self._packed[0] is not w or self._packed[1] != version:
+        key = _identity(self.weight)
+        if self._packed is None or not _same(self._packed[0], key):
             with torch.no_grad():
-                self._packed = (w, version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
-        return self._packed[2]
+                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1))
+        return self._packed[1]
+
+
+class FusedLinears(nn.Module):
+    """Linear layers that read the same input (q, k, v; gate, up), run as one GEMM over their weights
+    packed as one [sum of outputs, in] copy when they are prepacked: each output column equals the
+    separate call's bitwise (oneDNN, bf16 and fp32), and the call costs about half (README). The layers
+    stay their owner's (parameters, state dict, weight sharing): this module holds no parameters and
+    remakes its copy when a weight or bias changes.
+    """
+
+    def __init__(self, *linears: Linear):
+        super().__init__()
+        self.linears = linears  # a tuple: not registered as submodules
+        for lin in linears:
+            lin.fused = True
+        self._packed: tuple | None = None  # (identities of the weights and biases, packed weight, bias)
+
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs as one packed GEMM (else call the layers one by one)."""
+        return all(lin.packs(x) for lin in self.linears)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> the layers' outputs side by side [..., sum of outputs]; only where packs(x)."""
+        weight, bias = self.pack()
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The packed copy of the concatenated weights and the concatenated bias (None: no layer has one)."""
+        key = tuple(_identity(t) for lin in self.linears for t in (lin.weight, lin.bias))
+        if self._packed is None or not all(_same(a, b) for a, b in zip(self._packed[0], key)):
+            with torch.no_grad():
+                w = torch.cat([lin.weight.detach() for lin in self.linears])
+                has_bias = any(lin.bias is not None for lin in self.linears)
+                bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features)
+                                  for lin in self.linears]) if has_bias else None
+                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, 1), bias)
+        return self._packed[1:]
+
+
+def _identity(t: torch.Tensor | None) -> tuple:
+    """(tensor, its version, storage and dtype): what tells that a packed copy is stale (in-place writes,
+    `module.to()` swapping a parameter's data; inference tensors cannot be written in place)."""
+    if t is None:
+        return None, None
+    return t, (None if t.is_inference() else t._version, t.data_ptr(), t.dtype)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
 
 
 class RMSNorm(nn.Module):
@@ -169,13 +223,20 @@ class Attention(nn.Module):
         self.wk = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
         self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
         self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias, **factory)
+        self.wqkv = FusedLinears(self.wq, self.wk, self.wv)
 
     def forward(self, x, cos, sin, k_cache, v_cache, lengths, mask, backend):
         """x: [B, N, dim]; k_cache, v_cache: [B, S, Hkv, D] (written at lengths + j). Returns [B, N, dim]."""
         B, N, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, N, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, N, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim)
+        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv.packs(x):  # one GEMM, and RoPE on q and k at once
+            qkv = self.wqkv(x).view(B, N, Hq + 2 * Hkv, D)
+            qk = apply_rope(qkv[:, :, :Hq + Hkv], cos, sin)
+            q, k, v = qk[:, :, :Hq], qk[:, :, Hq:], qkv[:, :, Hq + Hkv:]
+        else:
+            q = apply_rope(self.wq(x).view(B, N, Hq, D), cos, sin)
+            k = apply_rope(self.wk(x).view(B, N, Hkv, D), cos, sin)
+            v = self.wv(x).view(B, N, Hkv, D)
         out = tree_attention(q, k_cache, v_cache, lengths, mask, k=k, v=v, backend=backend)
         return self.wo(out.reshape(B, N, -1))
 
@@ -186,9 +247,11 @@ class FeedForward(nn.Module):
         self.w1 = Linear(c.dim, c.hidden_dim, bias=False, **factory)  # gate
         self.w3 = Linear(c.dim, c.hidden_dim, bias=False, **factory)  # up
         self.w2 = Linear(c.hidden_dim, c.dim, bias=False, **factory)  # down
+        self.w13 = FusedLinears(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, -1) if self.w13.packs(x) else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -255,13 +318,17 @@ class Transformer(nn.Module):
 
     def prepack_linears(self, enabled: bool = True) -> None:
         """Run inference of every linear layer through oneDNN weights packed ahead (`Linear.prepack`;
-        CPU fp32 or bf16, see `prepack_supported`): one more copy of those weights in memory."""
+        CPU fp32 or bf16, see `prepack_supported`), q/k/v and gate/up as one GEMM each (`FusedLinears`):
+        one more copy of those weights in memory."""
         if enabled and not prepack_supported(self.device, self.dtype):
             raise ValueError(f"prepack_linears: needs a CPU fp32 or bf16 model and oneDNN (bf16: its bf16 "
                              f"kernels), got a {self.dtype} model on {self.device}")
         for m in self.modules():
             if isinstance(m, Linear):
-                m.prepack = enabled
+                m.prepack, m._packed = enabled, None
+                if enabled and not m.fused:
+                    m.pack()
+            elif isinstance(m, FusedLinears):
                 m._packed = None
                 if enabled:
                     m.pack()
@@ -317,9 +384,13 @@ class Transformer(nn.Module):
             h = self.layers[i](h, cos, sin, cache.k[i], cache.v[i], cache.lengths, mask, self.attn_backend)
         return h
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [..., dim] -> [..., vocab] logits in the model's dtype (final norm + LM head)."""
+        return self.output(self.norm(h))
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [..., dim] -> [..., vocab] fp32 (final norm + LM head)."""
-        return self.output(self.norm(h)).float()
+        """h: [..., dim] -> [..., vocab] fp32 logits."""
+        return self.head(h).float()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 from helpers import TOL, assert_close, rel_rms
 
 import ht_kernels as ht
-from ht_kernels.model import KVCache, Linear, ModelConfig, Transformer, prepack_supported, rope_inv_freq
+from ht_kernels.model import (FusedLinears, KVCache, Linear, ModelConfig, Transformer, prepack_supported,
+                              rope_inv_freq)
 
 # SmolLM2 in fp32, ours vs transformers on the same dequantized weights: the same math in another
 # order (SDPA vs our reference attention, other GEMM blockings) through 30 layers. Measured max abs
@@ -258,6 +259,78 @@ def test_prepacked_linear_follows_its_weight_and_autograd():
 
 
 @PREPACK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linears_match_fp64_and_the_separate_calls(dtype):
+    """Odd sizes, biases on some layers only, 1 to 3 dims, a strided input: the fused output is the
+    separate packed calls' side by side, bitwise, and within TOL of fp64."""
+    sizes, n_in = (53, 17, 29), 37
+    lins = [Linear(n_in, n, bias=i != 1, dtype=dtype) for i, n in enumerate(sizes)]
+    fused = FusedLinears(*lins)
+    x = torch.randn(2, 7, 2 * n_in, dtype=dtype)[..., ::2]
+    assert not fused.packs(x)  # not prepacked: the caller runs the layers one by one
+    for lin in lins:
+        lin.prepack = True
+    for x in (torch.randn(n_in, dtype=dtype), torch.randn(3, 5, n_in, dtype=dtype), x):
+        with torch.no_grad():
+            assert fused.packs(x)
+            y = fused(x)
+            separate = [lin(x) for lin in lins]
+        assert torch.equal(y, torch.cat(separate, -1)), f"fused != separate calls for {list(x.shape)}"
+        ref = torch.cat([x.double() @ lin.weight.double().T + (0 if lin.bias is None else lin.bias.double())
+                         for lin in lins], -1)
+        assert_close(y, ref, dtype, f"fused linears {list(x.shape)}")
+    assert not fused.packs(x.requires_grad_())
+
+
+@PREPACK
+def test_fused_linears_follow_their_weights():
+    """The fused copy is remade when a weight or bias changes in place, is replaced, or changes dtype."""
+    lins = [Linear(32, n, dtype=torch.bfloat16) for n in (16, 24)]
+    fused = FusedLinears(*lins)
+    for lin in lins:
+        lin.prepack = True
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+
+    def check():
+        with torch.no_grad():
+            want = torch.cat([torch.nn.functional.linear(x, lin.weight, lin.bias) for lin in lins], -1)
+            torch.testing.assert_close(fused(x), want, rtol=0, atol=0)
+
+    check()
+    with torch.no_grad():
+        lins[1].weight.mul_(2.0)
+    check()
+    with torch.no_grad():
+        lins[0].bias.add_(1.0)
+    check()
+    lins[1].weight = torch.nn.Parameter(torch.randn(24, 32, dtype=torch.bfloat16))
+    check()
+    for lin in lins:
+        lin.float()
+    x = x.float()
+    with torch.no_grad():
+        want = torch.cat([torch.nn.functional.linear(x, lin.weight, lin.bias) for lin in lins], -1)
+        assert_close(fused(x), want.double(), torch.float32, "fused linears after .float()")
+
+
+@PREPACK
+def test_prepacked_bf16_model_gives_the_plain_values():
+    """bf16: the packed path (fused q/k/v and gate/up, RoPE on q and k at once) computes every value
+    as the unpacked layers do, so plain and tree decoding keep their agreement."""
+    from test_decode import tiny_model
+
+    model = tiny_model(vocab=64, dim=96)
+    model.config.qkv_bias = True
+    model = model.to(torch.bfloat16)
+    tokens = torch.randint(0, 64, (2, 11))
+    want = full_logits(model, tokens)
+    model.prepack_linears()
+    got = full_logits(model, tokens)
+    assert model.layers[0].attention.wqkv._packed is not None  # the fused path ran
+    assert torch.equal(got, want)
+
+
+@PREPACK
 @pytest.mark.parametrize("dtype,prepack", [(torch.float32, True), (torch.bfloat16, None)])
 def test_decoder_prepacks_cpu_models(dtype, prepack):
     """bf16 models are prepacked by default, fp32 ones on request."""
@@ -271,7 +344,11 @@ def test_decoder_prepacks_cpu_models(dtype, prepack):
     ht.HiddenTransferDecoder(model, transfer=plain.transfer)
     assert model.prepacked == (dtype == torch.bfloat16)
     packed = ht.HiddenTransferDecoder(model, transfer=plain.transfer, prepack=prepack)
-    assert model.prepacked and all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
+    # one packed copy per weight: the fused layers' copies are their group's
+    copies = [m._packed is not None for m in model.modules() if isinstance(m, FusedLinears)
+              or isinstance(m, Linear) and not m.fused]
+    assert model.prepacked and all(copies) and len(copies) == 4 * 4 + 1
+    assert all(m._packed is None for m in model.modules() if isinstance(m, Linear) and m.fused)
     assert_same_greedy(model, prompts, packed.generate(prompts, max_new_tokens=16).sequences, want)
 
 

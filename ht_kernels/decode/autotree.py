@@ -27,7 +27,7 @@ from .trees import TreePolicy
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 4  # bump when the measurement changes, so cached choices are remade
+VERSION = 5  # bump when the measurement changes, so cached choices are remade
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int], bool]:
     model, K = decoder.model, decoder.transfer.K
     rows = sorted({K} | {r for b, c in cands for r in (b, b + c * K)})
     h = torch.randn(1, max(rows), model.config.dim, dtype=model.dtype, device=model.device)
-    ms = _median_ms({r: lambda r=r: model.logits(h[:, :r]) for r in rows}, model.device, COARSE_REPS)
+    ms = _median_ms({r: lambda r=r: model.head(h[:, :r]) for r in rows}, model.device, COARSE_REPS)
     return {(b, c): ms[b + c * K] < ms[b] + ms[K] for b, c in cands}
 
 

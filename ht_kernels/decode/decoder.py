@@ -234,11 +234,12 @@ class HiddenTransferDecoder:
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
         # The LM head reads its whole weight per call: one call over every row can cost less than a call
         # for the real rows and one for the accepted node's chain (`head_once`, chosen by tree auto).
+        # Logits stay in the model's dtype: the argmax needs no fp32 copy of them.
         if self.head_once:
-            rows_in = m.logits(hs)                                                   # [B, T + n K, V]
+            rows_in = m.head(hs)                                                     # [B, T + n K, V]
             logits = rows_in[:, :T]
         else:
-            rows_in, logits = hs, m.logits(hs[:, :T])                                # [B, T, V]
+            rows_in, logits = hs, m.head(hs[:, :T])                                  # [B, T, V]
         accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator, self.verify_backend)
         return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, tree, lay, last)
 
@@ -262,7 +263,8 @@ class HiddenTransferDecoder:
         """Draft log-probabilities [B, K, V] of depths 1..K below the next root, from the chain of the
         deepest chain owner on the accepted path (the last accepted node itself when it has one): pseudo
         j of an owner d levels above the last node predicts depth j - d; depths it cannot reach are
-        uniform. rows_in: the step's hidden states [B, N, dim], or its logits [B, N, V] (head_once)."""
+        uniform. rows_in: the step's hidden states [B, N, dim], or (head_once) its logits [B, N, V] in the
+        model's dtype."""
         m, K = self.model, self.transfer.K
         B, T = tree.tokens.shape
         on_path = lay.real_mask.gather(1, last[:, None, None].expand(B, 1, T)).squeeze(1)    # [B, T]
@@ -272,7 +274,7 @@ class HiddenTransferDecoder:
         j = torch.arange(K, device=rows_in.device) + shift                                   # pseudo j+1
         rows = T + chain[:, None] * K + j.clamp_max(K - 1)
         picked = rows_in.gather(1, rows[..., None].expand(B, K, rows_in.shape[-1]))
-        logp = (picked if self.head_once else m.logits(picked)).log_softmax(-1)
+        logp = (picked if self.head_once else m.head(picked)).float().log_softmax(-1)
         return torch.where((j < K)[..., None], logp, -math.log(logp.shape[-1]))
 
     @staticmethod
