@@ -11,6 +11,7 @@ from test_decode import (OracleDecoder, RandomDraftDecoder, ScriptedDrafts, asse
                          random_transfer, tiny_model)
 
 from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.sampling import greedy
 from ht_kernels.decode.trees import step_layout
 from ht_kernels.decode.transfer import TransferWeights
 
@@ -55,6 +56,17 @@ def check_steps(out, n: int) -> None:
 
 
 # --- edges of the loop ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_argmax_ties_included(dtype):
+    """Ties (frequent in bf16 logits) go to the first index, as argmax, whatever the row and the column."""
+    x = torch.randn(4, 3, 1001).to(dtype)
+    top = x.max() + 1
+    for b, cols in enumerate([(7, 500), (0, 1000), (999, 1000), (31, 32, 33)]):
+        x[b, b % 3, list(cols)] = top
+    assert torch.equal(greedy(x), x.argmax(-1))
+    assert greedy(x)[3, 0].item() == 31
+
 
 def test_max_new_tokens_one():
     """One new token: the prefill's argmax, no step runs, accept_lengths [[1]], one callback."""

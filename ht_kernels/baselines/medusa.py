@@ -94,6 +94,6 @@ class MedusaDecoder(HiddenTransferDecoder):
         mask = ancestor_masks(tree.parents, self.heads.K)
         positions = cache.lengths[:, None].long() + tree.depths
         h = m.run_layers(m.embed(tree.tokens), positions, cache, mask, range(m.config.n_layers))
-        accepted, accept_len, nxt, last = self._verify(m.logits(h), tree, warp, generator, self.verify_backend)
+        accepted, accept_len, nxt, last = self._verify(m.head(h), tree, warp, generator, self.verify_backend)
         h_last = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         return tree, accepted, accept_len, nxt, self._drafts(h_last)

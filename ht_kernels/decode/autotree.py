@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .graphs import StepGraph
+from .sampling import greedy
 from .trees import TreePolicy
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -194,7 +195,7 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
 
         use()
         forward_pass, out = decoder._forward_pass(settings is not None, root, drafts, cache,
-                                                  lambda x: x.argmax(-1), None, None)
+                                                  greedy, None, None)
 
         def run():
             use()

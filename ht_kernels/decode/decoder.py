@@ -22,7 +22,7 @@ from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
 from .graphs import StepGraph
-from .sampling import sample, verify_tree_sampling, warp_probs
+from .sampling import greedy, sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
 from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
 
@@ -135,7 +135,7 @@ class HiddenTransferDecoder:
         warp = None if temperature == 0 else (lambda x: warp_probs(x, temperature, top_k, top_p))
 
         def choose(logits):
-            return logits.argmax(-1) if warp is None else sample(warp(logits), generator)
+            return greedy(logits) if warp is None else sample(warp(logits), generator)
 
         logits, drafts = self._prefill(prompts, cache, draft=speculative)
         root = choose(logits)
@@ -252,7 +252,7 @@ class HiddenTransferDecoder:
         """logits: [B, T, V] of the tree's real nodes -> accepted [B, T] node indices (path order),
         accept_len [B], the next root [B] and the last accepted node [B]."""
         if warp is None:
-            target = logits.argmax(-1)
+            target = greedy(logits)
             accepted, accept_len = verify_tree_greedy(tree.tokens, tree.parents, target, backend=backend)
             last = accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
             return accepted, accept_len, target.gather(1, last[:, None]).squeeze(1), last
