@@ -20,13 +20,18 @@ def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, 
     """
     B, T, Hq, D = q.shape
     lens = cache_seqlens.long()
-    if k is not None:
+    flash = B and q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and FLASH_CPU
+    lo, hi = (int(x) for x in torch.aminmax(lens)) if flash else (None, None)
+    if k is not None and lo is not None and lo == hi:  # one prefix length: the new keys are one slice
+        k_cache[:, lo:lo + T] = k
+        v_cache[:, lo:lo + T] = v
+    elif k is not None:
         rows = torch.arange(B, device=q.device)[:, None]
         pos = lens[:, None] + torch.arange(T, device=q.device)
         k_cache[rows, pos] = k
         v_cache[rows, pos] = v
-    if B and q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and FLASH_CPU:
-        return _flash_cpu(q, k_cache, v_cache, lens, tree_mask, softmax_scale)
+    if flash:
+        return _flash_cpu(q, k_cache, v_cache, lens, lo, hi, tree_mask, softmax_scale)
     return _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale)
 
 
@@ -39,12 +44,12 @@ def _visible(lens: torch.Tensor, tree_mask: torch.Tensor, T: int, S: int):
     return (rel < 0)[:, None, :] | (in_tree & (rel < T)[:, None, :]), rel
 
 
-def _flash_cpu(q, k_cache, v_cache, lens, tree_mask, softmax_scale):
-    """The fused kernel, GQA without copies: the G query heads of a KV head are stacked as G * T rows."""
+def _flash_cpu(q, k_cache, v_cache, lens, lo: int, hi: int, tree_mask, softmax_scale):
+    """The fused kernel, GQA without copies: the G query heads of a KV head are stacked as G * T rows.
+    lo, hi: the smallest and largest of lens."""
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
-    lo, hi = (int(x) for x in torch.aminmax(lens))
     S = hi + T
     kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)             # [B, Hkv, S, D]
     # The additive mask is built per query head of a KV head ([B, 1, G, T, S] viewed as G * T rows).
