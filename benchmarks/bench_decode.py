@@ -1,7 +1,8 @@
 """Benchmark decoding: hidden transfer (ht) against plain decoding (ar) and transformers `generate` (hf).
 
 Batch 1, one prompt at a time, each in the model's chat template; per prompt every method runs once, in
-turn, so a change in the machine's load hits all methods alike. Generations have a fixed length
+turn, so a change in the machine's load hits all methods alike. --rounds N repeats the whole run N times
+(the methods' order rotating) and also reports each round's speedups. Generations have a fixed length
 (eos ignored) unless --stop-at-eos. Before timing, each method runs one short warmup generation.
 tokens/s = new tokens / seconds (prefill included), summed over prompts; tau = mean tokens committed per
 decoding step (the prefill's first token left out). `hf` is a transformers LlamaForCausalLM that shares
@@ -10,7 +11,7 @@ the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
         [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
         [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs]
-        [--prepack auto|on|off] [--json PATH] [--plot PATH]
+        [--prepack auto|on|off] [--rounds N] [--json PATH] [--plot PATH]
 
 On CUDA, ht and ar replay each greedy step as a CUDA graph (--no-cuda-graphs: eager steps), and the
 table adds each method's peak memory above what was allocated before the runs (the weights, the maps:
@@ -23,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -75,12 +77,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true", help="ht/ar: eager steps on CUDA")
     p.add_argument("--prepack", choices=["auto", "on", "off"], default="auto",
                    help="ht/ar on CPU: linear weights packed ahead for oneDNN (auto: bf16 where supported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every prompt and method this many times, the methods' order rotating (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: accepted-length histogram, tokens/s per method")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     if not args.methods or set(args.methods) - set(METHODS):
         p.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {','.join(args.methods)}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
 
 
@@ -165,12 +171,16 @@ def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
     summary["speedup_vs_ar"] = tps["ht"] / tps["ar"] if "ht" in tps and "ar" in tps else None
     summary["speedup_vs_hf"] = tps["ht"] / tps["hf"] if "ht" in tps and "hf" in tps else None
     summary["identical_fraction"] = identical(rows, "ht", "ar") if greedy else None
+    rounds = sorted({r["round"] for r in rows})
+    if len(rounds) > 1:  # each round's speedups: how far the machine's drift moves them
+        per = [summarize([r for r in rows if r["round"] == k], methods, greedy) for k in rounds]
+        summary["rounds"] = [{"speedup_vs_ar": s["speedup_vs_ar"], "speedup_vs_hf": s["speedup_vs_hf"]} for s in per]
     return summary
 
 
 def identical(rows: list[dict], a: str, b: str) -> float | None:
-    """Fraction of prompts whose outputs of methods a and b are equal; None unless both ran."""
-    out = {(r["prompt"], r["method"]): r["tokens"] for r in rows}
+    """Fraction of prompts whose outputs of methods a and b are equal (first round); None unless both ran."""
+    out = {(r["prompt"], r["method"]): r["tokens"] for r in rows if r["round"] == 0}
     prompts = sorted({p for p, m in out if m == a} & {p for p, m in out if m == b})
     return sum(out[p, a] == out[p, b] for p in prompts) / len(prompts) if prompts else None
 
@@ -186,6 +196,10 @@ def print_table(summary: dict, methods: list[str]) -> None:
         print(f"{m:>6}  {s['tokens_per_s']:9.2f}  {s['tau']:5.2f}  {s['new_tokens']:10d}  {s['seconds']:8.1f}  "
               f"{ratio('ar'):>6}  {ratio('hf'):>6}"
               + (f"  {s['peak_mib']:8.1f}  {', '.join(s['graphs'] or ['-'])}" if cuda else ""))
+    for key, name in (("speedup_vs_ar", "x AR"), ("speedup_vs_hf", "x HF")):
+        per = [r[key] for r in summary.get("rounds", []) if r[key] is not None]
+        if per:
+            print(f"ht {name} per round: {' '.join(f'{x:.2f}' for x in per)} (median {statistics.median(per):.2f})")
 
 
 def plot(path: str, rows: list[dict], summary: dict, methods: list[str], title: str) -> None:
@@ -245,21 +259,25 @@ def main(argv=None) -> None:
             print(format_table(choice))
     for run in runners.values():  # warmup
         run(prompts[0], WARMUP_TOKENS, args.seed)
-    rows, bar = [], tqdm(total=len(prompts) * len(runners), unit="gen", file=sys.stderr)
-    for i, ids in enumerate(prompts):
-        for m, run in runners.items():
-            if cuda:
-                torch.cuda.synchronize(model.device)
-                torch.cuda.reset_peak_memory_stats(model.device)
-            start = time.perf_counter()
-            out = run(ids, args.max_new_tokens, args.seed + i)
-            seconds = time.perf_counter() - start  # the run ends with a host read of its last tokens
-            peak = (torch.cuda.max_memory_allocated(model.device) - weights_bytes) / 2**20 if cuda else None
-            rows.append({"prompt": i, "method": m, "new_tokens": len(out.sequences[0]), "seconds": seconds,
-                         "accept_lengths": out.accept_lengths[0], "tokens": out.sequences[0], "peak_mib": peak,
-                         "graph": dec.graph_status if m in ("ht", "ar") else None})
-            bar.set_postfix_str(f"prompt {i} {m}", refresh=False)
-            bar.update()
+    rows, bar = [], tqdm(total=args.rounds * len(prompts) * len(runners), unit="gen", file=sys.stderr)
+    names = list(runners)
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for i, ids in enumerate(prompts):
+            for m in order:
+                run = runners[m]
+                if cuda:
+                    torch.cuda.synchronize(model.device)
+                    torch.cuda.reset_peak_memory_stats(model.device)
+                start = time.perf_counter()
+                out = run(ids, args.max_new_tokens, args.seed + i)
+                seconds = time.perf_counter() - start  # the run ends with a host read of its last tokens
+                peak = (torch.cuda.max_memory_allocated(model.device) - weights_bytes) / 2**20 if cuda else None
+                rows.append({"round": rnd, "prompt": i, "method": m, "new_tokens": len(out.sequences[0]),
+                             "seconds": seconds, "accept_lengths": out.accept_lengths[0], "tokens": out.sequences[0],
+                             "peak_mib": peak, "graph": dec.graph_status if m in ("ht", "ar") else None})
+                bar.set_postfix_str(f"prompt {i} {m}", refresh=False)
+                bar.update()
     bar.close()
     greedy = args.temperature == 0
     summary = summarize(rows, args.methods, greedy)

@@ -163,6 +163,28 @@ def test_bench_decode_sampling_subset(tiny, tmp_path, capsys):
     assert s["speedup_vs_ar"] is None and s["identical_fraction"] is None and s["speedup_vs_hf"] > 0
 
 
+def test_bench_decode_rounds(tiny, tmp_path, capsys):
+    """--rounds repeats every (prompt, method) run with the methods' order rotated, and reports each
+    round's speedup besides the totals."""
+    import bench_decode
+
+    js = tmp_path / "r.json"
+    bench_decode.main(["--model", tiny, "--transfer", "none", "--limit", "2", "--max-new-tokens", "5",
+                       "--methods", "ht,ar", "--tree", "default", "--rounds", "2", "--json", str(js)])
+    out = capsys.readouterr().out
+    result = json.loads(js.read_text())
+    rows, s = result["rows"], result["summary"]
+    assert [(r["round"], r["prompt"], r["method"]) for r in rows] == [
+        (0, 0, "ht"), (0, 0, "ar"), (0, 1, "ht"), (0, 1, "ar"), (1, 0, "ar"), (1, 0, "ht"), (1, 1, "ar"), (1, 1, "ht")]
+    assert s["ht"]["new_tokens"] == 20 and len(s["rounds"]) == 2
+    per = [r["speedup_vs_ar"] for r in s["rounds"]]
+    assert all(x > 0 for x in per) and s["rounds"][0]["speedup_vs_hf"] is None
+    assert f"ht x AR per round: {per[0]:.2f} {per[1]:.2f} (median " in out and "x HF per round" not in out
+    assert s["identical_fraction"] == 1.0
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--model", tiny, "--rounds", "0"])
+
+
 def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
     """Train both drafters from the model's own answers to built-in prompts, then measure them; the
     replayed tau equals the decoded one (fp32)."""
