@@ -125,15 +125,15 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
 class Linear(nn.Linear):
     """nn.Linear that, with `prepack` set, runs CPU inference through a copy of its weight packed ahead
     in oneDNN's blocked layout (what inductor's freezing does), and a decoding step 1.2-1.5x faster on
-    this project's CPU (README). bf16 gives F.linear's values; fp32 differs from F.linear within rounding,
-    and a row computed alone or among others may differ in its last bits (plain and tree decoding can then
-    part at near-ties). The copy is made by `pack()` and remade when the weight changes; calls that
-    record autograd, or inputs of another dtype or device, use `weight`.
+    this project's CPU (README). bf16 gives F.linear's values, and a row's values do not depend on the rows
+    computed with it. fp32 differs from F.linear within rounding; in fp32 a row computed alone and among
+    others differs in its last bits on either path (one row takes another kernel), so plain and tree
+    decoding can part at near-ties. The copy is made by `pack()` and remade when the weight changes; calls
+    that record autograd, or inputs of another dtype or device, use `weight`.
     """
 
     prepack = False
-    _packed: tuple | None = None  # ((weight, its version), the packed copy)
-
+    _packed: tuple | None = None  # ((weight, its version, storage, dtype), the packed copy)
     fused = False  # set by FusedLinears: the layer's packed copy is part of its group's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
