@@ -337,6 +337,10 @@ class Transformer(nn.Module):
     def prepacked(self) -> bool:
         return self.output.prepack
 
+    def prepack_bytes(self) -> int:
+        """Memory that prepack_linears adds: one copy of every linear weight (the tied LM head's too)."""
+        return sum(m.weight.numel() * m.weight.element_size() for m in self.modules() if isinstance(m, Linear))
+
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype

@@ -352,6 +352,30 @@ def test_decoder_prepacks_cpu_models(dtype, prepack):
     assert_same_greedy(model, prompts, packed.generate(prompts, max_new_tokens=16).sequences, want)
 
 
+@PREPACK
+def test_decoder_leaves_weights_unpacked_without_the_memory(monkeypatch):
+    """The default packs a bf16 model only when its copy takes at most half of the available memory."""
+    from test_decode import random_transfer, tiny_model
+
+    import ht_kernels.decode.decoder as decoder
+
+    model = tiny_model(vocab=64).to(torch.bfloat16)
+    transfer = random_transfer(model)
+    need = model.prepack_bytes()
+    assert need == sum(p.numel() * 2 for n, p in model.named_parameters(remove_duplicate=False)
+                       if "norm" not in n and "tok_embeddings" not in n)
+    monkeypatch.setattr(decoder, "available_memory", lambda: 2 * need - 1)
+    with pytest.warns(UserWarning, match=r"prepack: the packed copy .* running unpacked"):
+        ht.HiddenTransferDecoder(model, transfer=transfer)
+    assert not model.prepacked
+    ht.HiddenTransferDecoder(model, transfer=transfer, prepack=True)  # on request it packs anyway
+    assert model.prepacked
+    model.prepack_linears(False)
+    monkeypatch.setattr(decoder, "available_memory", lambda: 2 * need)
+    ht.HiddenTransferDecoder(model, transfer=transfer)
+    assert model.prepacked
+
+
 def test_prepack_needs_a_supported_dtype():
     from test_decode import tiny_model
 

@@ -10,6 +10,7 @@ what plain decoding would emit (greedy), or a sample of the same distribution (s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,8 +52,8 @@ class HiddenTransferDecoder:
     cuda_graphs: on CUDA, greedy decoding records its step once per generate call as a CUDA graph and
     replays it (`graphs.StepGraph`; `graph_status` tells how the last call ran); sampling runs eagerly.
     prepack: run the model's linear layers through oneDNN weights packed ahead (`model.prepack_linears`:
-    CPU fp32 or bf16, one more copy of the weights); None: where supported for bf16 (fp32 on request:
-    the same tokens except at near-ties).
+    CPU fp32 or bf16, one more copy of the weights); None: where supported for bf16, unless the copy would
+    take more than half of the memory available (it warns then); fp32 on request.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
@@ -91,6 +92,12 @@ class HiddenTransferDecoder:
         m = self.model
         if prepack is None:  # bf16 only: there the packed weights give F.linear's values
             prepack = m.dtype == torch.bfloat16 and prepack_supported(m.device, m.dtype)
+            free, need = available_memory(), m.prepack_bytes()
+            if prepack and not m.prepacked and free is not None and need > free / 2:
+                warnings.warn(f"prepack: the packed copy of the linear weights ({need / 2**30:.2f} GiB) would take "
+                              f"more than half of the {free / 2**30:.2f} GiB of memory available: running "
+                              f"unpacked (prepack=True packs anyway)", stacklevel=3)
+                prepack = False
         if prepack != m.prepacked:
             m.prepack_linears(prepack)
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
@@ -295,6 +302,18 @@ class HiddenTransferDecoder:
             new.append(toks)
         if callback is not None:
             callback(new)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
