@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.tree_attention import tree_attention
+from .eager.tree_attention import FlashCPUPlan
+from .ops.tree_attention import check_cache_bounds, tree_attention
 
 HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -225,8 +226,9 @@ class Attention(nn.Module):
         self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias, **factory)
         self.wqkv = FusedLinears(self.wq, self.wk, self.wv)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, lengths, mask, backend):
-        """x: [B, N, dim]; k_cache, v_cache: [B, S, Hkv, D] (written at lengths + j). Returns [B, N, dim]."""
+    def forward(self, x, cos, sin, k_cache, v_cache, attend):
+        """x: [B, N, dim]; k_cache, v_cache: [B, S, Hkv, D]; attend(q, k_cache, v_cache, k, v) -> [B, N, Hq, D]
+        writes k, v into the caches and attends (`Transformer.run_layers`). Returns [B, N, dim]."""
         B, N, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv.packs(x):  # one GEMM, and RoPE on q and k at once
@@ -237,8 +239,7 @@ class Attention(nn.Module):
             q = apply_rope(self.wq(x).view(B, N, Hq, D), cos, sin)
             k = apply_rope(self.wk(x).view(B, N, Hkv, D), cos, sin)
             v = self.wv(x).view(B, N, Hkv, D)
-        out = tree_attention(q, k_cache, v_cache, lengths, mask, k=k, v=v, backend=backend)
-        return self.wo(out.reshape(B, N, -1))
+        return self.wo(attend(q, k_cache, v_cache, k, v).reshape(B, N, -1))
 
 
 class FeedForward(nn.Module):
@@ -262,8 +263,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps, **factory)
         self.feed_forward = FeedForward(c, **factory)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, lengths, mask, backend):
-        h = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, lengths, mask, backend)
+    def forward(self, x, cos, sin, k_cache, v_cache, attend):
+        h = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, attend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -383,10 +384,28 @@ class Transformer(nn.Module):
         if h.dim() != 3 or tuple(positions.shape) != tuple(h.shape[:2]):
             raise ValueError(f"run_layers: h must be [B, N, dim] and positions [B, N], got h {list(h.shape)} "
                              f"and positions {list(positions.shape)}")
+        B, N = positions.shape
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+                tuple(mask.shape) not in ((N, N), (B, N, N)):
+            raise ValueError(f"run_layers: mask must be bool [N, N] or [B, N, N] with B={B}, N={N}, got "
+                             f"{getattr(mask, 'dtype', type(mask))} {list(getattr(mask, 'shape', []))}")
         cos, sin = self.rope(positions)
+        attend = self._attention(cache, mask, h)
         for i in layers:
-            h = self.layers[i](h, cos, sin, cache.k[i], cache.v[i], cache.lengths, mask, self.attn_backend)
+            h = self.layers[i](h, cos, sin, cache.k[i], cache.v[i], attend)
         return h
+
+    def _attention(self, cache: KVCache, mask: torch.Tensor, h: torch.Tensor):
+        """attend(q, k_cache, v_cache, k, v) -> out for the layers of one pass: `tree_attention` per layer,
+        or on CPU (backend auto or torch, eager) one `FlashCPUPlan` for all of them, which reads the
+        lengths and builds the additive mask once instead of once a layer."""
+        lengths, backend = cache.lengths, self.attn_backend
+        if backend in ("auto", "torch") and FlashCPUPlan.runs(h) and not torch.compiler.is_compiling():
+            check_cache_bounds(lengths, h.shape[1], cache.max_len)
+            plan = FlashCPUPlan(lengths, mask, h.shape[1], self.config.n_heads // self.config.n_kv_heads, h.dtype)
+            return lambda q, k_cache, v_cache, k, v: plan(q, k_cache, v_cache, k, v)[0]
+        return lambda q, k_cache, v_cache, k, v: tree_attention(q, k_cache, v_cache, lengths, mask, k=k, v=v,
+                                                                backend=backend)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """h: [..., dim] -> [..., vocab] logits in the model's dtype (final norm + LM head)."""

@@ -202,6 +202,34 @@ def test_ragged_tree_step_is_lossless():
             assert rel_rms(logits[b, j], ref) < TOL[torch.float32], (b, j)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [(9, 9), (5, 11)])
+def test_one_attention_plan_per_pass_equals_the_op_per_layer(monkeypatch, dtype, lengths):
+    """On CPU run_layers prepares the fused kernel's mask once for all layers (FlashCPUPlan): the values
+    are exactly those of the tree_attention op called per layer, keys/values in the cache included."""
+    import ht_kernels.model as model_module
+    from ht_kernels.eager.tree_attention import FlashCPUPlan
+
+    class NoPlan(FlashCPUPlan):
+        runs = staticmethod(lambda q: False)
+
+    model = random_model().to(dtype)
+    tree = ht.Tree.from_parents([-1, 0, 0, 1, 2, 2])
+    nodes, cache = torch.randint(0, 101, (2, 6)), model.new_cache(2, 24)
+    cache.k.normal_(), cache.v.normal_()
+    cache.lengths.copy_(torch.tensor(lengths))
+    positions = cache.lengths[:, None].long() + tree.depths
+
+    def run(plan: bool):
+        c = KVCache(cache.k.clone(), cache.v.clone(), cache.lengths.clone())
+        monkeypatch.setattr(model_module, "FlashCPUPlan", FlashCPUPlan if plan else NoPlan)
+        with torch.no_grad():
+            return model(nodes, positions, c, tree.ancestor_mask), c
+
+    (got, c1), (want, c2) = run(True), run(False)
+    assert torch.equal(got, want) and torch.equal(c1.k, c2.k) and torch.equal(c1.v, c2.v)
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 def test_missing_smollm2_package_names_the_fix(monkeypatch):
@@ -374,6 +402,15 @@ def test_decoder_leaves_weights_unpacked_without_the_memory(monkeypatch):
     monkeypatch.setattr(decoder, "available_memory", lambda: 2 * need)
     ht.HiddenTransferDecoder(model, transfer=transfer)
     assert model.prepacked
+
+
+def test_run_layers_rejects_a_bad_mask():
+    model = random_model()
+    cache = model.new_cache(2, 8)
+    h, positions = torch.randn(2, 3, model.config.dim), torch.zeros(2, 3, dtype=torch.long)
+    for mask in (torch.ones(3, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(3, 3, 3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"run_layers: mask must be bool \[N, N\] or \[B, N, N\] with B=2, N=3"):
+            model.run_layers(h, positions, cache, mask, range(1))
 
 
 def test_prepack_needs_a_supported_dtype():

@@ -317,11 +317,14 @@ def test_cache_bounds_known_skips_the_host_check(monkeypatch):
 
     lens = torch.tensor([100], dtype=torch.int32)
     with op.cache_bounds_known():
-        op._check_cache_bounds(lens, 5, 10)
+        op.check_cache_bounds(lens, 5, 10)
     with pytest.raises(ValueError, match="cache_seqlens"):
-        op._check_cache_bounds(lens, 5, 10)
+        op.check_cache_bounds(lens, 5, 10)
     seen = []
-    monkeypatch.setattr(op, "_check_cache_bounds", lambda *args: seen.append(op._BOUNDS_KNOWN.get()))
+    import ht_kernels.model as model_module
+
+    for where in (op, model_module):  # the op checks per call, the model once per pass (FlashCPUPlan)
+        monkeypatch.setattr(where, "check_cache_bounds", lambda *args: seen.append(op._BOUNDS_KNOWN.get()))
     model = tiny_model()
     HiddenTransferDecoder(model, random_transfer(model)).generate([[1, 2, 3]], max_new_tokens=4)
     assert seen and all(seen)

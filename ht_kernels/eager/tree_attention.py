@@ -6,6 +6,7 @@ import math
 import torch
 
 FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=None, softmax_scale=None):
@@ -15,23 +16,19 @@ def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, 
     or [B, T, T]; k, v: [B, T, Hkv, D] or None. Attends over the first max(cache_seqlens) + T cache
     positions of every row at once (each row masked to its own prefix and tree), accumulating in fp32
     (fp64 for fp64). On CPU, fp16/bf16/fp32 go through PyTorch's fused CPU flash-attention kernel with an
-    additive mask; elsewhere (and for fp64) scores and softmax are materialized.
+    additive mask (`FlashCPUPlan`); elsewhere (and for fp64) scores and softmax are materialized.
     Returns out [B, T, Hq, D] in q's dtype and lse [B, Hq, T] fp32 (fp64 for fp64).
     """
     B, T, Hq, D = q.shape
+    if FlashCPUPlan.runs(q):
+        plan = FlashCPUPlan(cache_seqlens, tree_mask, T, Hq // k_cache.shape[2], q.dtype)
+        return plan(q, k_cache, v_cache, k, v, softmax_scale)
     lens = cache_seqlens.long()
-    flash = B and q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and FLASH_CPU
-    lo, hi = (int(x) for x in torch.aminmax(lens)) if flash else (None, None)
-    if k is not None and lo is not None and lo == hi:  # one prefix length: the new keys are one slice
-        k_cache[:, lo:lo + T] = k
-        v_cache[:, lo:lo + T] = v
-    elif k is not None:
+    if k is not None:
         rows = torch.arange(B, device=q.device)[:, None]
         pos = lens[:, None] + torch.arange(T, device=q.device)
         k_cache[rows, pos] = k
         v_cache[rows, pos] = v
-    if flash:
-        return _flash_cpu(q, k_cache, v_cache, lens, lo, hi, tree_mask, softmax_scale)
     return _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale)
 
 
@@ -44,37 +41,63 @@ def _visible(lens: torch.Tensor, tree_mask: torch.Tensor, T: int, S: int):
     return (rel < 0)[:, None, :] | (in_tree & (rel < T)[:, None, :]), rel
 
 
-def _flash_cpu(q, k_cache, v_cache, lens, lo: int, hi: int, tree_mask, softmax_scale):
-    """The fused kernel, GQA without copies: the G query heads of a KV head are stacked as G * T rows.
-    lo, hi: the smallest and largest of lens."""
-    B, T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
-    S = hi + T
-    kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)             # [B, Hkv, S, D]
-    # The additive mask is built per query head of a KV head ([B, 1, G, T, S] viewed as G * T rows).
-    if lo == hi:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
-        bias = None
-        if T > 1 or not bool(tree_mask.all()):
-            bias = q.new_zeros(B, 1, G, T, S)
-            bias[..., lo:].masked_fill_(~tree_mask.reshape(-1, 1, 1, T, T), -math.inf)
-            bias = bias.view(B, 1, G * T, S)
-        blind = ~tree_mask.any(-1).expand(B, T) if lo == 0 else None
-    else:  # keys past a row's own prefix + tree may hold anything (NaN too): zero them, mask them
-        visible, rel = _visible(lens, tree_mask, T, S)
-        bias = q.new_zeros(B, 1, G, T, S).masked_fill_(~visible[:, None, None], -math.inf).view(B, 1, G * T, S)
-        live = (rel < T)[:, None, :, None]
-        kh, vh = kh.masked_fill(~live, 0.0), vh.masked_fill(~live, 0.0)
-        blind = ~visible.any(-1) if lo == 0 else None
-    qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=bias,
-                                                                            scale=softmax_scale)
-    out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
-    lse = lse.reshape(B, Hq, T)
-    if blind is not None:  # queries that see nothing: out 0, lse -inf
-        out = out.masked_fill(blind[..., None, None], 0.0)
-        lse = lse.masked_fill(blind[:, None, :], -math.inf)
-    return out, lse
+class FlashCPUPlan:
+    """Tree attention through the fused CPU kernel for calls that share cache_seqlens [B] and tree_mask
+    (every layer of one forward pass): the prefix bounds (one host read) and the additive mask are made
+    once. GQA without copies: the G query heads of a KV head are stacked as G * T rows, and the mask is
+    built per query head of a KV head ([B, 1, G, T, S] viewed as G * T rows). Calling it has
+    `tree_attention_torch`'s contract for q [B, T, G * Hkv, D] of the planned dtype.
+    """
+
+    @staticmethod
+    def runs(q: torch.Tensor) -> bool:
+        """Whether tree attention of q goes through the fused CPU kernel."""
+        return FLASH_CPU and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype in FLASH_DTYPES
+
+    def __init__(self, cache_seqlens: torch.Tensor, tree_mask: torch.Tensor, T: int, G: int, dtype: torch.dtype):
+        lens = cache_seqlens.long()
+        B = lens.shape[0]
+        lo, hi = (int(x) for x in torch.aminmax(lens))
+        S = hi + T
+        self.lens, self.lo, self.hi, self.T, self.dead = lens, lo, hi, T, None
+        if lo == hi:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
+            self.bias = None
+            if T > 1 or not bool(tree_mask.all()):
+                bias = torch.zeros(B, 1, G, T, S, dtype=dtype)
+                bias[..., lo:].masked_fill_(~tree_mask.reshape(-1, 1, 1, T, T), -math.inf)
+                self.bias = bias.view(B, 1, G * T, S)
+            self.blind = ~tree_mask.any(-1).expand(B, T) if lo == 0 else None
+        else:  # keys past a row's own prefix + tree may hold anything (NaN too): zero them, mask them
+            visible, rel = _visible(lens, tree_mask, T, S)
+            self.bias = torch.zeros(B, 1, G, T, S, dtype=dtype).masked_fill_(~visible[:, None, None], -math.inf)
+            self.bias = self.bias.view(B, 1, G * T, S)
+            self.dead = (rel >= T)[:, None, :, None]
+            self.blind = ~visible.any(-1) if lo == 0 else None
+
+    def __call__(self, q, k_cache, v_cache, k=None, v=None, softmax_scale=None):
+        B, T, Hq, D = q.shape
+        Hkv, lo, S = k_cache.shape[2], self.lo, self.hi + T
+        G = Hq // Hkv
+        if k is not None and lo == self.hi:  # the new keys/values are one slice
+            k_cache[:, lo:lo + T] = k
+            v_cache[:, lo:lo + T] = v
+        elif k is not None:
+            rows = torch.arange(B)[:, None]
+            pos = self.lens[:, None] + torch.arange(T)
+            k_cache[rows, pos] = k
+            v_cache[rows, pos] = v
+        kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)         # [B, Hkv, S, D]
+        if self.dead is not None:
+            kh, vh = kh.masked_fill(self.dead, 0.0), vh.masked_fill(self.dead, 0.0)
+        qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=self.bias,
+                                                                                scale=softmax_scale)
+        out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
+        lse = lse.reshape(B, Hq, T)
+        if self.blind is not None:  # queries that see nothing: out 0, lse -inf
+            out = out.masked_fill(self.blind[..., None, None], 0.0)
+            lse = lse.masked_fill(self.blind[:, None, :], -math.inf)
+        return out, lse
 
 
 def _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale):

@@ -128,7 +128,7 @@ def cache_bounds_known():
         _BOUNDS_KNOWN.reset(token)
 
 
-def _check_cache_bounds(cache_seqlens: torch.Tensor, T: int, S: int) -> None:
+def check_cache_bounds(cache_seqlens: torch.Tensor, T: int, S: int) -> None:
     """cache_seqlens + T must fit in the cache of capacity S (reads the lengths on the host)."""
     if cache_seqlens.numel() == 0 or _BOUNDS_KNOWN.get() or (
             cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -152,7 +152,7 @@ def _tree_attention_impl(
     softmax_scale: Optional[float],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
+    check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
     if backend in ("cuda", "triton"):
         if backend == "cuda":
             from ..cuda.tree_attention import tree_attention_fwd
