@@ -28,7 +28,7 @@ from .trees import TreePolicy
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 5  # bump when the measurement or the cost of a step changes, so cached choices are remade
+VERSION = 6  # bump when the measurement or the cost of a step changes, so cached choices are remade
 
 
 @dataclass
