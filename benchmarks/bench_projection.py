@@ -27,6 +27,7 @@ import torch
 
 import ht_kernels as ht
 from ht_kernels.decode.graphs import StepGraph
+from ht_kernels.decode.sampling import greedy
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.model import ModelConfig, Transformer
 from _harness import header
@@ -120,7 +121,7 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         plain_cache = model.new_cache(1, C + 1)
         plain_cache.lengths.fill_(C)
         token = torch.zeros(1, dtype=torch.long, device=dev)
-        plain, _ = plain_dec._forward_pass(False, token, None, plain_cache, lambda x: x.argmax(-1), None, None)
+        plain, _ = plain_dec._forward_pass(False, token, None, plain_cache, greedy, None, None)
         t_plain = timed(plain, args.reps, dev)
         g_plain = graph_ms(plain, args) if args.graphs else None
         mem_plain = peak_mib(plain, dev, base)

@@ -92,8 +92,8 @@ class HiddenTransferDecoder:
         m = self.model
         if prepack is None:  # bf16 only: there the packed weights give F.linear's values
             prepack = m.dtype == torch.bfloat16 and prepack_supported(m.device, m.dtype)
-            free, need = available_memory(), m.prepack_bytes()
-            if prepack and not m.prepacked and free is not None and need > free / 2:
+            free, need = (available_memory(), m.prepack_bytes()) if prepack and not m.prepacked else (None, 0)
+            if free is not None and need > free / 2:
                 warnings.warn(f"prepack: the packed copy of the linear weights ({need / 2**30:.2f} GiB) would take "
                               f"more than half of the {free / 2**30:.2f} GiB of memory available: running "
                               f"unpacked (prepack=True packs anyway)", stacklevel=3)

@@ -59,7 +59,10 @@ class FlashCPUPlan:
         B = lens.shape[0]
         lo, hi = (int(x) for x in torch.aminmax(lens))
         S = hi + T
-        self.lens, self.lo, self.hi, self.T, self.dead = lens, lo, hi, T, None
+        self.lo, self.hi, self.T = lo, hi, T
+        # The new keys/values go to one slice [lo, lo + T) of every row (rows None) or to rows [B, 1] at
+        # slots [B, T]; dead [B, 1, S, 1]: the slots past a row's own prefix and tree (None: none).
+        self.rows = self.slots = self.dead = None
         if lo == hi:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
             self.bias = None
             if T > 1 or not bool(tree_mask.all()):
@@ -72,20 +75,19 @@ class FlashCPUPlan:
             self.bias = torch.zeros(B, 1, G, T, S, dtype=dtype).masked_fill_(~visible[:, None, None], -math.inf)
             self.bias = self.bias.view(B, 1, G * T, S)
             self.dead = (rel >= T)[:, None, :, None]
+            self.rows, self.slots = torch.arange(B)[:, None], lens[:, None] + torch.arange(T)
             self.blind = ~visible.any(-1) if lo == 0 else None
 
     def __call__(self, q, k_cache, v_cache, k=None, v=None, softmax_scale=None):
         B, T, Hq, D = q.shape
         Hkv, lo, S = k_cache.shape[2], self.lo, self.hi + T
         G = Hq // Hkv
-        if k is not None and lo == self.hi:  # the new keys/values are one slice
+        if k is not None and self.rows is None:
             k_cache[:, lo:lo + T] = k
             v_cache[:, lo:lo + T] = v
         elif k is not None:
-            rows = torch.arange(B)[:, None]
-            pos = self.lens[:, None] + torch.arange(T)
-            k_cache[rows, pos] = k
-            v_cache[rows, pos] = v
+            k_cache[self.rows, self.slots] = k
+            v_cache[self.rows, self.slots] = v
         kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)         # [B, Hkv, S, D]
         if self.dead is not None:
             kh, vh = kh.masked_fill(self.dead, 0.0), vh.masked_fill(self.dead, 0.0)
