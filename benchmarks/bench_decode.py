@@ -11,7 +11,7 @@ the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
         [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
         [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs]
-        [--prepack auto|on|off] [--rounds N] [--json PATH] [--plot PATH]
+        [--prepack auto|on|off] [--exact] [--rounds N] [--json PATH] [--plot PATH]
 
 On CUDA, ht and ar replay each greedy step as a CUDA graph (--no-cuda-graphs: eager steps), and the
 table adds each method's peak memory above what was allocated before the runs (the weights, the maps:
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true", help="ht/ar: eager steps on CUDA")
     p.add_argument("--prepack", choices=["auto", "on", "off"], default="auto",
                    help="ht/ar on CPU: linear weights packed ahead for oneDNN (auto: bf16 where supported)")
+    p.add_argument("--exact", action="store_true",
+                   help="ht/ar (CPU bf16): rows computed independently of the rows beside them, so ht gives ar's "
+                        "tokens bit for bit")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every prompt and method this many times, the methods' order rotating (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
@@ -134,7 +137,8 @@ def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
         dec = ht.HiddenTransferDecoder(model, transfer=resolve_transfer_arg(args.transfer),
                                        tree=resolve_tree_arg(args.tree), budget=args.budget, n_chains=args.n_chains,
                                        backend=args.backend, cuda_graphs=not args.no_cuda_graphs,
-                                       prepack={"auto": None, "on": True, "off": False}[args.prepack])
+                                       prepack={"auto": None, "on": True, "off": False}[args.prepack],
+                                       exact=args.exact)
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
             runners[name] = lambda ids, n, seed, fn=fn: fn(
                 [ids], max_new_tokens=n, eos_token_id=eos, generator=torch.Generator(model.device).manual_seed(seed),
@@ -240,7 +244,8 @@ def main(argv=None) -> None:
     cuda = model.device.type == "cuda"
     weights_bytes = torch.cuda.memory_allocated(model.device) if cuda else 0
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
-            "transformers": importlib.metadata.version("transformers"), "prepacked": model.prepacked}
+            "transformers": importlib.metadata.version("transformers"), "prepacked": model.prepacked,
+            "row_exact": model.row_exact}
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
     print(title)
     print(f"model: {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens"

@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (default): the tree with the most tokens/s on this machine, measured once (about a "
                         "minute) and cached; default: the static 16-node tree; dynamic: the best --budget nodes")
     g.add_argument("--budget", type=int, default=16, help="nodes of a dynamic tree")
+    g.add_argument("--exact", action="store_true",
+                   help="bfloat16: the tokens of plain decoding bit for bit, not only up to near-ties (slower)")
     return p.parse_args(argv)
 
 
@@ -106,7 +108,7 @@ def generate(args: argparse.Namespace) -> None:
     if tree == "auto":
         print("tree auto: choosing the tree for this machine (measured once, then cached)", file=sys.stderr, flush=True)
     dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer),
-                                   tree=tree, budget=args.budget)
+                                   tree=tree, budget=args.budget, exact=args.exact)
     gen = None if args.seed is None else torch.Generator(model.device).manual_seed(args.seed)
     stream = TextStream(tok)
     run = dec.generate_ar if args.ar else dec.generate

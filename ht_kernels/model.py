@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .eager.tree_attention import FlashCPUPlan
+from .eager.tree_attention import FlashCPUPlan, RowExactCPUPlan
 from .ops.tree_attention import check_cache_bounds, tree_attention
 
 HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -115,6 +115,7 @@ class KVCache:
 
 
 PREPACK_DTYPES = (torch.float32, torch.bfloat16)
+LONE_ROW_MAX_K = 1024  # row-exact linear layers: a lone row over more inputs runs as two (one_row_as_two)
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -136,8 +137,14 @@ class Linear(nn.Linear):
     prepack = False
     _packed: tuple | None = None  # ((weight, its version, storage, dtype), the packed copy)
     fused = False  # set by FusedLinears: the layer's packed copy is part of its group's
+    row_exact = False  # set by Transformer.set_row_exact: a lone row runs as two (`one_row_as_two`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_exact and self.in_features > LONE_ROW_MAX_K:
+            return one_row_as_two(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packs(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.pack(), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -176,6 +183,11 @@ class FusedLinears(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> the layers' outputs side by side [..., sum of outputs]; only where packs(x)."""
+        if self.linears[0].row_exact and self.linears[0].in_features > LONE_ROW_MAX_K:
+            return one_row_as_two(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.pack()
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -190,6 +202,17 @@ class FusedLinears(nn.Module):
                                   for lin in self.linears]) if has_bias else None
                 self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, 1), bias)
         return self._packed[1:]
+
+
+def one_row_as_two(f, x: torch.Tensor) -> torch.Tensor:
+    """f(x) for x [..., in]; a lone row (x.numel() == in) is computed as two copies of itself. CPU bf16
+    GEMMs (oneDNN, avx512_bf16) sum a lone row over more than `LONE_ROW_MAX_K` inputs in another order
+    than rows among others (SmolLM2's down projection, 1536 inputs: 0.02% of outputs differ in the last
+    bit; measured with 1152-4096 inputs), while from two rows on, and up to 1024 inputs, a row's bits are
+    its own; padding costs nothing there, but two rows of the LM head take 1.2x one."""
+    if x.dim() < 2 or x.numel() != x.shape[-1]:
+        return f(x)
+    return f(torch.cat((x, x), -2)).narrow(-2, 0, 1)
 
 
 def _identity(t: torch.Tensor | None) -> tuple:
@@ -283,6 +306,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.tokenizer = None
         self.attn_backend = "auto"
+        self.row_exact = False  # set_row_exact
         self._inv_freq = rope_inv_freq(config)  # fp32 on purpose: not a buffer, so .to(dtype) keeps it
 
     @classmethod
@@ -333,6 +357,19 @@ class Transformer(nn.Module):
                 m._packed = None
                 if enabled:
                     m.pack()
+
+    def set_row_exact(self, enabled: bool = True) -> None:
+        """Make a row's outputs independent of the rows computed with it (CPU bf16), so that tree decoding
+        gives plain decoding's tokens bit for bit: attention of tree-shaped passes with depths up to 32
+        through `RowExactCPUPlan`, and a lone row through the linear layers as two (`one_row_as_two`).
+        Other passes (longer causal ones: prefills) keep the fused kernel: give them the same rows in
+        the same passes to get the same bits."""
+        if enabled and not (self.device.type == "cpu" and self.dtype == torch.bfloat16):
+            raise ValueError(f"set_row_exact: needs a CPU bf16 model, got a {self.dtype} model on {self.device}")
+        self.row_exact = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.row_exact = self.row_exact
 
     @property
     def prepacked(self) -> bool:
@@ -402,7 +439,11 @@ class Transformer(nn.Module):
         lengths, backend = cache.lengths, self.attn_backend
         if backend in ("auto", "torch") and FlashCPUPlan.runs(h) and not torch.compiler.is_compiling():
             check_cache_bounds(lengths, h.shape[1], cache.max_len)
-            plan = FlashCPUPlan(lengths, mask, h.shape[1], self.config.n_heads // self.config.n_kv_heads, h.dtype)
+            depth = RowExactCPUPlan.runs(h, mask) if self.row_exact else None
+            if depth is not None:
+                plan = RowExactCPUPlan(lengths, mask, depth)
+            else:
+                plan = FlashCPUPlan(lengths, mask, h.shape[1], self.config.n_heads // self.config.n_kv_heads, h.dtype)
             return lambda q, k_cache, v_cache, k, v: plan(q, k_cache, v_cache, k, v)[0]
         return lambda q, k_cache, v_cache, k, v: tree_attention(q, k_cache, v_cache, lengths, mask, k=k, v=v,
                                                                 backend=backend)

@@ -218,7 +218,7 @@ def _sync(device) -> None:
 
 
 def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
-    """One file per machine, threads, torch, model, dtype, execution (prepacked weights, CUDA graphs),
+    """One file per machine, threads, torch, model, dtype, execution (prepacked weights, row-exact, CUDA graphs),
     weights, calibration and candidates."""
     model, w = decoder.model, decoder.transfer
     if model.device.type == "cuda":
@@ -227,7 +227,8 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
         machine = f"{_cpu_name()} x{os.cpu_count()} threads {torch.get_num_threads()}"
     h = hashlib.sha256()
     for part in (VERSION, machine, platform.machine(), torch.__version__, repr(model.config), model.dtype,
-                 model.prepacked, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands, gen_tokens, context):
+                 model.prepacked, model.row_exact, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands,
+                 gen_tokens, context):
         h.update(repr(part).encode())
     for t in (w.weight, w.bias):
         h.update(t.detach().float().cpu().numpy().tobytes())

@@ -54,10 +54,14 @@ class HiddenTransferDecoder:
     prepack: run the model's linear layers through oneDNN weights packed ahead (`model.prepack_linears`:
     CPU fp32 or bf16, one more copy of the weights); None: where supported for bf16, unless the copy would
     take more than half of the memory available (it warns then); fp32 on request.
+    exact: make every row's values independent of the rows beside it (`model.set_row_exact`; CPU bf16),
+    so that greedy `generate` gives `generate_ar`'s tokens bit for bit, not only up to near-ties. It costs
+    both decoders time (README), so it is off by default.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
-                 backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None):
+                 backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None,
+                 exact: bool = False):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -72,7 +76,7 @@ class HiddenTransferDecoder:
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
-        self._set_execution(backend, cuda_graphs, prepack)
+        self._set_execution(backend, cuda_graphs, prepack, exact)
         self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
             if n_chains is not None:
@@ -86,7 +90,7 @@ class HiddenTransferDecoder:
         else:
             self.tree, self.n_chains = make_tree_policy(tree, weights.K, budget), n_chains
 
-    def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None) -> None:
+    def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         m = self.model
@@ -100,6 +104,7 @@ class HiddenTransferDecoder:
                 prepack = False
         if prepack != m.prepacked:
             m.prepack_linears(prepack)
+        m.set_row_exact(exact)
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
         # verify_tree_greedy and compact_kv have no Triton kernels: "triton" leaves them to "auto"
         self.verify_backend = "auto" if backend == "triton" else backend
@@ -201,24 +206,21 @@ class HiddenTransferDecoder:
         rows = torch.arange(B, device=dev)
         positions = torch.arange(P, device=dev).expand(B, P)
         mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        if not draft:
+        if not draft:  # the pads' keys/values lie beyond the lengths: never attended
             h = m.run_layers(m.embed(tokens), positions, cache, mask, range(L))
-            cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
+            cache.lengths.copy_(last + 1)
             return m.logits(h[rows, last]), None
+        # The prompt runs exactly as plain decoding runs it (same rows, same passes), then the last token's
+        # pseudo chain on its own above the committed prompt.
         t = self.transfer.layer
         h = m.run_layers(m.embed(tokens), positions, cache, mask, range(t))
-        hs = h.new_empty(B, P + K, h.shape[-1])  # the prompt, then the last token's pseudo chain
-        hs[:, :P] = h
-        hidden_transfer(h[rows, last][:, None], self.weight, self.bias, out=hs[:, P:].view(B, 1, K, -1),
-                        backend=self.backend)
-        chain = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
-        sees_prompt = (torch.arange(P, device=dev) <= last[:, None])[:, None, :].expand(B, K, P)
-        ext = torch.cat([torch.cat([mask, mask.new_zeros(P, K)], 1).expand(B, P, P + K),
-                         torch.cat([sees_prompt, chain.expand(B, K, K)], 2)], 1)        # [B, P + K, P + K]
-        ext_positions = torch.cat([positions, last[:, None] + torch.arange(1, K + 1, device=dev)], 1)
-        hs = m.run_layers(hs, ext_positions, cache, ext, range(t, L))
+        hp = m.run_layers(h, positions, cache, mask, range(t, L))
         cache.lengths.copy_(last + 1)
-        return m.logits(hs[rows, last]), m.logits(hs[:, P:]).log_softmax(-1)
+        chain = hidden_transfer(h[rows, last][:, None], self.weight, self.bias, backend=self.backend)[:, 0]
+        chain_mask = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
+        chain_positions = last[:, None] + torch.arange(1, K + 1, device=dev)
+        hc = m.run_layers(chain, chain_positions, cache, chain_mask, range(t, L))          # [B, K, dim]
+        return m.logits(hp[rows, last]), m.logits(hc).log_softmax(-1)
 
     def _forward_all(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One plain step of tokens [B, 1] -> logits [B, 1, V]."""

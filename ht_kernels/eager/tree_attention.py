@@ -7,6 +7,12 @@ import torch
 
 FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu if FLASH_CPU else None
+# From KERNEL_ROWS query rows per (batch, head) on, the fused CPU kernel gives a row the same bits beside
+# any others (bf16, no mask; measured: 1-3 rows take another path). RowExactCPUPlan pads to it, splits keys
+# at multiples of EXACT_BLOCK and attends a window of EXACT_WINDOW keys past the split.
+KERNEL_ROWS = 4
+EXACT_BLOCK, EXACT_WINDOW = 32, 64
 
 
 def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=None, softmax_scale=None):
@@ -41,12 +47,32 @@ def _visible(lens: torch.Tensor, tree_mask: torch.Tensor, T: int, S: int):
     return (rel < 0)[:, None, :] | (in_tree & (rel < T)[:, None, :]), rel
 
 
-class FlashCPUPlan:
+class _CPUPlan:
+    """What every layer of one CPU forward pass shares: the prefix bounds (one host read) and where the new
+    keys/values go: one slice [lo, lo + T) of every row (rows None), or rows [B, 1] at slots [B, T]."""
+
+    def __init__(self, lens: torch.Tensor, T: int):
+        self.lo, self.hi = (int(x) for x in torch.aminmax(lens))
+        self.T = T
+        self.rows = self.slots = None
+        if self.lo != self.hi:
+            self.rows, self.slots = torch.arange(lens.shape[0])[:, None], lens[:, None] + torch.arange(T)
+
+    def write(self, k_cache, v_cache, k, v) -> None:
+        if k is not None and self.rows is None:
+            k_cache[:, self.lo:self.lo + self.T] = k
+            v_cache[:, self.lo:self.lo + self.T] = v
+        elif k is not None:
+            k_cache[self.rows, self.slots] = k
+            v_cache[self.rows, self.slots] = v
+
+
+class FlashCPUPlan(_CPUPlan):
     """Tree attention through the fused CPU kernel for calls that share cache_seqlens [B] and tree_mask
-    (every layer of one forward pass): the prefix bounds (one host read) and the additive mask are made
-    once. GQA without copies: the G query heads of a KV head are stacked as G * T rows, and the mask is
-    built per query head of a KV head ([B, 1, G, T, S] viewed as G * T rows). Calling it has
-    `tree_attention_torch`'s contract for q [B, T, G * Hkv, D] of the planned dtype.
+    (every layer of one forward pass): the prefix bounds and the additive mask are made once. GQA without
+    copies: the G query heads of a KV head are stacked as G * T rows, and the mask is built per query head
+    of a KV head ([B, 1, G, T, S] viewed as G * T rows). Calling it has `tree_attention_torch`'s contract
+    for q [B, T, G * Hkv, D] of the planned dtype.
     """
 
     @staticmethod
@@ -56,14 +82,10 @@ class FlashCPUPlan:
 
     def __init__(self, cache_seqlens: torch.Tensor, tree_mask: torch.Tensor, T: int, G: int, dtype: torch.dtype):
         lens = cache_seqlens.long()
-        B = lens.shape[0]
-        lo, hi = (int(x) for x in torch.aminmax(lens))
-        S = hi + T
-        self.lo, self.hi, self.T = lo, hi, T
-        # The new keys/values go to one slice [lo, lo + T) of every row (rows None) or to rows [B, 1] at
-        # slots [B, T]; dead [B, 1, S, 1]: the slots past a row's own prefix and tree (None: none).
-        self.rows = self.slots = self.dead = None
-        if lo == hi:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
+        super().__init__(lens, T)
+        B, lo, S = lens.shape[0], self.lo, self.hi + T
+        self.dead = None  # [B, 1, S, 1]: the slots past a row's own prefix and tree (None: none)
+        if self.rows is None:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
             self.bias = None
             if T > 1 or not bool(tree_mask.all()):
                 bias = torch.zeros(B, 1, G, T, S, dtype=dtype)
@@ -75,31 +97,155 @@ class FlashCPUPlan:
             self.bias = torch.zeros(B, 1, G, T, S, dtype=dtype).masked_fill_(~visible[:, None, None], -math.inf)
             self.bias = self.bias.view(B, 1, G * T, S)
             self.dead = (rel >= T)[:, None, :, None]
-            self.rows, self.slots = torch.arange(B)[:, None], lens[:, None] + torch.arange(T)
             self.blind = ~visible.any(-1) if lo == 0 else None
 
     def __call__(self, q, k_cache, v_cache, k=None, v=None, softmax_scale=None):
         B, T, Hq, D = q.shape
-        Hkv, lo, S = k_cache.shape[2], self.lo, self.hi + T
+        Hkv, S = k_cache.shape[2], self.hi + T
         G = Hq // Hkv
-        if k is not None and self.rows is None:
-            k_cache[:, lo:lo + T] = k
-            v_cache[:, lo:lo + T] = v
-        elif k is not None:
-            k_cache[self.rows, self.slots] = k
-            v_cache[self.rows, self.slots] = v
+        self.write(k_cache, v_cache, k, v)
         kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)         # [B, Hkv, S, D]
         if self.dead is not None:
             kh, vh = kh.masked_fill(self.dead, 0.0), vh.masked_fill(self.dead, 0.0)
         qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=self.bias,
-                                                                                scale=softmax_scale)
+        out, lse = FLASH(qh, kh, vh, attn_mask=self.bias, scale=softmax_scale)
         out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
         lse = lse.reshape(B, Hq, T)
         if self.blind is not None:  # queries that see nothing: out 0, lse -inf
             out = out.masked_fill(self.blind[..., None, None], 0.0)
             lse = lse.masked_fill(self.blind[:, None, :], -math.inf)
         return out, lse
+
+
+def tree_depths(tree_mask: torch.Tensor) -> torch.Tensor | None:
+    """tree_mask: bool [T, T] or [B, T, T] -> depth [..., T] (ancestors seen) when every row sees itself and
+    exactly one node of each depth above it (a tree, or a forest of chains), else None."""
+    depth = tree_mask.sum(-1) - 1
+    anc = ancestors(tree_mask, depth)
+    ok = tree_mask.diagonal(0, -2, -1).all() and bool(((anc >= 0).sum(-1) == depth + 1).all())
+    return depth if ok else None
+
+
+def ancestors(tree_mask: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """-> anc [..., T, T]: anc[r, j] the node of depth j that row r sees (-1: none)."""
+    T = tree_mask.shape[-1]
+    at = torch.where(tree_mask, depth[..., None, :], T)                         # depth of each seen node
+    anc = torch.full(tree_mask.shape[:-1] + (T + 1,), -1, dtype=torch.long)
+    return anc.scatter_(-1, at, torch.arange(T).expand_as(at))[..., :T]
+
+
+class RowExactCPUPlan(_CPUPlan):
+    """Tree attention on CPU (bf16) in which a row's output depends only on the keys of its own positions
+    0..p (p: its prefix length + its depth), not on the rows beside it or on where its tree keys sit: a
+    tree node gets the bits plain decoding gets at p, so tree decoding gives plain decoding's tokens.
+
+    The fused CPU kernel gives a query row the same bits beside any others once an entry has at least
+    `KERNEL_ROWS` rows and no mask; with a mask, or past the prefix, the order of the keys matters. So a
+    row splits its keys at E = the multiple of `EXACT_BLOCK` at most p - EXACT_BLOCK (one split shared
+    by many rows): keys [0, E) go through the kernel with the other rows of the same E; keys E..E + 63, in
+    position order (the prefix, then the row's ancestors by depth; past p masked), go through it as an entry
+    of their own, laid out exactly as plain decoding lays them out; both parts merge in fp64 before one
+    rounding. Needs a tree mask (`tree_depths`) with depths <= EXACT_BLOCK. Calls have `FlashCPUPlan`'s
+    contract; the lengths and the tree are read on the host once per plan.
+    """
+
+    @staticmethod
+    def runs(q: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor | None:
+        """The tree's depths when q's attention under tree_mask can be row-exact, else None."""
+        if not (FLASH_CPU and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+            return None
+        depth = tree_depths(tree_mask)
+        return depth if depth is not None and int(depth.max()) <= EXACT_BLOCK else None
+
+    def __init__(self, cache_seqlens: torch.Tensor, tree_mask: torch.Tensor, depth: torch.Tensor):
+        lens = cache_seqlens.long()
+        T = tree_mask.shape[-1]
+        super().__init__(lens, T)
+        B = lens.shape[0]
+        mask, depth = tree_mask.expand(B, T, T), depth.expand(B, T)
+        pos = lens[:, None] + depth                                                 # [B, T]
+        split = ((pos - EXACT_BLOCK).div(EXACT_BLOCK, rounding_mode="floor") * EXACT_BLOCK).clamp_min(0)
+        self.groups = []  # (b, E, rows [n] or None: all) per prefix [0, E) the kernel attends
+        for b, row in enumerate(split.tolist()):
+            for e in sorted(set(row) - {0}):
+                rows = [t for t, x in enumerate(row) if x == e]
+                self.groups.append((b, e, None if len(rows) == T else torch.tensor(rows)))
+        # The windows: keys at positions split + j (j < EXACT_WINDOW) as cache slots [B, T, W], masked past p
+        x = split[..., None] + torch.arange(EXACT_WINDOW)
+        anc = ancestors(mask, depth).gather(2, (x - lens[:, None, None]).clamp(0).clamp_max(depth[..., None]))
+        self.slots_w = torch.where(x < lens[:, None, None], x, lens[:, None, None] + anc)
+        self.past_p = x > pos[..., None]
+        # One row over one prefix (plain decoding): its window is a slice of the cache
+        self.split0 = int(split[0, 0]) if B * T == 1 else None
+        self._shape = None
+
+    def _prepare(self, S: int, Hkv: int, G: int, D: int, dtype: torch.dtype) -> None:
+        """Per pass, at its first layer: the windows' flat cache slots, their mask and a zero-padded q."""
+        B, T = self.past_p.shape[:2]
+        rows = max(G, KERNEL_ROWS)
+        self._shape = (S, Hkv, G, D)
+        self.flat_w = (torch.arange(B)[:, None, None] * S + self.slots_w).view(-1)
+        self.slice_w = self.split0 is not None and self.split0 + EXACT_WINDOW <= S
+        self.bias_w = torch.zeros(B * T, 1, rows, EXACT_WINDOW, dtype=dtype).masked_fill_(
+            self.past_p.view(B * T, 1, 1, EXACT_WINDOW), -math.inf)
+        self.q_w = torch.zeros(B * T, Hkv, rows, D, dtype=dtype) if rows > G else None
+
+    def _window(self, cache: torch.Tensor) -> torch.Tensor:
+        """cache [B, S, Hkv, D] -> each row's window [B T, Hkv, W, D]."""
+        if self.slice_w:
+            return cache[:, self.split0:self.split0 + EXACT_WINDOW].transpose(1, 2)
+        Hkv, D = cache.shape[2:]
+        return cache.flatten(0, 1).index_select(0, self.flat_w).view(-1, EXACT_WINDOW, Hkv, D).transpose(1, 2)
+
+    def __call__(self, q, k_cache, v_cache, k=None, v=None, softmax_scale=None):
+        B, T, Hq, D = q.shape
+        S, Hkv = k_cache.shape[1:3]
+        G = Hq // Hkv
+        self.write(k_cache, v_cache, k, v)
+        if self._shape != (S, Hkv, G, D):
+            self._prepare(S, Hkv, G, D, q.dtype)
+        # Each row's window as an entry of its own: [B T, Hkv, >= 4, D] against [B T, Hkv, W, D]
+        qw = q.reshape(B * T, Hkv, G, D)
+        if self.q_w is not None:
+            qw = self.q_w
+            qw[:, :, :G].copy_(q.view(B * T, Hkv, G, D))
+        out, lse = FLASH(qw, self._window(k_cache), self._window(v_cache), attn_mask=self.bias_w, scale=softmax_scale)
+        out, lse = out[:, :, :G], lse[:, :, :G]                                   # [B T, Hkv, G(, D)]
+        if self.groups:  # the prefixes [0, E), merged in fp64, weighted by their share of the softmax
+            out_p, lse_p = self._prefixes(q, qw, k_cache, v_cache, softmax_scale)
+            w = lse_p.double().sub_(lse).sigmoid_()[..., None]
+            out = torch.lerp(out.double(), out_p.double(), w)
+            lse = torch.logaddexp(lse_p, lse)
+        return out.to(q.dtype).reshape(B, T, Hq, D), lse.reshape(B, T, Hq).transpose(1, 2)
+
+    def _prefixes(self, q, qw, k_cache, v_cache, softmax_scale):
+        """-> out_p [B T, Hkv, G, D], lse_p [B T, Hkv, G]: each row over its prefix [0, E) (-inf: none)."""
+        B, T, Hq, D = q.shape
+        Hkv = k_cache.shape[2]
+        G = Hq // Hkv
+        if B * T == 1:  # the window's query rows are the prefix's
+            b, e, _ = self.groups[0]
+            o, l = FLASH(qw, k_cache[:, :e].transpose(1, 2), v_cache[:, :e].transpose(1, 2), scale=softmax_scale)
+            return o[:, :, :G], l[:, :, :G]
+        out_p = q.new_zeros(B, T, Hkv, G, D)
+        lse_p = torch.full((B, T, Hkv, G), -math.inf)
+        for b, e, sel in self.groups:  # the rows of one prefix in one entry, as G n query rows
+            qs = q[b] if sel is None else q[b, sel]                                        # [n, Hq, D]
+            n = qs.shape[0]
+            o, l = FLASH(_rows(qs.view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * n, D)),
+                         k_cache[b:b + 1, :e].transpose(1, 2), v_cache[b:b + 1, :e].transpose(1, 2),
+                         scale=softmax_scale)
+            at = (b, slice(None) if sel is None else sel)
+            out_p[at] = o[0, :, :G * n].view(Hkv, G, n, D).permute(2, 0, 1, 3)
+            lse_p[at] = l[0, :, :G * n].view(Hkv, G, n).permute(2, 0, 1)
+        return out_p.view(B * T, Hkv, G, D), lse_p.view(B * T, Hkv, G)
+
+
+def _rows(q: torch.Tensor) -> torch.Tensor:
+    """q [N, H, M, D] with zero rows appended up to KERNEL_ROWS."""
+    if q.shape[2] >= KERNEL_ROWS:
+        return q
+    return torch.cat([q, q.new_zeros(q.shape[0], q.shape[1], KERNEL_ROWS - q.shape[2], q.shape[3])], 2)
 
 
 def _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale):
