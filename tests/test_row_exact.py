@@ -175,3 +175,13 @@ def test_smollm2_bf16_decoding_gives_plain_tokens_exactly(smol_bf16):
         assert len(ht_out.accept_lengths[0]) < 40  # drafts were accepted: the tree rows were used
     batch = dec.generate(prompts[:2], max_new_tokens=24).sequences
     assert batch == dec.generate_ar(prompts[:2], max_new_tokens=24).sequences
+
+
+def test_plain_answers_leave_the_model_as_it_runs():
+    """Tree auto's calibration answers (`train.data.synthesize`) keep the model's execution settings."""
+    from ht_kernels.train.data import synthesize
+
+    model = exact_model()
+    model.prepack_linears(False)
+    synthesize(model, [[1, 2, 3]], max_new_tokens=2)
+    assert model.row_exact and not model.prepacked

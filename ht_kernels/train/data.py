@@ -275,7 +275,7 @@ def synthesize(model, prompts: list[list[int]], max_new_tokens: int, batch_size:
     Returns one Example per prompt: prompt + answer, trained from the prompt's last token."""
     from ..decode.decoder import HiddenTransferDecoder
 
-    dec = HiddenTransferDecoder(model, transfer=None)
+    dec = HiddenTransferDecoder(model, transfer=None, prepack=model.prepacked, exact=model.row_exact)  # as it runs
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Example | None] = [None] * len(prompts)
     gen = torch.Generator(model.device).manual_seed(seed)
