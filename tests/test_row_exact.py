@@ -53,8 +53,7 @@ def paths(mask: torch.Tensor) -> list[list[int]]:
 @pytest.mark.parametrize("room", [0, 80])
 def test_each_row_is_the_plain_pass_at_its_position(G, L0, room):
     """A tree node's output and lse equal, bit for bit, those of the same query alone at its position p
-    with its ancestors in the cache in order (plain decoding); room: cache slots past p (0: the plain
-    pass gathers its window, 80: slices it)."""
+    with its ancestors in the cache in order (plain decoding); room: cache slots past p, holding NaN."""
     torch.manual_seed(L0 + G)
     T, Hkv, D = 9, 2, 64
     mask = random_tree_mask(T)
@@ -65,8 +64,8 @@ def test_each_row_is_the_plain_pass_at_its_position(G, L0, room):
     out, lse = exact(q, kc.clone(), vc.clone(), torch.tensor([L0]), mask, k, v)
     for r, path in enumerate(paths(mask)):
         p = L0 + len(path) - 1
-        kp = torch.cat([kc[:, :L0], k[:, path], torch.randn(1, room, Hkv, D, dtype=BF16)], 1)
-        vp = torch.cat([vc[:, :L0], v[:, path], torch.randn(1, room, Hkv, D, dtype=BF16)], 1)
+        nan = torch.full((1, room, Hkv, D), float("nan"), dtype=BF16)
+        kp, vp = torch.cat([kc[:, :L0], k[:, path], nan], 1), torch.cat([vc[:, :L0], v[:, path], nan], 1)
         one, one_lse = exact(q[:, r:r + 1], kp, vp, torch.tensor([p]), causal(1))
         assert torch.equal(one[0, 0], out[0, r]), (r, path)
         assert torch.equal(one_lse[0, :, 0], lse[0, :, r]), (r, path)

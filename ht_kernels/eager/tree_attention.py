@@ -175,8 +175,6 @@ class RowExactCPUPlan(_CPUPlan):
         anc = ancestors(mask, depth).gather(2, (x - lens[:, None, None]).clamp(0).clamp_max(depth[..., None]))
         self.slots_w = torch.where(x < lens[:, None, None], x, lens[:, None, None] + anc)
         self.past_p = x > pos[..., None]
-        # One row over one prefix (plain decoding): its window is a slice of the cache
-        self.split0 = int(split[0, 0]) if B * T == 1 else None
         self._shape = None
 
     def _prepare(self, S: int, Hkv: int, G: int, D: int, dtype: torch.dtype) -> None:
@@ -185,15 +183,13 @@ class RowExactCPUPlan(_CPUPlan):
         rows = max(G, KERNEL_ROWS)
         self._shape = (S, Hkv, G, D)
         self.flat_w = (torch.arange(B)[:, None, None] * S + self.slots_w).view(-1)
-        self.slice_w = self.split0 is not None and self.split0 + EXACT_WINDOW <= S
         self.bias_w = torch.zeros(B * T, 1, rows, EXACT_WINDOW, dtype=dtype).masked_fill_(
             self.past_p.view(B * T, 1, 1, EXACT_WINDOW), -math.inf)
         self.q_w = torch.zeros(B * T, Hkv, rows, D, dtype=dtype) if rows > G else None
 
     def _window(self, cache: torch.Tensor) -> torch.Tensor:
-        """cache [B, S, Hkv, D] -> each row's window [B T, Hkv, W, D]."""
-        if self.slice_w:
-            return cache[:, self.split0:self.split0 + EXACT_WINDOW].transpose(1, 2)
+        """cache [B, S, Hkv, D] -> each row's window [B T, Hkv, W, D] (past p: the row's own key; the
+        slots there may hold anything, NaN too, which a masked key would still spread)."""
         Hkv, D = cache.shape[2:]
         return cache.flatten(0, 1).index_select(0, self.flat_w).view(-1, EXACT_WINDOW, Hkv, D).transpose(1, 2)
 
