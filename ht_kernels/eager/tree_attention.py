@@ -9,8 +9,8 @@ FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu if FLASH_CPU else None
 # From KERNEL_ROWS query rows per (batch, head) on, the fused CPU kernel gives a row the same bits beside
-# any others (bf16, no mask; measured: 1-3 rows take another path). RowExactCPUPlan pads to it, splits keys
-# at multiples of EXACT_BLOCK and attends a window of EXACT_WINDOW keys past the split.
+# any others (bf16; measured: 1-3 rows take another path). RowExactCPUPlan pads to it, splits keys at
+# multiples of EXACT_BLOCK and attends a window of EXACT_WINDOW keys past the split.
 KERNEL_ROWS = 4
 EXACT_BLOCK, EXACT_WINDOW = 32, 64
 
@@ -135,18 +135,18 @@ def ancestors(tree_mask: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
 
 
 class RowExactCPUPlan(_CPUPlan):
-    """Tree attention on CPU (bf16) in which a row's output depends only on the keys of its own positions
-    0..p (p: its prefix length + its depth), not on the rows beside it or on where its tree keys sit: a
-    tree node gets the bits plain decoding gets at p, so tree decoding gives plain decoding's tokens.
+    """Tree attention on CPU (bf16) in which a row's output depends only on the keys of its positions 0..p
+    (p: its prefix length + its depth), not on the rows beside it or on where its tree keys sit: a tree
+    node gets the bits plain decoding gets at p, so tree decoding gives plain decoding's tokens.
 
-    The fused CPU kernel gives a query row the same bits beside any others once an entry has at least
-    `KERNEL_ROWS` rows and no mask; with a mask, or past the prefix, the order of the keys matters. So a
-    row splits its keys at E = the multiple of `EXACT_BLOCK` at most p - EXACT_BLOCK (one split shared
-    by many rows): keys [0, E) go through the kernel with the other rows of the same E; keys E..E + 63, in
-    position order (the prefix, then the row's ancestors by depth; past p masked), go through it as an entry
-    of their own, laid out exactly as plain decoding lays them out; both parts merge in fp64 before one
-    rounding. Needs a tree mask (`tree_depths`) with depths <= EXACT_BLOCK. Calls have `FlashCPUPlan`'s
-    contract; the lengths and the tree are read on the host once per plan.
+    The fused CPU kernel gives a query row the same bits beside any others in an entry of at least
+    `KERNEL_ROWS` rows, but the number of keys (masked ones included) and their order change them. So a
+    row splits its keys at E = the largest multiple of `EXACT_BLOCK` <= p - EXACT_BLOCK (shared by the
+    rows around it): keys [0, E) go through the kernel in one entry with the other rows of the same E; the
+    `EXACT_WINDOW` keys from E on, in position order (prefix keys, then the row's ancestors by depth;
+    past p masked), go through it as an entry of their own, laid out as plain decoding lays them out;
+    the two parts merge in fp64 before one rounding. Needs a tree mask (`tree_depths`) of depth at most
+    EXACT_BLOCK. Calls have `FlashCPUPlan`'s contract; the plan reads the lengths and the tree on the host.
     """
 
     @staticmethod
@@ -205,7 +205,8 @@ class RowExactCPUPlan(_CPUPlan):
         if self.q_w is not None:
             qw = self.q_w
             qw[:, :, :G].copy_(q.view(B * T, Hkv, G, D))
-        out, lse = FLASH(qw, self._window(k_cache), self._window(v_cache), attn_mask=self.bias_w, scale=softmax_scale)
+        kw, vw = self._window(k_cache), self._window(v_cache)
+        out, lse = FLASH(qw, kw, vw, attn_mask=self.bias_w, scale=softmax_scale)
         out, lse = out[:, :, :G], lse[:, :, :G]                                   # [B T, Hkv, G(, D)]
         if self.groups:  # the prefixes [0, E), merged in fp64, weighted by their share of the softmax
             out_p, lse_p = self._prefixes(q, qw, k_cache, v_cache, softmax_scale)
