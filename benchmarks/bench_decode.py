@@ -288,7 +288,9 @@ def main(argv=None) -> None:
     summary = summarize(rows, args.methods, greedy)
     print_table(summary, args.methods)
     same = summary["identical_fraction"]
-    print("identical to ar (ht): " + ("n/a (sampling)" if not greedy else "n/a" if same is None else f"{same:.2f}"))
+    print("identical to ar (ht): " + ("n/a (sampling)" if not greedy else "n/a" if same is None else f"{same:.2f}")
+          + (" (bf16 near-ties; --exact gives ar's tokens bit for bit)" if same is not None and same < 1
+             and dtype == torch.bfloat16 and model.device.type == "cpu" and not model.row_exact else ""))
     hf_same = identical(rows, "hf", "ar") if greedy else None
     if hf_same is not None:
         print(f"identical to ar (hf): {hf_same:.2f}")
