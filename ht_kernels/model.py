@@ -127,8 +127,8 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
 class Linear(nn.Linear):
     """nn.Linear that, with `prepack` set, runs CPU inference through a copy of its weight packed ahead
     in oneDNN's blocked layout (what inductor's freezing does), and a decoding step 1.2-1.5x faster on
-    this project's CPU (README). bf16 gives F.linear's values, and a row's values do not depend on the rows
-    computed with it. fp32 differs from F.linear within rounding; in fp32 a row computed alone and among
+    this project's CPU (README). bf16 gives F.linear's values, and among two or more rows a row's values do
+    not depend on the others (alone, over more than 1024 inputs, they can: `one_row_as_two`). fp32 differs from F.linear within rounding; in fp32 a row computed alone and among
     others differs in its last bits on either path (one row takes another kernel), so plain and tree
     decoding can part at near-ties. The copy is made by `pack()` and remade when the weight changes; calls
     that record autograd, or inputs of another dtype or device, use `weight`.
@@ -209,7 +209,8 @@ def one_row_as_two(f, x: torch.Tensor) -> torch.Tensor:
     GEMMs (oneDNN, avx512_bf16) sum a lone row over more than `LONE_ROW_MAX_K` inputs in another order
     than rows among others (SmolLM2's down projection, 1536 inputs: 0.02% of outputs differ in the last
     bit; measured with 1152-4096 inputs), while from two rows on, and up to 1024 inputs, a row's bits are
-    its own; padding costs nothing there, but two rows of the LM head take 1.2x one."""
+    its own. Doubling such a row costs nothing measurable (two rows of the LM head, 576 inputs, would
+    cost 1.2x one)."""
     if x.dim() < 2 or x.numel() != x.shape[-1]:
         return f(x)
     return f(torch.cat((x, x), -2)).narrow(-2, 0, 1)

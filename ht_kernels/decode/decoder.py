@@ -206,9 +206,9 @@ class HiddenTransferDecoder:
         rows = torch.arange(B, device=dev)
         positions = torch.arange(P, device=dev).expand(B, P)
         mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        if not draft:  # the pads' keys/values lie beyond the lengths: never attended
+        if not draft:
             h = m.run_layers(m.embed(tokens), positions, cache, mask, range(L))
-            cache.lengths.copy_(last + 1)
+            cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
             return m.logits(h[rows, last]), None
         # The prompt runs exactly as plain decoding runs it (same rows, same passes), then the last token's
         # pseudo chain on its own above the committed prompt.
