@@ -362,7 +362,8 @@ class Transformer(nn.Module):
     def set_row_exact(self, enabled: bool = True) -> None:
         """Make a row's outputs independent of the rows computed with it (CPU bf16), so that tree decoding
         gives plain decoding's tokens bit for bit: attention of tree-shaped passes with depths up to 32
-        through `RowExactCPUPlan`, and a lone row through the linear layers as two (`one_row_as_two`).
+        through `RowExactCPUPlan` (with `attn_backend` "auto" or "torch"), and a lone row through linear
+        layers of more than 1024 inputs as two (`one_row_as_two`).
         Other passes (longer causal ones: prefills) keep the fused kernel: give them the same rows in
         the same passes to get the same bits."""
         if enabled and not (self.device.type == "cpu" and self.dtype == torch.bfloat16):
