@@ -105,10 +105,9 @@ def test_graph_replays_decode_like_eager_steps(dtype):
     torch.manual_seed(0)
     model = tiny_model(vocab=64).to("cuda", dtype)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [3]]
-    runs = {}
+    maps, runs = random_transfer(model), {}  # the same drafts for both runs
     for graphs in (False, True):
-        dec = HiddenTransferDecoder(model, transfer=random_transfer(model), tree="dynamic", budget=6,
-                                    n_chains=2, cuda_graphs=graphs)
+        dec = HiddenTransferDecoder(model, transfer=maps, tree="dynamic", budget=6, n_chains=2, cuda_graphs=graphs)
         runs[graphs] = (dec.generate(prompts, max_new_tokens=40), dec.generate_ar(prompts, max_new_tokens=40))
         assert dec.graph_status == ("replayed" if graphs else None)
     eager, graphed = runs[False], runs[True]
