@@ -128,9 +128,10 @@ class Linear(nn.Linear):
     """nn.Linear that, with `prepack` set, runs CPU inference through a copy of its weight packed ahead
     in oneDNN's blocked layout (what inductor's freezing does), and a decoding step 1.2-1.5x faster on
     this project's CPU (README). bf16 gives F.linear's values, and among two or more rows a row's values do
-    not depend on the others (alone, over more than 1024 inputs, they can: `one_row_as_two`). fp32 differs from F.linear within rounding; in fp32 a row computed alone and among
-    others differs in its last bits on either path (one row takes another kernel), so plain and tree
-    decoding can part at near-ties. The copy is made by `pack()` and remade when the weight changes; calls
+    not depend on the others (alone, over more than 1024 inputs, they can: `one_row_as_two`). fp32
+    differs from F.linear within rounding; in fp32 a row computed alone and among others differs in its
+    last bits on either path (one row takes another kernel), so plain and tree decoding can part at
+    near-ties. The copy is made by `pack()` and remade when the weight changes; calls
     that record autograd, or inputs of another dtype or device, use `weight`.
     """
 
@@ -140,9 +141,7 @@ class Linear(nn.Linear):
     row_exact = False  # set by Transformer.set_row_exact: a lone row runs as two (`one_row_as_two`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_exact and self.in_features > LONE_ROW_MAX_K:
-            return one_row_as_two(self._forward, x)
-        return self._forward(x)
+        return one_row_as_two(self._forward, x) if self.row_exact else self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packs(x):
@@ -183,9 +182,7 @@ class FusedLinears(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> the layers' outputs side by side [..., sum of outputs]; only where packs(x)."""
-        if self.linears[0].row_exact and self.linears[0].in_features > LONE_ROW_MAX_K:
-            return one_row_as_two(self._forward, x)
-        return self._forward(x)
+        return one_row_as_two(self._forward, x) if self.linears[0].row_exact else self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.pack()
@@ -205,13 +202,13 @@ class FusedLinears(nn.Module):
 
 
 def one_row_as_two(f, x: torch.Tensor) -> torch.Tensor:
-    """f(x) for x [..., in]; a lone row (x.numel() == in) is computed as two copies of itself. CPU bf16
-    GEMMs (oneDNN, avx512_bf16) sum a lone row over more than `LONE_ROW_MAX_K` inputs in another order
+    """f(x) for x [..., in]; a lone row (x.numel() == in) over more than `LONE_ROW_MAX_K` inputs is
+    computed as two copies of itself. CPU bf16 GEMMs (oneDNN, avx512_bf16) sum such a row in another order
     than rows among others (SmolLM2's down projection, 1536 inputs: 0.02% of outputs differ in the last
     bit; measured with 1152-4096 inputs), while from two rows on, and up to 1024 inputs, a row's bits are
     its own. Doubling such a row costs nothing measurable (two rows of the LM head, 576 inputs, would
     cost 1.2x one)."""
-    if x.dim() < 2 or x.numel() != x.shape[-1]:
+    if x.dim() < 2 or x.numel() != x.shape[-1] or x.shape[-1] <= LONE_ROW_MAX_K:
         return f(x)
     return f(torch.cat((x, x), -2)).narrow(-2, 0, 1)
 

@@ -220,14 +220,10 @@ class RowExactCPUPlan(_CPUPlan):
         B, T, Hq, D = q.shape
         Hkv = k_cache.shape[2]
         G = Hq // Hkv
-        if B * T == 1:  # the window's query rows are the prefix's
-            b, e, _ = self.groups[0]
-            o, l = FLASH(qw, k_cache[:, :e].transpose(1, 2), v_cache[:, :e].transpose(1, 2), scale=softmax_scale)
-            return o[:, :, :G], l[:, :, :G]
         if B == 1 and len(self.groups) == 1 and self.groups[0][2] is None:  # one prefix for all rows
-            e = self.groups[0][1]
-            o, l = FLASH(_rows(q[0].view(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)),
-                         k_cache[:, :e].transpose(1, 2), v_cache[:, :e].transpose(1, 2), scale=softmax_scale)
+            e = self.groups[0][1]  # one row: the window's query rows are the prefix's
+            qp = qw if T == 1 else _rows(q[0].view(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D))
+            o, l = FLASH(qp, k_cache[:, :e].transpose(1, 2), v_cache[:, :e].transpose(1, 2), scale=softmax_scale)
             return (o[0, :, :G * T].view(Hkv, G, T, D).permute(2, 0, 1, 3),
                     l[0, :, :G * T].view(Hkv, G, T).permute(2, 0, 1))
         out_p = q.new_zeros(B, T, Hkv, G, D)
