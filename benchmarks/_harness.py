@@ -27,7 +27,8 @@ class Skip(Exception):
     """A provider or case that cannot run here; the message says why."""
 
 
-def parse_args(description: str, quick_help: str) -> argparse.Namespace:
+def parse_args(description: str, quick_help: str, extra=None) -> argparse.Namespace:
+    """The shared options; extra(parser) adds a script's own."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help=quick_help + " (the default without a GPU)")
     p.add_argument("--full", action="store_true", help="the full grid even on a CPU (hours)")
@@ -37,6 +38,12 @@ def parse_args(description: str, quick_help: str) -> argparse.Namespace:
                    help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls can be slow on CPUs)")
     p.add_argument("--providers", help="comma-separated subset to run (the reference always runs)")
     p.add_argument("--case", help="only the cases with these values, e.g. B=8,L=16384")
+    p.add_argument("--timing", choices=["graph", "events"], default="graph",
+                   help="CUDA: time replays of a CUDA graph of GRAPH_CALLS calls, the device time alone, as a "
+                        "decoding step replays them (default), or each eager call between CUDA events, launch "
+                        "overhead included; a provider that cannot be captured is timed with events")
+    if extra:
+        extra(p)
     args = p.parse_args()
     args.device = torch.device(args.device)
     if args.device.type == "cpu" and not args.full and not args.quick:
@@ -59,10 +66,20 @@ def header(device: torch.device, dtype: torch.dtype) -> dict:
             "git": (sha.stdout.strip() if sha.returncode == 0 else "no-commit") + dirty}
 
 
-def time_fn(fn, warmup: float = 25, rep: float = 100, *, device: torch.device) -> tuple[float, float, float]:
-    """Median, p20 and p80 of one fn() call in microseconds. As in triton.testing.do_bench, warmup and
-    rep are budgets in ms (at least 1 and 10 calls); CUDA calls are timed with CUDA events."""
+GRAPH_CALLS = 20  # fn() calls per captured CUDA graph (--timing graph)
+
+
+def time_fn(fn, warmup: float = 25, rep: float = 100, *, device: torch.device,
+            graph: bool = False) -> tuple[float, float, float, str]:
+    """Median, p20 and p80 of one fn() call in microseconds, and how it was timed: "cpu", "events" or
+    "graph". As in triton.testing.do_bench, warmup and rep are budgets in ms (at least 1 and 10 timings).
+    CUDA calls are timed with CUDA events; with `graph`, around replays of a CUDA graph of GRAPH_CALLS
+    calls (the device time without launch overhead), unless fn cannot be captured."""
     cuda = device.type == "cuda"
+    replay = _captured(fn, GRAPH_CALLS) if cuda and graph else None
+    if replay is not None:
+        median, p20, p80, _ = time_fn(replay, warmup, rep, device=device)
+        return median / GRAPH_CALLS, p20 / GRAPH_CALLS, p80 / GRAPH_CALLS, "graph"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -88,7 +105,32 @@ def time_fn(fn, warmup: float = 25, rep: float = 100, *, device: torch.device) -
             fn()
             us.append((time.perf_counter() - t0) * 1e6)
     deciles = statistics.quantiles(us, n=10)
-    return statistics.median(us), deciles[1], deciles[7]
+    return statistics.median(us), deciles[1], deciles[7], "events" if cuda else "cpu"
+
+
+def _captured(fn, calls: int):
+    """graph.replay of a CUDA graph holding `calls` calls of fn (warmed up on the capture stream first, as
+    capture requires), or None when fn cannot be captured (host syncs, CPU work between kernels). The
+    capture is begun and ended by hand so that a failed one still leaves its stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+            stream.synchronize()
+            graph.capture_begin()
+            try:
+                for _ in range(calls):
+                    fn()
+            finally:
+                graph.capture_end()
+    except Exception:  # noqa: BLE001 - whatever breaks the capture, fn is then timed eagerly
+        torch.cuda.synchronize()
+        return None
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay
 
 
 def copy_gb_per_s(device: torch.device) -> float:
@@ -117,9 +159,9 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
             raise SystemExit(f"--case {args.case}: no case has these values")
     head = header(args.device, args.dtype)
     print("  ".join(f"{k}: {v}" for k, v in head.items()))
-    columns = [*cases[0], "provider", "median us", "p20-p80 us", *metrics, f"x {baseline}"]
+    columns = [*cases[0], "provider", "median us", "p20-p80 us", "timed", *metrics, f"x {baseline}"]
     widths = [max(len(k), *(len(str(c[k])) for c in cases)) for k in cases[0]]
-    widths += [max(8, *map(len, providers)), 10, 19, *(max(9, len(m)) for m in metrics), 9]
+    widths += [max(8, *map(len, providers)), 10, 19, 6, *(max(9, len(m)) for m in metrics), 9]
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     print(line(columns), line("-" * w for w in widths), sep="\n", flush=True)
     rows, case_skips, provider_skips = [], [], {}
@@ -134,7 +176,7 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
             if r["status"] == "ok":
                 r.update({m: f(case, r["median_us"]) for m, f in metrics.items()},
                          ratio=base / r["median_us"] if base else None)
-                cells = [f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}-{r['p80_us']:.1f}",
+                cells = [f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}-{r['p80_us']:.1f}", r["timed"],
                          *(f"{r[m]:.4g}" for m in metrics), f"{r['ratio']:.2f}x" if base else "-"]
             else:
                 cells = [f"MISMATCH (rel rms {r['rel_rms'] or float('nan'):.2g})"]
@@ -169,8 +211,9 @@ def _run_case(args, case, inputs, providers, reference, provider_skips) -> dict:
         if not err < CHECK_BOUND[args.dtype]:  # NaN fails too
             results[name] = {"status": "MISMATCH", "rel_rms": err if math.isfinite(err) else None}
             continue
-        median, p20, p80 = time_fn(fn, device=args.device)
-        results[name] = {"status": "ok", "rel_rms": err, "median_us": median, "p20_us": p20, "p80_us": p80}
+        median, p20, p80, timed = time_fn(fn, device=args.device, graph=args.timing == "graph")
+        results[name] = {"status": "ok", "rel_rms": err, "median_us": median, "p20_us": p20, "p80_us": p80,
+                         "timed": timed}
     return {name: results[name] for name in providers if name in results}  # in the providers' order
 
 

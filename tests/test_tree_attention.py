@@ -156,6 +156,30 @@ def test_split_kv(num_splits, dtype):
     check("triton", case, num_splits=num_splits)
 
 
+# Tiles the tuner (benchmarks/tune_tree_attention.py) tries: prefix blocks wider than tree-stage blocks,
+# narrow query tiles. Prefix lengths put the tail and the tree across several tree-stage blocks.
+TILE_CONFIGS = [dict(BLOCK_N=64, BLOCK_T=16), dict(BLOCK_M=16, BLOCK_N=128, BLOCK_T=16, num_stages=3),
+                dict(BLOCK_M=32, BLOCK_N=16, BLOCK_T=64, num_warps=4)]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
+@pytest.mark.parametrize("config", TILE_CONFIGS)
+@pytest.mark.parametrize("with_kv,splits", [(True, 1), (False, 3)])
+def test_tile_configs(config, with_kv, splits):
+    case = make_case(3, 37, 8, 2, 64, torch.float16, [300, 0, 129], per_row=True, with_kv=with_kv)
+    check("triton", case, num_splits=splits, config=config)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
+@pytest.mark.parametrize("config", [dict(BLOCK_N=48), dict(BLOCK_T=8), dict(num_warps=0), dict(BLOCK_K=32),
+                                    dict(num_stages=2.0)])
+def test_bad_tile_config_raises(config):
+    from ht_kernels.triton.tree_attention import tree_attention_fwd
+
+    with pytest.raises(ValueError, match="config"):
+        tree_attention_fwd(*make_case(1, 4, 2, 1, 16, torch.float32, [5]), config=config)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
 @given(
     B=st.integers(1, 3), T=st.integers(1, 70), G=st.sampled_from([1, 2, 3, 4, 8]),

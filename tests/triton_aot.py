@@ -10,6 +10,7 @@ Run without TRITON_INTERPRET (the interpreter replaces @triton.jit kernels by Py
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -85,6 +86,12 @@ def tree_attention_launches() -> list:
             mask = torch.ones(T, T, dtype=torch.bool)
             log += capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), lens, mask, kv, kv,
                                                                num_splits=splits))
+    for dtype, config, with_kv in itertools.product((torch.float16, torch.bfloat16), mod.TUNE_CANDIDATES,
+                                                    (True, False)):  # the tuner's tiles, as on a 7B/8B step
+        q, kc = torch.zeros(1, 64, 4, 128, dtype=dtype), torch.zeros(1, 300, 1, 128, dtype=dtype)
+        kv = torch.zeros(1, 64, 1, 128, dtype=dtype) if with_kv else None
+        log += capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), torch.zeros(1, dtype=torch.int32),
+                                                           torch.ones(64, 64, dtype=torch.bool), kv, kv, config=config))
     return log
 
 

@@ -7,7 +7,8 @@ so every K/V block is loaded once for all of them. Each program runs two stages:
 - prefix stage: the full BLOCK_N blocks of the cache prefix [0, cache_seqlens[b]) that belong to its
   split, with no mask work at all;
 - tree stage (last split only): the prefix tail that does not fill a block, then the T tree tokens,
-  masked by the ancestor bits of `tree_mask` packed into 32-bit words (no cap on T).
+  masked by the ancestor bits of `tree_mask` packed into 32-bit words (no cap on T), in blocks of
+  BLOCK_T keys, which may be narrower than the prefix stage's BLOCK_N.
 
 Online softmax in fp32, base 2, with the softmax scale and log2(e) folded into one multiplier. With
 several splits each writes a normalised partial output and its log-sum-exp, and a second small kernel
@@ -55,7 +56,7 @@ def _tree_attention_fwd_kernel(
     sos, sob, sot, soh, sod,
     sls, slb, slh, slt,
     T, HKV, D, qk_scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_KV: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -125,12 +126,16 @@ def _tree_attention_fwd_kernel(
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
 
-    # Tree stage (last split): the prefix tail, then the tree tokens under the packed ancestor bits.
+    # Tree stage (last split): the prefix tail, then the tree tokens under the packed ancestor bits, in
+    # blocks of BLOCK_T keys (its mask work holds more registers per key than the prefix stage).
+    o_n = tl.arange(0, BLOCK_T)
+    off_k = o_d[:, None] * skd + o_n[None, :] * sks
+    off_v = o_n[:, None] * svs + o_d[None, :] * svd
     tail_lo = n_full * BLOCK_N
     tail_hi = tl.where(last_split, seqlen + T, tail_lo)
     p_k = KC + tail_lo.to(tl.int64) * sks
     p_v = VC + tail_lo.to(tl.int64) * svs
-    for start in range(tail_lo, tail_hi, BLOCK_N):
+    for start in range(tail_lo, tail_hi, BLOCK_T):
         m_pre = start + o_n < seqlen
         o_j = start + o_n - seqlen  # tree token index
         m_tree = (o_j >= 0) & (o_j < T)
@@ -156,8 +161,8 @@ def _tree_attention_fwd_kernel(
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
-        p_k += BLOCK_N * sks
-        p_v += BLOCK_N * svs
+        p_k += BLOCK_T * sks
+        p_v += BLOCK_T * svs
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -199,12 +204,24 @@ def _tree_attention_merge_kernel(
     tl.store(LSE + b * slb + hq * slh + t * slt, lse)
 
 
+TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "num_warps", "num_stages")
+# What benchmarks/tune_tree_attention.py tries against kernel_config's choice for 16-bit inputs with head
+# dims up to 128; each compiles without register spills for sm_90 (tests/triton_aot.py).
+TUNE_CANDIDATES = (
+    dict(BLOCK_N=64, BLOCK_T=16), dict(BLOCK_N=64, BLOCK_T=16, num_stages=3), dict(BLOCK_N=128, BLOCK_T=16),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_T=16, num_stages=3), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_T=16),
+)
+
+
 def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Tile sizes and launch options of the attention kernel for `rows` = T * G packed query rows.
 
     Chosen so that the kernel compiles without register spills and within the shared memory of sm_80
     and sm_90 (tests/triton_aot.py checks it). fp32 dots run at "ieee" precision, without tensor
-    cores, so fp32 takes small tiles.
+    cores, so fp32 takes small tiles. BLOCK_N keys per prefix block, BLOCK_T per tree-stage block:
+    the tree stage's mask work holds more registers per key, so a small BLOCK_T lets the prefix stage
+    take wider blocks without spills (sm_90, bf16, D 128, 8 warps: BLOCK_N 64 or 128 with BLOCK_T 16
+    compile without spills, with BLOCK_T = BLOCK_N they spill).
     """
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if dtype == torch.float32:
@@ -213,7 +230,7 @@ def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool) -> dic
         BLOCK_M, stages = min(128 if BLOCK_D <= 128 else 64, max(16, triton.next_power_of_2(rows))), 2
     dot_f32 = interpret and dtype == torch.bfloat16  # bf16 tl.dot is wrong under the interpreter
     return dict(
-        BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D,
+        BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_T=32, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D,
         DOT_F32=dot_f32, DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32",
         num_warps=8 if BLOCK_M >= 128 or BLOCK_M * BLOCK_D >= 128 * 128 else 4, num_stages=stages,
     )
@@ -241,11 +258,13 @@ def tree_attention_fwd(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch tree attention; inputs as in `ht_kernels.tree_attention` (already validated).
 
     Returns out [B, T, Hq, D] in q's dtype and lse [B, Hq, T] fp32, written into `out` / `lse` when
-    given (any strides). `num_splits` overrides the split-KV heuristic.
+    given (any strides). `num_splits` overrides the split-KV heuristic, and `config` the tiles and
+    launch options of `kernel_config` (keys in TUNABLE; benchmarks/tune_tree_attention.py).
     """
     B, T, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -261,6 +280,13 @@ def tree_attention_fwd(
     bits_b = bits.stride(0)
 
     cfg = kernel_config(T * G, D, q.dtype, triton_interpreting())
+    for key, value in (config or {}).items():
+        tile = key.startswith("BLOCK_")
+        if key not in TUNABLE or not isinstance(value, int) or value < (16 if tile else 1) or \
+                (tile and value & (value - 1)):
+            raise ValueError(f"tree_attention_fwd: config keys must be among {TUNABLE}, tiles powers of two "
+                             f">= 16 and launch options positive integers, got {key}={value!r}")
+        cfg[key] = value
     m_tiles = triton.cdiv(T * G, cfg["BLOCK_M"])
     splits = num_splits or _num_splits(B * Hkv * m_tiles, S, q.device)
     if splits > 1:

@@ -1,0 +1,81 @@
+"""Tune the Triton tree-attention kernel's tiles and KV splits on the GPU at hand.
+
+Every candidate of `ht_kernels.triton.tree_attention.TUNE_CANDIDATES`, and kernel_config's own choice
+("default"), runs each case with the split-KV heuristic ("auto") and with every count of --splits; each
+output (written into a NaN-poisoned buffer) is checked against the torch backend before it is timed.
+The ratio column is the default's time over the candidate's. Cases: one decoding step's tree attention
+at the shapes of Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads), batch 1, 2048 cached tokens and a
+16-node tree with 48 pseudo tokens (T 64), and the kernel benchmark's target case (B 8, L 16384).
+
+    python benchmarks/tune_tree_attention.py [--splits 1,2,4,8,16] [--json PATH] [--case B=1]
+
+Without a GPU it runs a small case under TRITON_INTERPRET=1: a check of every candidate, not a tuning.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from _harness import Skip, parse_args, run
+from bench_tree_attention import random_tree_mask
+
+CASES = [dict(Hq=32, Hkv=32, B=1, L=2048, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=2048, T=64, D=128),
+         dict(Hq=32, Hkv=8, B=8, L=16384, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=4096, T=16, D=128)]
+QUICK = [dict(Hq=4, Hkv=2, B=2, L=70, T=5, D=16)]
+
+
+def name(config: dict, splits: int | None) -> str:
+    tiles = "-".join(f"{k[6:] if k.startswith('BLOCK_') else k[4]}{v}" for k, v in config.items()) or "default"
+    return f"{tiles}/{splits or 'auto'}"
+
+
+def main() -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+    from ht_kernels import tree_attention
+    from ht_kernels.triton.tree_attention import TUNE_CANDIDATES, tree_attention_fwd
+
+    args = parse_args(__doc__.splitlines()[0], "one small case, every candidate checked under the interpreter",
+                      lambda p: p.add_argument("--splits", default="1,2,4,8,16",
+                                               help="KV split counts tried besides the heuristic's"))
+    dev, dtype = args.device, args.dtype
+    splits = [None] + [int(s) for s in args.splits.split(",") if s]
+
+    def setup(case: dict) -> dict:
+        B, L, T, Hq, Hkv, D = (case[k] for k in ("B", "L", "T", "Hq", "Hkv", "D"))
+        if dev.type == "cuda" and 6 * B * (L + T) * Hq * D * 2 > torch.cuda.mem_get_info(dev)[0]:
+            raise Skip("does not fit in the free device memory")
+        torch.manual_seed(0)
+        return dict(q=torch.randn(B, T, Hq, D, device=dev, dtype=dtype),
+                    k_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
+                    v_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
+                    cache_seqlens=torch.full((B,), L, dtype=torch.int32, device=dev),
+                    tree_mask=random_tree_mask(T).to(dev))
+
+    def launch(config: dict, num_splits: int | None):
+        def make(x: dict):
+            out = torch.full_like(x["q"], float("nan"))
+            lse = torch.empty(x["q"].shape[0], x["q"].shape[2], x["q"].shape[1], device=dev)
+            args_ = (x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["tree_mask"])
+            return lambda: tree_attention_fwd(*args_, num_splits=num_splits, out=out, lse=lse, config=config)[0]
+        return make
+
+    def reference(x: dict):
+        return lambda: tree_attention(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["tree_mask"],
+                                      backend="torch")
+
+    providers = {"torch": reference}
+    for config in ({}, *TUNE_CANDIDATES):
+        for n in splits:
+            providers[name(config, n)] = launch(config, n)
+
+    def gb_per_s(case: dict, us: float) -> float:
+        kv = 2 * case["B"] * (case["L"] + case["T"]) * case["Hkv"] * case["D"]
+        return (kv + 2 * case["B"] * case["T"] * case["Hq"] * case["D"]) * dtype.itemsize / us / 1e3
+
+    run(args, QUICK if args.quick else CASES, setup, providers, reference="torch", baseline="default/auto",
+        metrics={"GB/s": gb_per_s})
+
+
+if __name__ == "__main__":
+    main()
