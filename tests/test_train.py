@@ -142,7 +142,10 @@ def _mean_ce(model, drafter, data, K):
 def test_training_lowers_the_loss_and_resume_matches(tmp_path, method):
     model = tiny_model(vocab=32)
     data = _examples(model)
-    cfg = TrainConfig(method=method, K=2, layer=2, steps=8, batch_size=3, lr=1e-2, warmup=2, save_every=4,
+    # lr 1e-2 over 8 steps first raised the loss above the least-squares start on some seeds (1 in 61
+    # measured: 2.111 -> 2.138 after 2 steps, 2.078 after 8); at 3e-3 over 12 steps the smallest drop
+    # over the same 61 seeds was 0.072.
+    cfg = TrainConfig(method=method, K=2, layer=2, steps=12, batch_size=3, lr=3e-3, warmup=2, save_every=4,
                       init_batches=2)
     full = train(model, data, cfg, tmp_path / "a", progress=False)
     start = TrainConfig(**{**cfg.__dict__, "steps": 0 + 1, "lr": 0.0})

@@ -274,15 +274,17 @@ class HiddenTransferDecoder:
         j of an owner d levels above the last node predicts depth j - d; depths it cannot reach are
         uniform. rows_in: the step's hidden states [B, N, dim], or (head_once) its logits [B, N, V] in the
         model's dtype."""
-        m, K = self.model, self.transfer.K
+        m, K, dev = self.model, self.transfer.K, rows_in.device
         B, T = tree.tokens.shape
         on_path = lay.real_mask.gather(1, last[:, None, None].expand(B, 1, T)).squeeze(1)    # [B, T]
         owner_depth = tree.depths.gather(1, lay.owners)                                      # [B, n]
         chain = torch.where(on_path.gather(1, lay.owners), owner_depth, -1).argmax(1)        # [B]
         shift = tree.depths.gather(1, last[:, None]) - owner_depth.gather(1, chain[:, None])  # [B, 1]
-        j = torch.arange(K, device=rows_in.device) + shift                                   # pseudo j+1
+        j = torch.arange(K, device=dev) + shift                                              # pseudo j+1
         rows = T + chain[:, None] * K + j.clamp_max(K - 1)
-        picked = rows_in.gather(1, rows[..., None].expand(B, K, rows_in.shape[-1]))
+        # Whole rows by advanced indexing: a gather with an index expanded over V reads one index per
+        # element (6x slower on CPU for 3 x 49152 logits).
+        picked = rows_in[torch.arange(B, device=dev)[:, None], rows]                         # [B, K, *]
         logp = (picked if self.head_once else m.head(picked)).float().log_softmax(-1)
         return torch.where((j < K)[..., None], logp, -math.log(logp.shape[-1]))
 

@@ -33,7 +33,10 @@ def verify_tree_greedy(
     """
     _check_inputs(draft_tokens, parents, target_tokens)
     name = resolve_backend("verify_tree_greedy", backend, draft_tokens.device, available=BACKENDS)
-    return torch.ops.ht_kernels.verify_tree_greedy(draft_tokens, parents, target_tokens, name)
+    # Eager calls run the op's body directly (the custom-op dispatch costs tens of microseconds a call);
+    # torch.compile sees the registered op.
+    op = torch.ops.ht_kernels.verify_tree_greedy if torch.compiler.is_compiling() else _verify_tree_greedy_impl
+    return op(draft_tokens, parents, target_tokens, name)
 
 
 def _check_inputs(draft_tokens, parents, target_tokens) -> None:
@@ -95,8 +98,7 @@ def _verify_tree_greedy_torch(draft_tokens, parents, target_tokens) -> tuple[tor
     return accepted[:, :T].contiguous(), accept_len
 
 
-@torch.library.custom_op("ht_kernels::verify_tree_greedy", mutates_args=())
-def _verify_tree_greedy_op(
+def _verify_tree_greedy_impl(
     draft_tokens: torch.Tensor, parents: torch.Tensor, target_tokens: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if parents.device.type == "cpu":
@@ -107,6 +109,10 @@ def _verify_tree_greedy_op(
         with device_guard(draft_tokens.device):
             return verify_tree_greedy_fwd(draft_tokens, parents, target_tokens)
     return _verify_tree_greedy_torch(draft_tokens, parents, target_tokens)
+
+
+_verify_tree_greedy_op = torch.library.custom_op("ht_kernels::verify_tree_greedy", _verify_tree_greedy_impl,
+                                                 mutates_args=())
 
 
 @_verify_tree_greedy_op.register_fake
