@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
     runners, dec = make_runners(model, args)
     tree = None if dec is None else {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
-                                     "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
+                                     "depth": dec.transfer.K, "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
     cuda = model.device.type == "cuda"
     weights_bytes = torch.cuda.memory_allocated(model.device) if cuda else 0
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),
@@ -255,7 +255,8 @@ def main(argv=None) -> None:
     if tree is not None:
         every = tree["n_chains"] is None or tree["n_chains"] >= tree["budget"]
         chains = "every node" if every else f"the best {tree['n_chains']}"
-        print(f"ht tree: {args.tree}, {tree['budget']} nodes, pseudo chains under {chains}", flush=True)
+        print(f"ht tree: {args.tree}, {tree['budget']} nodes, pseudo chains of {tree['depth']} under {chains}",
+              flush=True)
     if tree is not None and tree["auto"] is not None:
         choice = TreeChoice(**tree["auto"])
         print(f"tree auto (calibration): tau {choice.tau:.2f}, step {choice.step_ms:.1f} ms, plain step "

@@ -8,6 +8,7 @@ from test_decode import random_transfer, tiny_model
 from ht_kernels.decode import autotree
 from ht_kernels.decode.autotree import tune_tree
 from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.decode.trees import TreePolicy
 from ht_kernels.train.data import Example
 from ht_kernels.train.evaluate import draft_logprobs, drafter_from_weights, replay_accept_lengths
@@ -31,21 +32,26 @@ def setup(seed=0):
 def test_choice_is_the_best_measured_candidate(cache_root):
     model, dec = setup()
     choice = tune_tree(dec, PROMPTS, **GRID)
-    cands = [(r["budget"], r["n_chains"]) for r in choice.table]
-    assert cands == [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 8)]
+    cands = [(r["budget"], r["n_chains"], r["depth"]) for r in choice.table]  # depths K - 1 and K
+    assert cands == [(b, c, d) for b, c in [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 8)]
+                     for d in (2, 3)]
     finalists = [r for r in choice.table if r["finalist"]]
     best = max(finalists, key=lambda r: r["tau"] / r["step_ms"])
-    assert (choice.budget, choice.n_chains) == (best["budget"], best["n_chains"]) and len(finalists) == 6
+    assert (choice.budget, choice.n_chains, choice.depth) == (best["budget"], best["n_chains"], best["depth"])
+    assert len(finalists) == 6
     assert all(r["step_ms"] > 0 and r["tau"] >= 1 for r in choice.table) and choice.ar_ms > 0
-    # tau is the replay of the decoder's own greedy answers (an independent recomputation here)
+    # tau is the replay of the decoder's own greedy answers (an independent recomputation here), drafting
+    # with the first `depth` maps
     want = dec.generate_ar(PROMPTS, max_new_tokens=24).sequences
     examples = [Example(p + s, len(p) - 1) for p, s in zip(PROMPTS, want)]
-    lengths = []
-    for logp, nxt in draft_logprobs(model, drafter_from_weights(dec.transfer), examples):
-        lengths += replay_accept_lengths(TreePolicy(3, None, budget=8), logp, nxt, 24, 2)
-    row = next(r for r in choice.table if (r["budget"], r["n_chains"]) == (8, 2))
-    assert row["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)
-    assert dec.tree.budget == 16 and dec.n_chains is None  # tuning leaves the decoder as it was
+    for depth in (2, 3):
+        lengths = []
+        for logp, nxt in draft_logprobs(model, drafter_from_weights(dec.maps.first(depth)), examples):
+            lengths += replay_accept_lengths(TreePolicy(depth, None, budget=8), logp, nxt, 24, 2)
+        row = next(r for r in choice.table if (r["budget"], r["n_chains"], r["depth"]) == (8, 2, depth))
+        assert row["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)
+    # tuning leaves the decoder as it was
+    assert dec.tree.budget == 16 and dec.n_chains is None and dec.transfer.K == 3 and dec.weight.shape[0] == 3
 
 
 def test_choice_is_cached_per_weights(cache_root, monkeypatch):
@@ -73,6 +79,7 @@ def test_decoder_auto_is_lossless(cache_root, monkeypatch):
     dec = HiddenTransferDecoder(model, random_transfer(model), tree="auto")
     c = dec.tree_choice
     assert (dec.tree.budget, dec.n_chains, dec.head_once) == (c.budget, c.n_chains, c.head_once)
+    assert dec.tree.K == dec.transfer.K == dec.weight.shape[0] == c.depth and dec.maps.K == 3
     assert not dec.tree.static and all(isinstance(r["head_once"], bool) for r in c.table)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
     assert dec.generate(prompts, max_new_tokens=30).sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
@@ -84,6 +91,13 @@ def test_bad_arguments(cache_root):
         HiddenTransferDecoder(model, random_transfer(model), tree="auto")
     with pytest.raises(ValueError, match="n_chains"):
         HiddenTransferDecoder(model, random_transfer(model), tree="auto", n_chains=2)
+    with pytest.raises(ValueError, match="depth"):
+        HiddenTransferDecoder(model, random_transfer(model), tree="auto", depth=2)
+    for depth in (0, 4, 2.0):
+        with pytest.raises(ValueError, match="depth"):
+            HiddenTransferDecoder(model, random_transfer(model), depth=depth)
+    with pytest.raises(ValueError, match="depths"):
+        tune_tree(dec, PROMPTS, depths=(4,))
     with pytest.raises(ValueError, match="budgets"):
         tune_tree(dec, PROMPTS, budgets=(1,))
     with pytest.raises(ValueError, match="context"):
@@ -109,3 +123,20 @@ def test_head_once_gives_the_same_steps(n_chains):
     assert runs[0] == runs[1]
     assert runs[0].sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
     assert max(a for row in runs[0].accept_lengths for a in row) > 1
+
+
+@pytest.mark.parametrize("tree", ["dynamic", None])
+def test_depth_drafts_with_the_first_maps(tree):
+    """depth=d drafts as the first d maps on their own do, puts d pseudo tokens in each chain, and commits
+    plain decoding's tokens (fp32)."""
+    model, _ = setup()
+    weights = random_transfer(model)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    dec = HiddenTransferDecoder(model, weights, tree=tree, budget=6, depth=2)
+    alone = HiddenTransferDecoder(model, TransferWeights(weights.weight[:2], weights.bias[:2], weights.layer),
+                                  tree=tree, budget=6)
+    assert dec.transfer.K == dec.tree.K == 2 and dec.maps.K == 3 and dec._step_tokens() == dec.tree.budget * 3
+    out = dec.generate(prompts, max_new_tokens=30)
+    assert out == alone.generate(prompts, max_new_tokens=30)
+    assert out.sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
+    assert max(a for row in out.accept_lengths for a in row) > 1

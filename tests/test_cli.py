@@ -128,9 +128,9 @@ def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     assert "2 prompts, 12 new tokens each" in out[1]
     result = json.loads(js.read_text())
     tree = result["tree"]
-    assert tree["tree"] == "auto" and (tree["budget"], tree["n_chains"]) == (tree["auto"]["budget"],
-                                                                             tree["auto"]["n_chains"])
-    assert out[2].startswith(f"ht tree: auto, {tree['budget']} nodes, pseudo chains under ")
+    assert tree["tree"] == "auto"
+    assert [tree[k] for k in ("budget", "n_chains", "depth")] == [tree["auto"][k] for k in ("budget", "n_chains", "depth")]
+    assert out[2].startswith(f"ht tree: auto, {tree['budget']} nodes, pseudo chains of {tree['depth']} under ")
     assert out[3].startswith("tree auto (calibration): tau ")
     assert out[4].split() == ["method", "tokens/s", "tau", "new", "tokens", "seconds", "x", "AR", "x", "HF"]
     assert [line.split()[0] for line in out[5:8]] == ["ht", "ar", "hf"]

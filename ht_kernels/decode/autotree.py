@@ -1,12 +1,12 @@
 """The hardware-aware tree: the step shape that commits the most tokens per second on this machine.
 
-A step's cost depends on its shape only: T real nodes run layers 1..L and n pseudo chains of K nodes run
+A step's cost depends on its shape only: T real nodes run layers 1..L and n pseudo chains of d nodes run
 layers t+1..L. Its yield, tau (mean tokens committed per step), depends on the drafts. `tune_tree`
 measures both for every candidate, a dynamic tree of `budget` nodes with chains under its `n_chains`
-best-scoring nodes: the step latency on this machine at a fixed context, and tau replayed from the
-drafter's teacher-forced drafts of the model's own greedy answers to built-in prompts (never an
-evaluation set). It keeps the candidate with the highest tau / latency and caches that choice per
-machine, model, dtype and transfer weights.
+best-scoring nodes, drafting `depth` levels (the first `depth` of the K maps): the step latency on this
+machine at a fixed context, and tau replayed from the drafter's teacher-forced drafts of the model's own
+greedy answers to built-in prompts (never an evaluation set). It keeps the candidate with the highest
+tau / latency and caches that choice per machine, model, dtype and transfer weights.
 """
 from __future__ import annotations
 
@@ -28,19 +28,21 @@ from .trees import TreePolicy
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 6  # bump when the measurement or the cost of a step changes, so cached choices are remade
+VERSION = 7  # bump when the measurement or the cost of a step changes, so cached choices are remade
 
 
 @dataclass
 class TreeChoice:
-    """budget: tree nodes (root included); n_chains: nodes with pseudo chains; head_once: the LM head runs
-    once over every row of the step (else once for the real nodes, once for the accepted node's chain);
-    tau: replayed tokens per step; step_ms: median step latency; ar_ms: a plain one-token step at the
-    same context; table: one row (budget, n_chains, head_once, tau, step_ms, tokens_per_s, finalist) per
-    candidate (finalists: timed again, longer; the choice is the best of them)."""
+    """budget: tree nodes (root included); n_chains: nodes with pseudo chains; depth: draft depths (pseudo
+    tokens per chain); head_once: the LM head runs once over every row of the step (else once for the real
+    nodes, once for the accepted node's chain); tau: replayed tokens per step; step_ms: median step
+    latency; ar_ms: a plain one-token step at the same context; table: one row (budget, n_chains, depth,
+    head_once, tau, step_ms, tokens_per_s, finalist) per candidate (finalists: timed again, longer; the
+    choice is the best of them)."""
 
     budget: int
     n_chains: int
+    depth: int
     head_once: bool
     tau: float
     step_ms: float
@@ -52,14 +54,15 @@ class TreeChoice:
         return 1e3 * self.tau / self.step_ms
 
     def policy(self, K: int) -> TreePolicy:
-        """The chosen tree as a dynamic TreePolicy over K draft depths."""
+        """The chosen tree as a dynamic TreePolicy over K draft depths (the chosen depth)."""
         return TreePolicy(K, None, budget=self.budget)
 
 
-def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None,
+def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None, depths=None,
               gen_tokens: int = 128, context: int | None = None, reps: int = 15, cache: bool = True,
               log=None) -> TreeChoice:
-    """Measure every (budget, n_chains) candidate for `decoder`'s model and drafts; return the best.
+    """Measure every (budget, n_chains, depth) candidate for `decoder`'s model and maps (`decoder.maps`);
+    return the best.
 
     prompts: calibration prompts as token lists (default: 8 of the package's built-in prompts in the
     model's chat template; needs the tokenizer). gen_tokens: length of the greedy answers replayed.
@@ -67,13 +70,18 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     reps: timed steps per finalist. cache: reuse (and store) the choice kept under
     `$HT_KERNELS_CACHE/trees` (default ~/.cache/ht_kernels/trees) for this machine, model and weights.
     budgets, chains: the candidates (default BUDGETS, CHAINS; chains beyond a budget mean every node).
+    depths: draft depths tried (default K - 1 and K: on a 2-core CPU a chain one shorter paid more in step
+    time than its drafts lost, benchmarks/RESULTS.md).
     log: a print-like callable for progress and the table (None: silent).
     """
-    budgets, chains = budgets or BUDGETS, chains or CHAINS
-    cands = sorted({(b, min(c, b)) for b in budgets for c in chains})
-    if not cands or min(b for b, _ in cands) < 2:
+    K = decoder.maps.K
+    budgets, chains, depths = budgets or BUDGETS, chains or CHAINS, depths or sorted({max(1, K - 1), K})
+    if any(not 1 <= d <= K for d in depths):
+        raise ValueError(f"tune_tree: depths must be in [1, K={K}], got {depths}")
+    cands = sorted({(b, min(c, b), d) for b in budgets for c in chains for d in depths})
+    if not cands or min(b for b, _, _ in cands) < 2:
         raise ValueError(f"tune_tree: budgets must be >= 2 nodes (the root and a draft), got {budgets}")
-    room = decoder.model.config.max_seq_len - max(b for b, _ in cands) * (1 + decoder.transfer.K)
+    room = decoder.model.config.max_seq_len - max(b for b, _, _ in cands) * (1 + K)
     context = min(256, room) if context is None else context
     if context < 1 or context > room:
         raise ValueError(f"tune_tree: context + the largest step must fit the model's "
@@ -94,12 +102,12 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     finalists = sorted(cands, key=lambda c: -taus[c] / ms[c])[:FINALISTS]
     fine, ar_ms = _step_latencies(decoder, finalists, once, context, reps)
     ms.update(fine)
-    table = [{"budget": b, "n_chains": c, "head_once": once[b, c], "tau": round(taus[b, c], 4),
-              "step_ms": round(ms[b, c], 3), "tokens_per_s": round(1e3 * taus[b, c] / ms[b, c], 2),
-              "finalist": (b, c) in fine} for b, c in cands]
+    table = [{"budget": b, "n_chains": c, "depth": d, "head_once": once[b, c, d], "tau": round(taus[b, c, d], 4),
+              "step_ms": round(ms[b, c, d], 3), "tokens_per_s": round(1e3 * taus[b, c, d] / ms[b, c, d], 2),
+              "finalist": (b, c, d) in fine} for b, c, d in cands]
     best = max((r for r in table if r["finalist"]), key=lambda r: r["tokens_per_s"])
-    choice = TreeChoice(best["budget"], best["n_chains"], best["head_once"], best["tau"], best["step_ms"],
-                        round(ar_ms, 3), table)
+    choice = TreeChoice(best["budget"], best["n_chains"], best["depth"], best["head_once"], best["tau"],
+                        best["step_ms"], round(ar_ms, 3), table)
     say(format_table(choice))
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,11 +119,13 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
 
 def format_table(choice: TreeChoice) -> str:
     """The candidates as text, the chosen one marked."""
-    lines = [f"{'budget':>6} {'chains':>6} {'head':>5} {'tau':>6} {'step ms':>8} {'tok/s':>7}  (* timed again, < chosen)"]
+    lines = [f"{'budget':>6} {'chains':>6} {'depth':>5} {'head':>5} {'tau':>6} {'step ms':>8} {'tok/s':>7}  "
+             f"(* timed again, < chosen)"]
+    chosen = (choice.budget, choice.n_chains, choice.depth)
     for r in choice.table:
         mark = " *" if r["finalist"] else ""
-        mark += " <" if (r["budget"], r["n_chains"]) == (choice.budget, choice.n_chains) else ""
-        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {'once' if r['head_once'] else 'twice':>5} "
+        mark += " <" if (r["budget"], r["n_chains"], r["depth"]) == chosen else ""
+        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {r['depth']:>5} {'once' if r['head_once'] else 'twice':>5} "
                      f"{r['tau']:>6.3f} {r['step_ms']:>8.2f} {r['tokens_per_s']:>7.2f}{mark}")
     lines.append(f"plain step {choice.ar_ms:.2f} ms ({1e3 / choice.ar_ms:.2f} tok/s)")
     return "\n".join(lines)
@@ -132,20 +142,22 @@ def builtin_calibration(model, n: int = 8, seed: int = 1) -> list[list[int]]:
     return [encode_prompt(model.tokenizer, p) for p in builtin_prompts(n, seed=seed)]
 
 
-def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int], float]:
+def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, int], float]:
     """Mean replayed accept length per candidate over the prompts' greedy answers."""
     from ..train.data import synthesize
     from ..train.evaluate import Replay, draft_logprobs, drafter_from_weights
 
     model = decoder.model
     examples = synthesize(model, prompts, gen_tokens, batch_size=len(prompts))
-    drafter = drafter_from_weights(decoder.transfer).to(model.device)
     lengths = {c: [] for c in cands}
     with torch.no_grad():
-        for logp, nxt in draft_logprobs(model, drafter, examples):  # one replay per budget, shared by its chains
-            replays = {b: Replay(TreePolicy(decoder.transfer.K, None, budget=b), logp, nxt) for b, _ in cands}
-            for b, c in cands:
-                lengths[b, c] += replays[b].accept_lengths(gen_tokens, None if c >= b else c)
+        for depth in sorted({d for _, _, d in cands}):
+            drafter = drafter_from_weights(decoder.maps.first(depth)).to(model.device)
+            mine = [(b, c) for b, c, d in cands if d == depth]
+            for logp, nxt in draft_logprobs(model, drafter, examples):  # one replay per budget, shared by its chains
+                replays = {b: Replay(TreePolicy(depth, None, budget=b), logp, nxt) for b, _ in mine}
+                for b, c in mine:
+                    lengths[b, c, depth] += replays[b].accept_lengths(gen_tokens, None if c >= b else c)
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
 
 
@@ -165,36 +177,40 @@ def _median_ms(fns: dict, device, reps: int) -> dict:
 
 
 @torch.inference_mode()
-def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int], bool]:
-    """Per candidate: whether one LM-head call over all T + n K rows of a step is measured to cost less
-    than one over the T real rows plus one over the K rows of a chain."""
-    model, K = decoder.model, decoder.transfer.K
-    rows = sorted({K} | {r for b, c in cands for r in (b, b + c * K)})
+def _head_once(decoder, cands, reps: int) -> dict[tuple[int, int, int], bool]:
+    """Per candidate: whether one LM-head call over all T + n d rows of a step is measured to cost less
+    than one over the T real rows plus one over the d rows of a chain."""
+    model = decoder.model
+    rows = sorted({r for b, c, d in cands for r in (d, b, b + c * d)})
     h = torch.randn(1, max(rows), model.config.dim, dtype=model.dtype, device=model.device)
     ms = _median_ms({r: lambda r=r: model.head(h[:, :r]) for r in rows}, model.device, COARSE_REPS)
-    return {(b, c): ms[b + c * K] < ms[b] + ms[K] for b, c in cands}
+    return {(b, c, d): ms[b + c * d] < ms[b] + ms[d] for b, c, d in cands}
 
 
 @torch.inference_mode()
 def _step_latencies(decoder, cands, once, context: int, reps: int):
     """Median latency (ms) of one forward pass per candidate (with its head_once), and of a plain one,
     after `context` random tokens; as CUDA graph replays where the decoder replays its steps."""
-    model, K, dev = decoder.model, decoder.transfer.K, decoder.model.device
+    model, K, dev = decoder.model, decoder.maps.K, decoder.model.device
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, (context,), generator=gen).tolist()
-    cache = model.new_cache(1, context + max(b for b, _ in cands) * (1 + K))
-    _, drafts = decoder._prefill([prompt], cache, draft=True)
+    cache = model.new_cache(1, context + max(b for b, _, _ in cands) * (1 + K))
+    saved = decoder.tree, decoder.n_chains, decoder.head_once, decoder.transfer.K
+    decoder.use_depth(K)
+    _, drafts = decoder._prefill([prompt], cache, draft=True)                 # [1, K, V]
+    depth_drafts = {d: drafts[:, :d].clone() for _, _, d in cands}            # a pass rewrites its drafts
     root = torch.zeros(1, dtype=torch.long, device=dev)
-    saved = decoder.tree, decoder.n_chains, decoder.head_once
     graphs = decoder.cuda_graphs and dev.type == "cuda"
 
     def timed(settings=None):  # None: a plain pass. A pass commits nothing: each rewrites the same slots
-        def use():  # the candidate's tree; the pass reads it when it runs (or is recorded)
+        def use():  # the candidate's tree and depth; the pass reads them when it runs (or is recorded)
             if settings:
-                decoder.tree, decoder.n_chains, decoder.head_once = settings
+                decoder.tree, decoder.n_chains, decoder.head_once = settings[:3]
+                decoder.use_depth(settings[3])
 
         use()
-        forward_pass, out = decoder._forward_pass(settings is not None, root, drafts, cache,
+        forward_pass, out = decoder._forward_pass(settings is not None, root,
+                                                  depth_drafts[settings[3]] if settings else drafts, cache,
                                                   greedy, None, None)
 
         def run():
@@ -204,11 +220,12 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
         return lambda: (step(), out.tolist())
 
     try:
-        fns = {(b, c): timed((TreePolicy(K, None, budget=b), c, once[b, c])) for b, c in cands}
+        fns = {(b, c, d): timed((TreePolicy(d, None, budget=b), c, once[b, c, d], d)) for b, c, d in cands}
         fns["plain"] = timed()
         ms = _median_ms(fns, dev, reps)
     finally:
-        decoder.tree, decoder.n_chains, decoder.head_once = saved
+        decoder.tree, decoder.n_chains, decoder.head_once = saved[:3]
+        decoder.use_depth(saved[3])
     return ms, ms.pop("plain")
 
 
@@ -220,7 +237,7 @@ def _sync(device) -> None:
 def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
     """One file per machine, threads, torch, model, dtype, execution (prepacked weights, row-exact, CUDA graphs),
     weights, calibration and candidates."""
-    model, w = decoder.model, decoder.transfer
+    model, w = decoder.model, decoder.maps
     if model.device.type == "cuda":
         machine = torch.cuda.get_device_name(model.device)
     else:

@@ -43,9 +43,11 @@ class HiddenTransferDecoder:
     transfer: "default" (the weights shipped for the model), a weights file, TransferWeights, or None
     (untrained maps). tree: None (a static Medusa-style tree), a list of top-k rank paths, "dynamic" (the
     best `budget` nodes by draft probability, per row), a TreePolicy, or "auto": the dynamic budget and
-    n_chains with the most tokens per second on this machine (`autotree.tune_tree`: measured once, about
-    a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under every real
-    node (None) or under the n_chains best-scoring ones.
+    n_chains (and depth) with the most tokens per second on this machine (`autotree.tune_tree`: measured
+    once, about a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under
+    every real node (None) or under the n_chains best-scoring ones. depth: the draft depths a step uses, the
+    first `depth` of the K maps (None: all K); each chain then carries `depth` pseudo tokens, so a shallower
+    draft makes every step cheaper. The full maps stay in `maps`, the ones in use in `transfer`.
     backend: the backend of the step's hidden_transfer, verify_tree_greedy and compact_kv ("auto" | "cuda"
     | "triton" | "torch"; the last two have no Triton kernels and run "auto" under "triton"); tree
     attention takes the model's `attn_backend`.
@@ -61,7 +63,7 @@ class HiddenTransferDecoder:
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None,
-                 exact: bool = False):
+                 exact: bool = False, depth: int | None = None):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -70,25 +72,33 @@ class HiddenTransferDecoder:
         cfg = model.config
         weights = resolve_transfer(transfer, cfg.name, cfg.dim, cfg.n_layers)
         param = next(model.parameters())
-        self.transfer = weights
-        self.weight = weights.weight.to(param.device, param.dtype)
-        self.bias = weights.bias.to(param.device, param.dtype)
+        self.maps = weights
+        self._cast = (weights.weight.to(param.device, param.dtype), weights.bias.to(param.device, param.dtype))
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
+        self.use_depth(weights.K if depth is None else depth)
         self._set_execution(backend, cuda_graphs, prepack, exact)
         self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
-            if n_chains is not None:
-                raise ValueError(f"n_chains: tree='auto' chooses it, got n_chains={n_chains!r}")
+            for name, value in (("n_chains", n_chains), ("depth", depth)):
+                if value is not None:
+                    raise ValueError(f"{name}: tree='auto' chooses it, got {name}={value!r}")
             from .autotree import tune_tree
 
             self.tree, self.n_chains = make_tree_policy("dynamic", weights.K, budget), None
             self.tree_choice = tune_tree(self)
-            self.tree, self.n_chains = self.tree_choice.policy(weights.K), self.tree_choice.n_chains
+            self.use_depth(self.tree_choice.depth)
+            self.tree, self.n_chains = self.tree_choice.policy(self.transfer.K), self.tree_choice.n_chains
             self.head_once = self.tree_choice.head_once
         else:
-            self.tree, self.n_chains = make_tree_policy(tree, weights.K, budget), n_chains
+            self.tree, self.n_chains = make_tree_policy(tree, self.transfer.K, budget), n_chains
+
+    def use_depth(self, depth: int) -> None:
+        """Draft depths 1..depth from the first `depth` maps (`transfer`, `weight`, `bias`); the tree policy
+        must then be one over `depth` depths."""
+        self.transfer = self.maps.first(depth)
+        self.weight, self.bias = (t[:depth] for t in self._cast)
 
     def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:

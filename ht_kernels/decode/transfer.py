@@ -24,6 +24,13 @@ class TransferWeights:
     def K(self) -> int:
         return self.weight.shape[0]
 
+    def first(self, depth: int) -> TransferWeights:
+        """The first `depth` maps (the drafts of depths 1..depth), sharing this one's tensors. Pseudo state
+        i attends pseudo states 1..i-1 only, so they are the first `depth` states of the full chain."""
+        if not isinstance(depth, int) or not 1 <= depth <= self.K:
+            raise ValueError(f"depth must be an int in [1, K={self.K}], got {depth!r}")
+        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta)
+
     @classmethod
     def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
         """Zero maps at layer n_layers // 2: useless drafts, still lossless decoding."""
