@@ -44,7 +44,7 @@ class HiddenTransferDecoder:
     (untrained maps). tree: None (a static Medusa-style tree), a list of top-k rank paths, "dynamic" (the
     best `budget` nodes by draft probability, per row), a TreePolicy, or "auto": the dynamic budget and
     n_chains (and depth) with the most tokens per second on this machine (`autotree.tune_tree`: measured
-    once, about a minute, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under
+    once, one to two minutes, then cached; the choice is in `tree_choice`). n_chains: pseudo chains hang under
     every real node (None) or under the n_chains best-scoring ones. depth: the draft depths a step uses, the
     first `depth` of the K maps (None: all K); each chain then carries `depth` pseudo tokens, so a shallower
     draft makes every step cheaper. The full maps stay in `maps`, the ones in use in `transfer`.
