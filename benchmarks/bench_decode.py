@@ -240,7 +240,8 @@ def main(argv=None) -> None:
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
     runners, dec = make_runners(model, args)
     tree = None if dec is None else {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
-                                     "depth": dec.transfer.K, "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
+                                     "depth": dec.transfer.K,
+                                     "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
     cuda = model.device.type == "cuda"
     weights_bytes = torch.cuda.memory_allocated(model.device) if cuda else 0
     head = {**header(model.device, dtype), "threads": torch.get_num_threads(),

@@ -36,6 +36,25 @@ def random_tree_mask(T: int) -> torch.Tensor:
     return ht.Tree.from_parents(parents).ancestor_mask
 
 
+def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """q, the cache (prefix of L positions, then the T tree tokens' keys/values), lengths, a random tree's
+    mask, and L, seeded."""
+    B, L, T, Hq, Hkv, D = (case[k] for k in ("B", "L", "T", "Hq", "Hkv", "D"))
+    torch.manual_seed(0)
+    return dict(q=torch.randn(B, T, Hq, D, device=device, dtype=dtype),
+                k_cache=torch.randn(B, L + T, Hkv, D, device=device, dtype=dtype),
+                v_cache=torch.randn(B, L + T, Hkv, D, device=device, dtype=dtype),
+                cache_seqlens=torch.full((B,), L, dtype=torch.int32, device=device),
+                tree_mask=random_tree_mask(T).to(device), L=L)
+
+
+def gb_per_s(case: dict, us: float, itemsize: int) -> float:
+    """K/V of the live L+T positions read once, q read once, out written once, per microsecond time."""
+    kv = 2 * case["B"] * (case["L"] + case["T"]) * case["Hkv"] * case["D"]
+    q_out = 2 * case["B"] * case["T"] * case["Hq"] * case["D"]
+    return (kv + q_out) * itemsize / us / 1e3
+
+
 def footprint(case: dict, itemsize: int) -> int:
     """Rough peak bytes of a case: the cache and the providers' copies, masks, the reference's temporaries."""
     B, S, T, Hq, Hkv, D = case["B"], case["L"] + case["T"], case["T"], case["Hq"], case["Hkv"], case["D"]
@@ -60,13 +79,7 @@ def main() -> None:
         need, have = footprint(case, itemsize), device_memory(dev)
         if need > 0.9 * have:
             raise Skip(f"needs ~{need / 2**30:.0f} GiB of {have / 2**30:.0f} GiB")
-        B, L, T, Hq, Hkv, D = (case[k] for k in ("B", "L", "T", "Hq", "Hkv", "D"))
-        torch.manual_seed(0)
-        return dict(q=torch.randn(B, T, Hq, D, device=dev, dtype=dtype),
-                    k_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
-                    v_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
-                    cache_seqlens=torch.full((B,), L, dtype=torch.int32, device=dev),
-                    tree_mask=random_tree_mask(T).to(dev), L=L)
+        return make_inputs(case, dev, dtype)
 
     def backend(name: str, cuda_only: bool = False):
         def make(x: dict):
@@ -102,16 +115,10 @@ def main() -> None:
         compiled = torch.compile(flex_attention)
         return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
 
-    def gb_per_s(case: dict, us: float) -> float:
-        # K/V of the live L+T positions read once, q read once, out written once.
-        kv = 2 * case["B"] * (case["L"] + case["T"]) * case["Hkv"] * case["D"]
-        q_out = 2 * case["B"] * case["T"] * case["Hq"] * case["D"]
-        return (kv + q_out) * itemsize / us / 1e3
-
-    metrics = {"GB/s": gb_per_s}
+    metrics = {"GB/s": lambda case, us: gb_per_s(case, us, itemsize)}
     if dev.type == "cuda":  # the target is a fraction of what a plain device-to-device copy achieves
         copy_gbs = copy_gb_per_s(dev)
-        metrics["% copy"] = lambda case, us: 100 * gb_per_s(case, us) / copy_gbs
+        metrics["% copy"] = lambda case, us: 100 * gb_per_s(case, us, itemsize) / copy_gbs
 
     providers = {"torch": backend("torch"), "sdpa": sdpa, "flex": flex,
                  "triton": backend("triton", cuda_only=True), "cuda": backend("cuda")}

@@ -18,7 +18,7 @@ import os
 import torch
 
 from _harness import Skip, parse_args, run
-from bench_tree_attention import random_tree_mask
+from bench_tree_attention import gb_per_s, make_inputs
 
 CASES = [dict(Hq=32, Hkv=32, B=1, L=2048, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=2048, T=64, D=128),
          dict(Hq=32, Hkv=8, B=8, L=16384, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=4096, T=16, D=128)]
@@ -42,15 +42,10 @@ def main() -> None:
     splits = [None] + [int(s) for s in args.splits.split(",") if s]
 
     def setup(case: dict) -> dict:
-        B, L, T, Hq, Hkv, D = (case[k] for k in ("B", "L", "T", "Hq", "Hkv", "D"))
+        B, L, T, Hq, D = (case[k] for k in ("B", "L", "T", "Hq", "D"))
         if dev.type == "cuda" and 6 * B * (L + T) * Hq * D * 2 > torch.cuda.mem_get_info(dev)[0]:
             raise Skip("does not fit in the free device memory")
-        torch.manual_seed(0)
-        return dict(q=torch.randn(B, T, Hq, D, device=dev, dtype=dtype),
-                    k_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
-                    v_cache=torch.randn(B, L + T, Hkv, D, device=dev, dtype=dtype),
-                    cache_seqlens=torch.full((B,), L, dtype=torch.int32, device=dev),
-                    tree_mask=random_tree_mask(T).to(dev))
+        return make_inputs(case, dev, dtype)
 
     def launch(config: dict, num_splits: int | None):
         def make(x: dict):
@@ -69,12 +64,8 @@ def main() -> None:
         for n in splits:
             providers[name(config, n)] = launch(config, n)
 
-    def gb_per_s(case: dict, us: float) -> float:
-        kv = 2 * case["B"] * (case["L"] + case["T"]) * case["Hkv"] * case["D"]
-        return (kv + 2 * case["B"] * case["T"] * case["Hq"] * case["D"]) * dtype.itemsize / us / 1e3
-
     run(args, QUICK if args.quick else CASES, setup, providers, reference="torch", baseline="default/auto",
-        metrics={"GB/s": gb_per_s})
+        metrics={"GB/s": lambda case, us: gb_per_s(case, us, dtype.itemsize)})
 
 
 if __name__ == "__main__":

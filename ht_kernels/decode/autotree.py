@@ -104,7 +104,8 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     ms.update(fine)
     table = [{"budget": b, "n_chains": c, "depth": d, "head_once": once[b, c, d], "tau": round(taus[b, c, d], 4),
               "step_ms": round(ms[b, c, d], 3), "tokens_per_s": round(1e3 * taus[b, c, d] / ms[b, c, d], 2),
-              "finalist": (b, c, d) in fine} for b, c, d in cands]
+              "finalist": (b, c, d) in fine}
+             for b, c, d in cands]
     best = max((r for r in table if r["finalist"]), key=lambda r: r["tokens_per_s"])
     choice = TreeChoice(best["budget"], best["n_chains"], best["depth"], best["head_once"], best["tau"],
                         best["step_ms"], round(ar_ms, 3), table)
@@ -125,7 +126,8 @@ def format_table(choice: TreeChoice) -> str:
     for r in choice.table:
         mark = " *" if r["finalist"] else ""
         mark += " <" if (r["budget"], r["n_chains"], r["depth"]) == chosen else ""
-        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {r['depth']:>5} {'once' if r['head_once'] else 'twice':>5} "
+        head = "once" if r["head_once"] else "twice"
+        lines.append(f"{r['budget']:>6} {r['n_chains']:>6} {r['depth']:>5} {head:>5} "
                      f"{r['tau']:>6.3f} {r['step_ms']:>8.2f} {r['tokens_per_s']:>7.2f}{mark}")
     lines.append(f"plain step {choice.ar_ms:.2f} ms ({1e3 / choice.ar_ms:.2f} tok/s)")
     return "\n".join(lines)
