@@ -8,7 +8,7 @@ tokens/s = new tokens / seconds (prefill included), summed over prompts; tau = m
 decoding step (the prefill's first token left out). `hf` is a transformers LlamaForCausalLM that shares
 the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-eos.
 
-    python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype float32|bfloat16]
+    python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype auto|float32|bfloat16]
         [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
         [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs]
         [--prepack auto|on|off] [--exact] [--rounds N] [--json PATH] [--plot PATH]
@@ -16,6 +16,10 @@ the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-
 On CUDA, ht and ar replay each greedy step as a CUDA graph (--no-cuda-graphs: eager steps), and the
 table adds each method's peak memory above what was allocated before the runs (the weights, the maps:
 torch.cuda.max_memory_allocated).
+
+--dtype auto (the default) runs the package at its best on the machine and says why: on a CPU with oneDNN's
+bf16 kernels bf16 with --exact (hidden transfer gives plain decoding's tokens bit for bit), on other CPUs
+fp32, on a GPU bf16 (`ht_kernels.cpu.best_dtype`).
 """
 from __future__ import annotations
 
@@ -36,8 +40,10 @@ import torch
 from tqdm import tqdm  # a dependency of transformers
 
 import ht_kernels as ht
-from ht_kernels.cli import encode_prompt, resolve_transfer_arg, resolve_tree_arg
+from ht_kernels.cli import resolve_transfer_arg, resolve_tree_arg
+from ht_kernels.cpu import best_dtype
 from ht_kernels.decode.autotree import TreeChoice, format_table
+from ht_kernels.drafts.prompts import encode_prompt
 from ht_kernels.loading import LAYER_NAMES, TOP_NAMES
 from _harness import header
 
@@ -57,8 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{DEFAULT_LIMIT} prompts are one per category; with the other defaults that run takes ~6 "
                         f"minutes in fp32 on a 2-core CPU with one thread)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--stop-at-eos", action="store_true", help="end each generation at the tokenizer's eos")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="end each generation at the model's end-of-sequence tokens")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto (default): bfloat16 with --exact on a CPU with bf16 kernels, float32 on other CPUs, "
+                        "bfloat16 on a GPU")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -129,8 +138,8 @@ def hf_sharing_weights(model):
 def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
     """{method: run(ids, max_new_tokens, seed) -> GenerateOutput} for the chosen methods, and the decoder
     that runs ht and ar (None when neither runs)."""
-    tok, runners, dec = model.tokenizer, {}, None
-    eos = tok.eos_token_id if args.stop_at_eos else None
+    runners, dec = {}, None
+    eos = None if args.stop_at_eos else ()  # None: the model's own end-of-sequence tokens; (): none
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if {"ht", "ar"} & set(args.methods):
         model.attn_backend = args.backend
@@ -151,10 +160,11 @@ def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
         def run_hf(ids, n, seed):
             torch.manual_seed(seed)
             x = torch.tensor([ids], device=model.device)
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, eos_token_id=eos, **kw)
+            hf_eos = list(model.eos_token_ids) if args.stop_at_eos and model.eos_token_ids else None
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, eos_token_id=hf_eos, **kw)
             new = out[0, x.shape[1]:].tolist()
-            if eos is not None and eos in new:
-                new = new[: new.index(eos) + 1]
+            end = next((i for i, t in enumerate(new) if t in (hf_eos or ())), None)
+            new = new if end is None else new[: end + 1]
             return ht.GenerateOutput([new], [[1] * len(new)])
 
         runners["hf"] = run_hf
@@ -235,7 +245,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype, why = getattr(torch, args.dtype, None), None
+    if args.dtype == "auto":
+        dtype, exact, why = best_dtype(args.device)
+        args.exact = args.exact or exact
     model = ht.load_model(args.model, dtype=dtype, device=args.device)
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
     runners, dec = make_runners(model, args)
@@ -253,6 +266,8 @@ def main(argv=None) -> None:
           f"{' or up to eos' if args.stop_at_eos else ' each (eos ignored)'}, temperature {args.temperature}"
           + (", hf: transformers LlamaForCausalLM sharing the model's weights" if "hf" in runners else ""),
           flush=True)
+    if why is not None:
+        print(f"dtype auto: {why}", flush=True)
     if tree is not None:
         every = tree["n_chains"] is None or tree["n_chains"] >= tree["budget"]
         chains = "every node" if every else f"the best {tree['n_chains']}"

@@ -2,7 +2,7 @@
 
 Each prompt's greedy continuation (--max-new-tokens, eos ignored) is made once by plain decoding; then
 every drafter runs one teacher-forced pass over it, which gives the drafts of every token (see
-ht_kernels.train.evaluate): top-1 / top-5 accuracy per depth against the continuation, and tau replayed
+ht_kernels.decode.replay): top-1 / top-5 accuracy per depth against the continuation, and tau replayed
 for each tree policy exactly as the decoder would commit tokens. --decode N also decodes the first N
 prompts for real with each drafter and reports that tau beside the replayed one. --similarity adds the
 cosine similarity of pseudo states to the true states, layer by layer after t (transfer drafters).
@@ -26,12 +26,14 @@ import torch
 
 import ht_kernels as ht
 from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
-from ht_kernels.cli import encode_prompt
 from ht_kernels.decode.decoder import make_tree_policy
+from ht_kernels.decode.replay import replay_accept_lengths
 from ht_kernels.decode.transfer import TransferWeights
+from ht_kernels.drafts.drafters import drafter_from_weights
+from ht_kernels.drafts.forced import draft_logprobs
+from ht_kernels.drafts.prompts import encode_prompt
 from ht_kernels.train.data import synthesize
-from ht_kernels.train.evaluate import (depth_accuracy, draft_logprobs, drafter_from_weights, pseudo_similarity,
-                                       replay_accept_lengths)
+from ht_kernels.train.evaluate import depth_accuracy, pseudo_similarity
 from _harness import header
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench_dev.jsonl"
@@ -103,7 +105,8 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
             tree, budget = TREES[t]
             dec = (ht.HiddenTransferDecoder(model, weights, tree=tree, budget=budget) if row["kind"] == "transfer"
                    else MedusaDecoder(model, weights, tree=tree, budget=budget))
-            got = [dec.generate([e.tokens[:e.start + 1]], max_new_tokens=args.max_new_tokens).accept_lengths[0][1:]
+            got = [dec.generate([e.tokens[:e.start + 1]], max_new_tokens=args.max_new_tokens,
+                                eos_token_id=()).accept_lengths[0][1:]
                    for e in examples[: args.decode]]
             row["tau_decoded"][t] = (_mean(got), _mean(lengths[t][: args.decode]))
     if args.similarity and row["kind"] == "transfer":
@@ -190,7 +193,7 @@ def main(argv=None) -> None:
     print(title)
     print(f"model {args.model}; {len(texts)} prompts of {path.name}; greedy, {args.max_new_tokens} new tokens", flush=True)
     prompts = [encode_prompt(model.tokenizer, t) for t in texts]
-    examples = synthesize(model, prompts, args.max_new_tokens, batch_size=32)
+    examples = synthesize(model, prompts, args.max_new_tokens, batch_size=32, eos_token_id=())  # fixed lengths
     print(f"continuations: {time.perf_counter() - t0:.0f} s", flush=True)
     results = []
     for spec in args.drafter:

@@ -37,7 +37,7 @@ model = ht.load_model(args.model)
 dec = ht.HiddenTransferDecoder(model, transfer=Path(args.out) / "transfer.safetensors")
 ids = model.tokenizer("The history of the printing press").input_ids
 out, ar = dec.generate([ids], max_new_tokens=24), dec.generate_ar([ids], max_new_tokens=24)
-steps = len(out.accept_lengths[0]) - 1
-print(f"trained maps: {Path(args.out) / 'transfer.safetensors'}; {steps} steps for 24 tokens; same as plain "
+steps, n = len(out.accept_lengths[0]) - 1, len(out.sequences[0])
+print(f"trained maps: {Path(args.out) / 'transfer.safetensors'}; {steps} steps for {n} tokens; same as plain "
       f"decoding: {out.sequences == ar.sequences}")
 assert out.sequences == ar.sequences

@@ -9,19 +9,9 @@ import sys
 import time
 import warnings
 
-DTYPES = ("float32", "bfloat16")
+from .drafts.prompts import encode_prompt
 
-
-def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
-    """The prompt's token ids: wrapped in the model's chat template as one user turn (chat=True), or as is."""
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer: give an HF directory with tokenizer files, or a .gguf file")
-    if chat and tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_dict=False))
-    if chat:
-        raise ValueError("the model's tokenizer has no chat template: pass --no-chat to use the prompt as is")
-    return tokenizer(prompt).input_ids
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def resolve_transfer_arg(value: str):
@@ -80,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k")
     g.add_argument("--seed", type=int, help="seed of the sampler (temperature > 0)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto (default): bfloat16 with --exact where the CPU has bf16 kernels, else float32")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     g.add_argument("--ar", action="store_true", help="plain one-token-per-step decoding instead")
@@ -100,7 +91,15 @@ def generate(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ht.load_model(args.model, dtype=getattr(torch, args.dtype))
+    from .cpu import best_dtype
+
+    dtype, exact, why = getattr(torch, args.dtype, None), args.exact, None
+    if args.dtype == "auto":
+        dtype, auto_exact, why = best_dtype("cpu")
+        exact = exact or auto_exact
+    model = ht.load_model(args.model, dtype=dtype)
+    if why is not None:
+        print(f"dtype auto: {why}", file=sys.stderr, flush=True)
     tok = model.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     # --ar never uses the maps or the tree: untrained ones spare it the shipped weights and their warning.
@@ -108,13 +107,13 @@ def generate(args: argparse.Namespace) -> None:
     if tree == "auto":
         print("tree auto: choosing the tree for this machine (measured once, then cached)", file=sys.stderr, flush=True)
     dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer),
-                                   tree=tree, budget=args.budget, exact=args.exact)
+                                   tree=tree, budget=args.budget, exact=exact)
     gen = None if args.seed is None else torch.Generator(model.device).manual_seed(args.seed)
     stream = TextStream(tok)
     run = dec.generate_ar if args.ar else dec.generate
     start = time.perf_counter()
     out = run([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, generator=gen, eos_token_id=tok.eos_token_id, callback=stream)
+              top_k=args.top_k, generator=gen, callback=stream)
     seconds = time.perf_counter() - start
     stream.close()
     n = len(out.sequences[0])

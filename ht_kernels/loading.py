@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,8 @@ from .model import ModelConfig, Transformer
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED = (f"{SMOLLM2!r}, a .gguf file (llama architecture), an HF model directory (config.json + "
              f"*.safetensors; llama, qwen2 or mistral), or a loaded transformers {' / '.join(HF_CLASSES)}")
 
@@ -36,6 +39,43 @@ TOP_NAMES = {  # ours: (hf, gguf)
     "norm": ("model.norm", "output_norm"),
     "output": ("lm_head", "output"),
 }
+
+
+def config_from_hf(config) -> ModelConfig:
+    """From a LlamaConfig / Qwen2Config / MistralConfig or its dict (config.json, old or new rope keys).
+
+    Sliding-window attention equals full attention on sequences within the window, so a window
+    caps max_seq_len instead of being implemented.
+    """
+    c = config if isinstance(config, dict) else config.to_dict()
+    kind = c.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ValueError(f"config_from_hf: config model_type must be one of {HF_MODEL_TYPES}, got {kind!r}")
+    if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias"):
+        raise ValueError(f"config_from_hf: config must use a bias-free SiLU MLP, got hidden_act="
+                         f"{c.get('hidden_act')!r}, mlp_bias={c.get('mlp_bias')!r}")
+    rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = c.get("rope_theta") or rope.pop("rope_theta", 10000.0)
+    rope.pop("rope_theta", None)
+    if rope_type not in ROPE_TYPES or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config_from_hf: config rope must be one of {ROPE_TYPES} over the full head, "
+                         f"got rope_type={rope_type!r} with {rope}")
+    scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+    if rope_type == "llama3":
+        scaling.setdefault("original_max_position_embeddings", c["max_position_embeddings"])
+    max_len = c.get("max_position_embeddings", 2048)
+    window = c.get("sliding_window") if kind == "mistral" or c.get("use_sliding_window") else None
+    bias = bool(c.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=scaling, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2" or bias, o_bias=bias, max_seq_len=min(max_len, window or max_len),
+        name=c.get("_name_or_path") or kind,
+    )
 
 
 def _our_name(name: str, hf: bool) -> str | None:
@@ -95,13 +135,23 @@ def _smollm2_path() -> str:
     return path
 
 
+def eos_ids(*candidates) -> tuple[int, ...]:
+    """The first candidate that is set (an id or a list of ids) as a tuple of ids; () when none is."""
+    for c in candidates:
+        if c is not None and c != []:
+            return tuple(int(x) for x in (c if isinstance(c, (list, tuple)) else [c]))
+    return ()
+
+
 def _from_hf_model(hf_model: torch.nn.Module) -> Transformer:
     if type(hf_model).__name__ not in HF_CLASSES:
         raise ValueError(f"load_model: a loaded model must be one of {HF_CLASSES}, got {type(hf_model).__name__}")
-    config = ModelConfig.from_hf(hf_model.config)
+    config = config_from_hf(hf_model.config)
     model = Transformer(config, device="meta")
     model.load_weights(_rename(hf_model.state_dict(keep_vars=True), hf=True))  # the Parameters themselves
     model.tokenizer = getattr(hf_model, "tokenizer", None)
+    gen = getattr(hf_model, "generation_config", None)
+    model.eos_token_ids = eos_ids(getattr(gen, "eos_token_id", None), hf_model.config.eos_token_id)
     return model
 
 
@@ -110,8 +160,9 @@ def _from_hf_dir(path: str, dtype: torch.dtype, device) -> Transformer:
 
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, "config.json")) as f:
-        config = ModelConfig.from_hf(json.load(f))
+    hf_config, gen = (json.loads(f.read_text()) if f.is_file() else {}
+                      for f in (Path(path, "config.json"), Path(path, "generation_config.json")))
+    config = config_from_hf(hf_config)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"load_model: the HF directory {path!r} has no *.safetensors weights")
@@ -125,6 +176,8 @@ def _from_hf_dir(path: str, dtype: torch.dtype, device) -> Transformer:
         from transformers import AutoTokenizer
 
         model.tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eos_token_ids = eos_ids(gen.get("eos_token_id"), hf_config.get("eos_token_id"),
+                                  getattr(model.tokenizer, "eos_token_id", None))
     return model
 
 
@@ -178,4 +231,6 @@ def _from_gguf(path: str, dtype: torch.dtype, device) -> Transformer:
     from transformers import AutoTokenizer
 
     model.tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    field = reader.fields.get("tokenizer.ggml.eos_token_id")
+    model.eos_token_ids = eos_ids(field and field.contents())
     return model

@@ -2,6 +2,8 @@
 
 The model never owns a KV cache: `new_cache` allocates a static `KVCache`, `run_layers` writes the new
 tokens' keys/values at `cache.lengths[b] + j` and the caller (the decoder) advances `cache.lengths`.
+CPU execution (`cpu.py`) enters through one seam: the `Linear` / `FusedLinears` layers, the attention
+plan of a pass (`cpu.attention_plan`), and the switches `prepack_linears` and `set_row_exact`.
 """
 from __future__ import annotations
 
@@ -12,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .eager.tree_attention import FlashCPUPlan, RowExactCPUPlan
-from .ops.tree_attention import check_cache_bounds, tree_attention
-
-HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
-ROPE_TYPES = ("default", "linear", "llama3")
+from . import cpu
+from .cpu import FusedLinears, Linear
+from .ops.tree_attention import tree_attention
 
 
 @dataclass
@@ -36,43 +36,6 @@ class ModelConfig:
     o_bias: bool = False  # Llama's attention_bias
     max_seq_len: int = 2048
     name: str = "llama"
-
-    @classmethod
-    def from_hf(cls, config) -> ModelConfig:
-        """From a LlamaConfig / Qwen2Config / MistralConfig or its dict (config.json, old or new rope keys).
-
-        Sliding-window attention equals full attention on sequences within the window, so a window
-        caps max_seq_len instead of being implemented.
-        """
-        c = config if isinstance(config, dict) else config.to_dict()
-        kind = c.get("model_type")
-        if kind not in HF_MODEL_TYPES:
-            raise ValueError(f"ModelConfig.from_hf: config model_type must be one of {HF_MODEL_TYPES}, got {kind!r}")
-        if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias"):
-            raise ValueError(f"ModelConfig.from_hf: config must use a bias-free SiLU MLP, got hidden_act="
-                             f"{c.get('hidden_act')!r}, mlp_bias={c.get('mlp_bias')!r}")
-        rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
-        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-        theta = c.get("rope_theta") or rope.pop("rope_theta", 10000.0)
-        rope.pop("rope_theta", None)
-        if rope_type not in ROPE_TYPES or rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"ModelConfig.from_hf: config rope must be one of {ROPE_TYPES} over the full head, "
-                             f"got rope_type={rope_type!r} with {rope}")
-        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
-        if rope_type == "llama3":
-            scaling.setdefault("original_max_position_embeddings", c["max_position_embeddings"])
-        max_len = c.get("max_position_embeddings", 2048)
-        window = c.get("sliding_window") if kind == "mistral" or c.get("use_sliding_window") else None
-        bias = bool(c.get("attention_bias", False))
-        return cls(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=scaling, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=kind == "qwen2" or bias, o_bias=bias, max_seq_len=min(max_len, window or max_len),
-            name=c.get("_name_or_path") or kind,
-        )
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -112,117 +75,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
-
-
-PREPACK_DTYPES = (torch.float32, torch.bfloat16)
-LONE_ROW_MAX_K = 1024  # row-exact linear layers: a lone row over more inputs runs as two (one_row_as_two)
-
-
-def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `Linear.prepack` applies: CPU fp32, or bf16 with oneDNN's bf16 kernels (avx512_bf16, AMX)."""
-    return (device.type == "cpu" and dtype in PREPACK_DTYPES and torch.backends.mkldnn.is_available()
-            and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-
-
-class Linear(nn.Linear):
-    """nn.Linear that, with `prepack` set, runs CPU inference through a copy of its weight packed ahead
-    in oneDNN's blocked layout (what inductor's freezing does), and a decoding step 1.2-1.5x faster on
-    this project's CPU (README). bf16 gives F.linear's values, and among two or more rows a row's values do
-    not depend on the others (alone, over more than 1024 inputs, they can: `one_row_as_two`). fp32
-    differs from F.linear within rounding; in fp32 a row computed alone and among others differs in its
-    last bits on either path (one row takes another kernel), so plain and tree decoding can part at
-    near-ties. The copy is made by `pack()` and remade when the weight changes; calls
-    that record autograd, or inputs of another dtype or device, use `weight`.
-    """
-
-    prepack = False
-    _packed: tuple | None = None  # ((weight, its version, storage, dtype), the packed copy)
-    fused = False  # set by FusedLinears: the layer's packed copy is part of its group's
-    row_exact = False  # set by Transformer.set_row_exact: a lone row runs as two (`one_row_as_two`)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return one_row_as_two(self._forward, x) if self.row_exact else self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packs(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self.pack(), self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def packs(self, x: torch.Tensor) -> bool:
-        """Whether a call on x runs through the packed weight."""
-        return self.prepack and x.dtype == self.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
-
-    def pack(self) -> torch.Tensor:
-        """The packed copy of the current weight (made once per weight and version)."""
-        key = _identity(self.weight)
-        if self._packed is None or not _same(self._packed[0], key):
-            with torch.no_grad():
-                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1))
-        return self._packed[1]
-
-
-class FusedLinears(nn.Module):
-    """Linear layers that read the same input (q, k, v; gate, up), run as one GEMM over their weights
-    packed as one [sum of outputs, in] copy when they are prepacked: each output column equals the
-    separate call's bitwise (oneDNN, bf16 and fp32), and the call costs about half (README). The layers
-    stay their owner's (parameters, state dict, weight sharing): this module holds no parameters and
-    remakes its copy when a weight or bias changes.
-    """
-
-    def __init__(self, *linears: Linear):
-        super().__init__()
-        self.linears = linears  # a tuple: not registered as submodules
-        for lin in linears:
-            lin.fused = True
-        self._packed: tuple | None = None  # (identities of the weights and biases, packed weight, bias)
-
-    def packs(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) runs as one packed GEMM (else call the layers one by one)."""
-        return all(lin.packs(x) for lin in self.linears)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in] -> the layers' outputs side by side [..., sum of outputs]; only where packs(x)."""
-        return one_row_as_two(self._forward, x) if self.linears[0].row_exact else self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.pack()
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    def pack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The packed copy of the concatenated weights and the concatenated bias (None: no layer has one)."""
-        key = tuple(_identity(t) for lin in self.linears for t in (lin.weight, lin.bias))
-        if self._packed is None or not all(_same(a, b) for a, b in zip(self._packed[0], key)):
-            with torch.no_grad():
-                w = torch.cat([lin.weight.detach() for lin in self.linears])
-                has_bias = any(lin.bias is not None for lin in self.linears)
-                bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features)
-                                  for lin in self.linears]) if has_bias else None
-                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, 1), bias)
-        return self._packed[1:]
-
-
-def one_row_as_two(f, x: torch.Tensor) -> torch.Tensor:
-    """f(x) for x [..., in]; a lone row (x.numel() == in) over more than `LONE_ROW_MAX_K` inputs is
-    computed as two copies of itself. CPU bf16 GEMMs (oneDNN, avx512_bf16) sum such a row in another order
-    than rows among others (SmolLM2's down projection, 1536 inputs: 0.02% of outputs differ in the last
-    bit; measured with 1152-4096 inputs), while from two rows on, and up to 1024 inputs, a row's bits are
-    its own. Doubling such a row costs nothing measurable (two rows of the LM head, 576 inputs, would
-    cost 1.2x one)."""
-    if x.dim() < 2 or x.numel() != x.shape[-1] or x.shape[-1] <= LONE_ROW_MAX_K:
-        return f(x)
-    return f(torch.cat((x, x), -2)).narrow(-2, 0, 1)
-
-
-def _identity(t: torch.Tensor | None) -> tuple:
-    """(tensor, its version, storage and dtype): what tells that a packed copy is stale (in-place writes,
-    `module.to()` swapping a parameter's data; inference tensors cannot be written in place)."""
-    if t is None:
-        return None, None
-    return t, (None if t.is_inference() else t._version, t.data_ptr(), t.dtype)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return a[0] is b[0] and a[1] == b[1]
 
 
 class RMSNorm(nn.Module):
@@ -290,7 +142,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Llama-family decoder. Parameters of a loaded or random model are frozen (requires_grad=False)."""
+    """Llama-family decoder. Parameters of a loaded or random model are frozen (requires_grad=False).
+    tokenizer and eos_token_ids (the ids that end a generation by default) are set by the loaders."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__()
@@ -303,6 +156,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.tokenizer = None
+        self.eos_token_ids: tuple[int, ...] = ()
         self.attn_backend = "auto"
         self.row_exact = False  # set_row_exact
         self._inv_freq = rope_inv_freq(config)  # fp32 on purpose: not a buffer, so .to(dtype) keeps it
@@ -340,43 +194,16 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def prepack_linears(self, enabled: bool = True) -> None:
-        """Run inference of every linear layer through oneDNN weights packed ahead (`Linear.prepack`;
-        CPU fp32 or bf16, see `prepack_supported`), q/k/v and gate/up as one GEMM each (`FusedLinears`):
-        one more copy of those weights in memory."""
-        if enabled and not prepack_supported(self.device, self.dtype):
-            raise ValueError(f"prepack_linears: needs a CPU fp32 or bf16 model and oneDNN (bf16: its bf16 "
-                             f"kernels), got a {self.dtype} model on {self.device}")
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.prepack, m._packed = enabled, None
-                if enabled and not m.fused:
-                    m.pack()
-            elif isinstance(m, FusedLinears):
-                m._packed = None
-                if enabled:
-                    m.pack()
+        """CPU inference through oneDNN weights packed ahead (`cpu.prepack_linears`)."""
+        cpu.prepack_linears(self, enabled)
 
     def set_row_exact(self, enabled: bool = True) -> None:
-        """Make a row's outputs independent of the rows computed with it (CPU bf16), so that tree decoding
-        gives plain decoding's tokens bit for bit: attention of tree-shaped passes with depths up to 32
-        through `RowExactCPUPlan` (with `attn_backend` "auto" or "torch"), and a lone row through linear
-        layers of more than 1024 inputs as two (`one_row_as_two`).
-        Other passes (longer causal ones: prefills) keep the fused kernel: give them the same rows in
-        the same passes to get the same bits."""
-        if enabled and not (self.device.type == "cpu" and self.dtype == torch.bfloat16):
-            raise ValueError(f"set_row_exact: needs a CPU bf16 model, got a {self.dtype} model on {self.device}")
-        self.row_exact = bool(enabled)
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.row_exact = self.row_exact
+        """CPU bf16: a row's values independent of the rows beside it (`cpu.set_row_exact`)."""
+        cpu.set_row_exact(self, enabled)
 
     @property
     def prepacked(self) -> bool:
         return self.output.prepack
-
-    def prepack_bytes(self) -> int:
-        """Memory that prepack_linears adds: one copy of every linear weight (the tied LM head's too)."""
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.modules() if isinstance(m, Linear))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -432,20 +259,12 @@ class Transformer(nn.Module):
         return h
 
     def _attention(self, cache: KVCache, mask: torch.Tensor, h: torch.Tensor):
-        """attend(q, k_cache, v_cache, k, v) -> out for the layers of one pass: `tree_attention` per layer,
-        or on CPU (backend auto or torch, eager) one `FlashCPUPlan` for all of them, which reads the
-        lengths and builds the additive mask once instead of once a layer."""
-        lengths, backend = cache.lengths, self.attn_backend
-        if backend in ("auto", "torch") and FlashCPUPlan.runs(h) and not torch.compiler.is_compiling():
-            check_cache_bounds(lengths, h.shape[1], cache.max_len)
-            depth = RowExactCPUPlan.runs(h, mask) if self.row_exact else None
-            if depth is not None:
-                plan = RowExactCPUPlan(lengths, mask, depth)
-            else:
-                plan = FlashCPUPlan(lengths, mask, h.shape[1], self.config.n_heads // self.config.n_kv_heads, h.dtype)
-            return lambda q, k_cache, v_cache, k, v: plan(q, k_cache, v_cache, k, v)[0]
-        return lambda q, k_cache, v_cache, k, v: tree_attention(q, k_cache, v_cache, lengths, mask, k=k, v=v,
-                                                                backend=backend)
+        """attend(q, k_cache, v_cache, k, v) -> out for the layers of one pass: on CPU one plan for all of
+        them (`cpu.attention_plan`), else `tree_attention` per layer."""
+        lengths, backend, c = cache.lengths, self.attn_backend, self.config
+        plan = cpu.attention_plan(lengths, cache.max_len, mask, h, c.n_heads // c.n_kv_heads, backend, self.row_exact)
+        return plan or (lambda q, k_cache, v_cache, k, v: tree_attention(q, k_cache, v_cache, lengths, mask, k=k, v=v,
+                                                                         backend=backend))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """h: [..., dim] -> [..., vocab] logits in the model's dtype (final norm + LM head)."""

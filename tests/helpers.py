@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ht_kernels.ops._backend import triton_installed, triton_interpreting
+from ht_kernels.triton import installed as triton_installed, interpreting as triton_interpreting
 
 # Relative RMS error against an fp64 reference, per input dtype. One table for every op.
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -10,8 +10,10 @@ from ht_kernels.decode.autotree import tune_tree
 from ht_kernels.decode.decoder import HiddenTransferDecoder
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.decode.trees import TreePolicy
-from ht_kernels.train.data import Example
-from ht_kernels.train.evaluate import draft_logprobs, drafter_from_weights, replay_accept_lengths
+from ht_kernels.decode.replay import replay_accept_lengths
+from ht_kernels.drafts.drafters import drafter_from_weights
+from ht_kernels.drafts.examples import Example
+from ht_kernels.drafts.forced import draft_logprobs
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 1, 2]]
 GRID = {"budgets": (2, 4, 8), "chains": (1, 2, 8), "gen_tokens": 24, "context": 16, "reps": 1}

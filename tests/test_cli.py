@@ -22,6 +22,7 @@ import torch
 
 import ht_kernels as ht
 from ht_kernels.cli import TextStream, main
+from ht_kernels.cpu import best_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -97,11 +98,13 @@ def test_generate_streams_text_and_reports(tiny, capsys, extra, tmp_path, monkey
     n = int(m[1])
     assert 1 <= n <= 24 and float(m[2]) >= 1.0
     if not extra:  # greedy: the streamed text is the decoded greedy continuation
-        model = ht.load_model(tiny)
+        dtype, exact, why = best_dtype("cpu")  # what --dtype auto chose, and said
+        assert f"dtype auto: {why}" in err
+        model = ht.load_model(tiny, dtype=dtype)
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "Grüße ✓"}], add_generation_prompt=True,
                                                   return_dict=False)
-        seq = ht.HiddenTransferDecoder(model, None).generate_ar([ids], max_new_tokens=24,
-                                                                eos_token_id=model.tokenizer.eos_token_id).sequences[0]
+        assert model.eos_token_ids == (model.tokenizer.eos_token_id,)  # generation stops there by default
+        seq = ht.HiddenTransferDecoder(model, None, exact=exact).generate_ar([ids], max_new_tokens=24).sequences[0]
         assert len(seq) == n and text == model.tokenizer.decode(seq, skip_special_tokens=True)
 
 
@@ -130,11 +133,12 @@ def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     tree = result["tree"]
     assert tree["tree"] == "auto"
     assert [tree[k] for k in ("budget", "n_chains", "depth")] == [tree["auto"][k] for k in ("budget", "n_chains", "depth")]
-    assert out[2].startswith(f"ht tree: auto, {tree['budget']} nodes, pseudo chains of {tree['depth']} under ")
-    assert out[3].startswith("tree auto (calibration): tau ")
-    assert out[4].split() == ["method", "tokens/s", "tau", "new", "tokens", "seconds", "x", "AR", "x", "HF"]
-    assert [line.split()[0] for line in out[5:8]] == ["ht", "ar", "hf"]
-    assert out[8] == "identical to ar (ht): 1.00"
+    assert out[2] == f"dtype auto: {best_dtype('cpu')[2]}"
+    assert out[3].startswith(f"ht tree: auto, {tree['budget']} nodes, pseudo chains of {tree['depth']} under ")
+    assert out[4].startswith("tree auto (calibration): tau ")
+    assert out[5].split() == ["method", "tokens/s", "tau", "new", "tokens", "seconds", "x", "AR", "x", "HF"]
+    assert [line.split()[0] for line in out[6:9]] == ["ht", "ar", "hf"]
+    assert out[9] == "identical to ar (ht): 1.00"
     assert set(result) == {"summary", "tree", "rows"}
     s = result["summary"]
     assert set(s) == {"ht", "ar", "hf", "speedup_vs_ar", "speedup_vs_hf", "identical_fraction"}

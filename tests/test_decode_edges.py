@@ -106,6 +106,22 @@ def test_eos_as_first_token():
     assert out.sequences == [[r[0]] for r in ref] and out.accept_lengths == [[1]] * 3 and not steps
 
 
+def test_the_models_eos_ends_a_row_by_default():
+    """eos_token_id=None stops a row after the model's own end-of-sequence tokens (`model.eos_token_ids`),
+    as transformers' generate does; () runs every row to max_new_tokens whatever they hold."""
+    model = tiny_model()
+    ref = plain(model, PROMPTS, 16)
+    assert model.eos_token_ids == ()  # a random model has none: rows run their length
+    end = ref[1][5]
+    model.eos_token_ids = (end, 10 ** 6)
+    expected = [r[: r.index(end) + 1] if end in r else r for r in ref]
+    dec = HiddenTransferDecoder(model, random_transfer(model))
+    for run in (dec.generate, dec.generate_ar):
+        assert_same_greedy(model, PROMPTS, run(PROMPTS, max_new_tokens=16).sequences, expected)
+        assert_same_greedy(model, PROMPTS, run(PROMPTS, max_new_tokens=16, eos_token_id=()).sequences, ref)
+    assert len(expected[1]) <= 6 < len(ref[1])
+
+
 def test_one_token_prompt():
     """A batch of one with a one-token prompt: hidden transfer (drafts rejected and accepted) and plain
     decoding both equal greedy decoding by full forwards."""

@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import ht_kernels as ht
 import ht_kernels.hf  # noqa: F401  (registers "ht_tree")
-from helpers import TOL, rel_rms
+from helpers import TOL, rel_rms, triton_installed, triton_interpreting
 
 SIZES = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -64,6 +64,24 @@ def test_mask_function_is_sdpa_mask():
     assert AttentionMaskInterface._global_mapping["ht_tree"] is sdpa_mask
 
 
+def test_a_registered_backend_is_the_one_that_runs():
+    """register(name, backend) runs that backend: Triton (under the interpreter) matches sdpa, and CUDA on
+    CPU tensors raises instead of running another backend."""
+    ht_kernels.hf.register("ht_tree_cuda", backend="cuda")
+    model = LlamaForCausalLM(LlamaConfig(**SIZES)).eval()
+    model.set_attn_implementation("ht_tree_cuda")
+    with torch.no_grad(), pytest.raises(ht.BackendUnavailableError, match="backend='cuda'"):
+        model(torch.randint(0, SIZES["vocab_size"], (1, 5)))
+    if triton_installed() and triton_interpreting():  # CPU tensors need the interpreter
+        ht_kernels.hf.register("ht_tree", backend="triton")
+        try:
+            check_against_sdpa(model, SIZES["vocab_size"], torch.float32)
+        finally:
+            ht_kernels.hf.register("ht_tree")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ht_kernels.hf.register("ht_tree_x", backend="tpu")
+
+
 def test_left_padding_prefills_and_then_fails_loudly():
     """A left-padded prefill is a pattern over the new tokens alone, which the tree mask expresses; the next
     step would hide prefix keys (the pads) from the new token, which cannot be expressed: it must raise."""
@@ -87,7 +105,7 @@ def test_left_padding_prefills_and_then_fails_loudly():
 def test_decoder_and_trainer_take_a_transformers_model(tmp_path):
     """The model object itself (weights shared): decoding equals transformers' greedy generate, and the
     transfer trainer runs on it."""
-    from ht_kernels.train.data import Example
+    from ht_kernels.drafts.examples import Example
     from ht_kernels.train.trainer import TrainConfig, train
 
     model = LlamaForCausalLM(LlamaConfig(**SIZES)).eval()

@@ -13,8 +13,10 @@ import torch
 from helpers import TOL, assert_close, rel_rms
 
 import ht_kernels as ht
-from ht_kernels.model import (FusedLinears, KVCache, Linear, ModelConfig, Transformer, prepack_supported,
-                              rope_inv_freq)
+from ht_kernels import cpu
+from ht_kernels.cpu import FusedLinears, Linear, prepack_supported
+from ht_kernels.loading import config_from_hf
+from ht_kernels.model import KVCache, ModelConfig, Transformer, rope_inv_freq
 
 # SmolLM2 in fp32, ours vs transformers on the same dequantized weights: the same math in another
 # order (SDPA vs our reference attention, other GEMM blockings) through 30 layers. Measured max abs
@@ -128,15 +130,15 @@ def test_hf_model_shared_and_saved(case, tmp_path):
 def test_config_from_hf_variants():
     base = {"vocab_size": 10, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
             "intermediate_size": 64, "max_position_embeddings": 128}
-    old = ModelConfig.from_hf({**base, "model_type": "llama", "rope_theta": 5e5,
+    old = config_from_hf({**base, "model_type": "llama", "rope_theta": 5e5,
                                "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (old.rope_theta, old.n_kv_heads, old.head_dim) == (5e5, 4, 8)
     assert old.rope_scaling == {"rope_type": "linear", "factor": 2.0}
-    mistral = ModelConfig.from_hf({**base, "model_type": "mistral", "sliding_window": 64})
+    mistral = config_from_hf({**base, "model_type": "mistral", "sliding_window": 64})
     assert mistral.max_seq_len == 64  # full attention equals the window's within it
-    qwen = ModelConfig.from_hf({**base, "model_type": "qwen2"})
+    qwen = config_from_hf({**base, "model_type": "qwen2"})
     assert qwen.qkv_bias and not qwen.o_bias
-    llama3 = ModelConfig.from_hf({**base, "model_type": "llama", "rope_scaling": LLAMA3_ROPE})
+    llama3 = config_from_hf({**base, "model_type": "llama", "rope_scaling": LLAMA3_ROPE})
     assert not torch.equal(rope_inv_freq(llama3), rope_inv_freq(replace(llama3, rope_scaling=None)))
 
 
@@ -207,8 +209,7 @@ def test_ragged_tree_step_is_lossless():
 def test_one_attention_plan_per_pass_equals_the_op_per_layer(monkeypatch, dtype, lengths):
     """On CPU run_layers prepares the fused kernel's mask once for all layers (FlashCPUPlan): the values
     are exactly those of the tree_attention op called per layer, keys/values in the cache included."""
-    import ht_kernels.model as model_module
-    from ht_kernels.eager.tree_attention import FlashCPUPlan
+    from ht_kernels.torch_backend.tree_attention import FlashCPUPlan
 
     class NoPlan(FlashCPUPlan):
         runs = staticmethod(lambda q: False)
@@ -222,7 +223,7 @@ def test_one_attention_plan_per_pass_equals_the_op_per_layer(monkeypatch, dtype,
 
     def run(plan: bool):
         c = KVCache(cache.k.clone(), cache.v.clone(), cache.lengths.clone())
-        monkeypatch.setattr(model_module, "FlashCPUPlan", FlashCPUPlan if plan else NoPlan)
+        monkeypatch.setattr(cpu, "FlashCPUPlan", FlashCPUPlan if plan else NoPlan)
         with torch.no_grad():
             return model(nodes, positions, c, tree.ancestor_mask), c
 
@@ -389,7 +390,7 @@ def test_decoder_leaves_weights_unpacked_without_the_memory(monkeypatch):
 
     model = tiny_model(vocab=64).to(torch.bfloat16)
     transfer = random_transfer(model)
-    need = model.prepack_bytes()
+    need = cpu.prepack_bytes(model)
     assert need == sum(p.numel() * 2 for n, p in model.named_parameters(remove_duplicate=False)
                        if "norm" not in n and "tok_embeddings" not in n)
     monkeypatch.setattr(decoder, "available_memory", lambda: 2 * need - 1)

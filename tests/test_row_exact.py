@@ -14,8 +14,9 @@ from test_tree_attention import make_case, random_tree_mask, reference
 
 import ht_kernels as ht
 from helpers import assert_close
-from ht_kernels.eager.tree_attention import EXACT_BLOCK, RowExactCPUPlan, tree_depths
-from ht_kernels.model import LONE_ROW_MAX_K, KVCache, Linear, ModelConfig, Transformer
+from ht_kernels.torch_backend.tree_attention import EXACT_BLOCK, RowExactCPUPlan, tree_depths
+from ht_kernels.cpu import LONE_ROW_MAX_K, Linear
+from ht_kernels.model import KVCache, ModelConfig, Transformer
 
 BF16 = torch.bfloat16
 
@@ -177,7 +178,7 @@ def test_smollm2_bf16_decoding_gives_plain_tokens_exactly(smol_bf16):
 
 
 def test_plain_answers_leave_the_model_as_it_runs():
-    """Tree auto's calibration answers (`train.data.synthesize`) keep the model's execution settings."""
+    """Training's answers (`train.data.synthesize`) keep the model's execution settings."""
     from ht_kernels.train.data import synthesize
 
     model = exact_model()

@@ -10,10 +10,14 @@ import torch
 
 from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
 from ht_kernels.decode.decoder import HiddenTransferDecoder
-from ht_kernels.train.data import Example, builtin_prompts, load_jsonl, reading_prompts, windows
-from ht_kernels.train.drafters import TransferDrafter
-from ht_kernels.train.evaluate import depth_accuracy, draft_logprobs, drafter_from_weights, replay_accept_lengths
-from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, anchor_positions, distill_loss, frozen_pass
+from ht_kernels.decode.replay import replay_accept_lengths
+from ht_kernels.drafts.drafters import TransferDrafter, drafter_from_weights
+from ht_kernels.drafts.examples import Example
+from ht_kernels.drafts.forced import anchor_positions, draft_logprobs, frozen_pass
+from ht_kernels.drafts.prompts import builtin_prompts
+from ht_kernels.train.data import load_jsonl, reading_prompts, windows
+from ht_kernels.train.evaluate import depth_accuracy
+from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, distill_loss
 from ht_kernels.train.trainer import CHECKPOINT, TrainConfig, n_trained, train
 from test_decode import random_transfer, tiny_model
 from test_model import needs_smollm2
@@ -127,7 +131,7 @@ def _examples(model, n=6):
 
 
 def _mean_ce(model, drafter, data, K):
-    from ht_kernels.train.trainer import collate
+    from ht_kernels.drafts.examples import collate
 
     tokens, lengths, starts = collate(data, "cpu")
     with torch.no_grad():

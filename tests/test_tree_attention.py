@@ -345,9 +345,9 @@ def test_cache_bounds_known_skips_the_host_check(monkeypatch):
     with pytest.raises(ValueError, match="cache_seqlens"):
         op.check_cache_bounds(lens, 5, 10)
     seen = []
-    import ht_kernels.model as model_module
+    import ht_kernels.cpu as cpu
 
-    for where in (op, model_module):  # the op checks per call, the model once per pass (FlashCPUPlan)
+    for where in (op, cpu):  # the op checks per call, the model once per pass (FlashCPUPlan)
         monkeypatch.setattr(where, "check_cache_bounds", lambda *args: seen.append(op._BOUNDS_KNOWN.get()))
     model = tiny_model()
     HiddenTransferDecoder(model, random_transfer(model)).generate([[1, 2, 3]], max_new_tokens=4)
@@ -357,8 +357,8 @@ def test_cache_bounds_known_skips_the_host_check(monkeypatch):
 @pytest.mark.parametrize("lens,mask", [([0, 65, 129], "any"), ([40, 40], "tree")])
 def test_torch_backend_without_the_flash_kernel(monkeypatch, lens, mask):
     """The torch backend's materialized path (other devices, or a PyTorch without the CPU flash kernel)."""
-    from ht_kernels.eager import tree_attention as eager
+    from ht_kernels.torch_backend import tree_attention as torch_backend
 
-    monkeypatch.setattr(eager, "FLASH_CPU", False)
+    monkeypatch.setattr(torch_backend, "FLASH_CPU", False)
     for dtype in DTYPES:
         check("torch", make_case(len(lens), 33, 6, 2, 64, dtype, lens, mask=mask))

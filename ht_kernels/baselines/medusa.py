@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..decode.decoder import HiddenTransferDecoder, make_tree_policy, right_pad
+from ..decode.decoder import HiddenTransferDecoder, make_tree_policy
 from ..decode.trees import ancestor_masks
-from ..train.drafters import medusa_heads
+from ..drafts.drafters import medusa_heads
+from ..drafts.examples import right_pad
 
 
 @dataclass

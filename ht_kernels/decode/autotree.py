@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..drafts.drafters import drafter_from_weights
+from ..drafts.forced import draft_logprobs
+from ..drafts.prompts import builtin_prompts, encode_prompt
 from .graphs import StepGraph
+from .replay import Replay, answers
 from .sampling import greedy
 from .trees import TreePolicy
 
@@ -134,10 +138,7 @@ def format_table(choice: TreeChoice) -> str:
 
 
 def builtin_calibration(model, n: int = 8, seed: int = 1) -> list[list[int]]:
-    """n built-in prompts (train.data templates) in the model's chat template."""
-    from ..cli import encode_prompt
-    from ..train.data import builtin_prompts
-
+    """n built-in prompts (`drafts.prompts`) in the model's chat template."""
     if model.tokenizer is None:
         raise ValueError("tree='auto' needs the model's tokenizer for its calibration prompts; pass prompts "
                          "to tune_tree, or a tree")
@@ -146,11 +147,8 @@ def builtin_calibration(model, n: int = 8, seed: int = 1) -> list[list[int]]:
 
 def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, int], float]:
     """Mean replayed accept length per candidate over the prompts' greedy answers."""
-    from ..train.data import synthesize
-    from ..train.evaluate import Replay, draft_logprobs, drafter_from_weights
-
     model = decoder.model
-    examples = synthesize(model, prompts, gen_tokens, batch_size=len(prompts))
+    examples = answers(decoder, prompts, gen_tokens, batch_size=len(prompts), eos_token_id=())  # fixed lengths
     lengths = {c: [] for c in cands}
     with torch.no_grad():
         for depth in sorted({d for _, _, d in cands}):

@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..model import prepack_supported
+from ..cpu import prepack_bytes, prepack_supported
+from ..drafts.examples import right_pad
 from ..ops._backend import BACKENDS
 from ..ops.compact_kv import compact_kv
 from ..ops.hidden_transfer import hidden_transfer
@@ -57,8 +58,9 @@ class HiddenTransferDecoder:
     CPU fp32 or bf16, one more copy of the weights); None: where supported for bf16, unless the copy would
     take more than half of the memory available (it warns then); fp32 on request.
     exact: make every row's values independent of the rows beside it (`model.set_row_exact`; CPU bf16),
-    so that greedy `generate` gives `generate_ar`'s tokens bit for bit, not only up to near-ties. It costs
-    both decoders time (README), so it is off by default.
+    so that greedy `generate` gives `generate_ar`'s tokens bit for bit, not only up to near-ties; the linear
+    layers then run packed even with prepack=False. It costs both decoders time (README), so it is off by
+    default.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
@@ -104,9 +106,9 @@ class HiddenTransferDecoder:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         m = self.model
-        if prepack is None:  # bf16 only: there the packed weights give F.linear's values
+        if prepack is None:  # bf16 only: there the packed weights give F.linear's values (AMX: within rounding)
             prepack = m.dtype == torch.bfloat16 and prepack_supported(m.device, m.dtype)
-            free, need = (available_memory(), m.prepack_bytes()) if prepack and not m.prepacked else (None, 0)
+            free, need = (available_memory(), prepack_bytes(m)) if prepack and not m.prepacked else (None, 0)
             if free is not None and need > free / 2:
                 warnings.warn(f"prepack: the packed copy of the linear weights ({need / 2**30:.2f} GiB) would take "
                               f"more than half of the {free / 2**30:.2f} GiB of memory available: running "
@@ -126,8 +128,9 @@ class HiddenTransferDecoder:
                  callback: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
         """Hidden-transfer decoding. input_ids: list of token-id lists (ragged) or LongTensor [B, S].
         temperature 0: the greedy continuation; otherwise a sample of the model's own warped
-        distribution. eos_token_id: an id or ids that end a row (None: rows run max_new_tokens).
-        callback(new_tokens) receives each forward pass's new tokens per row."""
+        distribution. eos_token_id: an id or ids that end a row; None: the model's own end-of-sequence
+        tokens (`model.eos_token_ids`, as transformers' generate does); () : none, every row runs
+        max_new_tokens. callback(new_tokens) receives each forward pass's new tokens per row."""
         return self._generate(input_ids, max_new_tokens, temperature, top_p, top_k, generator, eos_token_id,
                               callback, speculative=True)
 
@@ -146,7 +149,8 @@ class HiddenTransferDecoder:
         prompts = _prompts(input_ids, cfg.vocab_size)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        eos = set(m.eos_token_ids if eos_token_id is None else
+                  [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         B, P = len(prompts), max(map(len, prompts))
         step_len = self._step_tokens() if speculative else 1
         need = P + max_new_tokens + step_len
@@ -328,14 +332,6 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> tokens [B, max len] int64 right-padded with 0, and the index of each last token [B]."""
-    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        tokens[b, : len(s)] = torch.tensor(s)
-    return tokens.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
 
 
 def make_tree_policy(tree, K: int, budget: int) -> TreePolicy:

@@ -2,31 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
-import os
 
 import torch
+
+from ..triton import installed as triton_installed, interpreting as triton_interpreting
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run these inputs here."""
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run under its CPU interpreter (`TRITON_INTERPRET=1`).
-
-    Triton reads the variable when a kernel is decorated, so it must be set before the first use of a
-    Triton backend in the process.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(

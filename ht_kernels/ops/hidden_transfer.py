@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..eager.hidden_transfer import hidden_transfer_torch
+from ..torch_backend.hidden_transfer import hidden_transfer_torch
 from ._backend import device_guard, resolve_backend, shape_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..eager.tree_attention import tree_attention_torch
+from ..torch_backend.tree_attention import tree_attention_torch
 from ._backend import BackendUnavailableError, device_guard, resolve_backend, shape_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -23,7 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from .data import Example, builtin_prompts, load_jsonl, reading_prompts, synthesize, windows
+from ..drafts.examples import Example
+from ..drafts.prompts import builtin_prompts, encode_prompt
+from .data import load_jsonl, reading_prompts, synthesize, windows
 from .trainer import TrainConfig, _dist, train
 
 
@@ -87,7 +89,6 @@ def build_data(model, args, rank: int, world: int, dist) -> list[Example]:
 
 def answer(model, prompts: list[str], max_new_tokens: int, args, rank: int, world: int, dist) -> list[Example]:
     """The model's answers to prompts (chat template), split over the processes and gathered on all."""
-    from ..cli import encode_prompt
     from tqdm import tqdm
 
     encoded = [encode_prompt(model.tokenizer, p) for p in prompts]

@@ -1,123 +1,13 @@
 """The distillation objective of the draft heads, all anchors of a batch of sequences in one pass.
 
-For a sequence x_0..x_{N-1}, anchor n and depth i (1..K): the draft of depth i made at anchor n predicts
-the token at position n + i + 1, so its target is the frozen model's own distribution at the real
-position n + i (soft labels). `frozen_pass` runs the frozen model once (no gradient) and keeps what the
-drafters need; `pseudo_hidden` runs the pseudo chains of every anchor through layers t+1..L against the
-real tokens' keys/values, with the pseudo-chain mask (pseudo i of anchor n sees the real tokens 0..n and
-pseudo 1..i of its own chain; real tokens never see pseudo tokens, so they are not recomputed).
+The draft of depth i made at anchor n predicts the token at position n + i + 1, so its target is the
+frozen model's own distribution at the real position n + i (soft labels), kept by `drafts.forced.frozen_pass`.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from ..model import apply_rope
-from ..ops.hidden_transfer import hidden_transfer
-
-
-@dataclass
-class FrozenPass:
-    """What one frozen forward over tokens [B, N] leaves for the drafters (no gradient anywhere).
-
-    hidden: [B, N, dim] after `layer` layers; keys, values: per layer l >= layer, [B, N, Hkv, Dh] (RoPE
-    applied); last: [B, N, dim] after all layers; teacher_p, teacher_idx: [B, N, k] the k most likely
-    next tokens at each position (fp32 probabilities renormalised over them, int64 ids).
-    """
-
-    layer: int
-    hidden: torch.Tensor
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    last: torch.Tensor
-    teacher_p: torch.Tensor
-    teacher_idx: torch.Tensor
-
-
-@torch.no_grad()
-def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32) -> FrozenPass:
-    """tokens: [B, N] int64 (rows right-padded; pads only influence positions after them)."""
-    B, N = tokens.shape
-    L = model.config.n_layers
-    cache = model.new_cache(B, N)
-    positions = torch.arange(N, device=tokens.device).expand(B, N)
-    causal = torch.ones(N, N, dtype=torch.bool, device=tokens.device).tril()
-    h_t = model.run_layers(model.embed(tokens), positions, cache, causal, range(layer))
-    h_L = model.run_layers(h_t, positions, cache, causal, range(layer, L))
-    logits, idx = model.logits(h_L).topk(top_k, dim=-1)
-    return FrozenPass(layer, h_t, [cache.k[l] for l in range(layer, L)], [cache.v[l] for l in range(layer, L)],
-                      h_L, logits.softmax(-1), idx)
-
-
-def anchor_positions(lengths: torch.Tensor, starts: torch.Tensor, N: int) -> torch.Tensor:
-    """The anchors to run per row: [B, A] = starts[b] + 0..A-1 with A the most trained anchors of a row
-    (start..length-2), clamped to N - 1. Positions past a row's last anchor are padding (see anchor_mask),
-    so no row runs the prompt positions before its start. lengths, starts: [B]."""
-    A = max(1, int((lengths - 1 - starts).max()))
-    return (starts[:, None] + torch.arange(A, device=starts.device)).clamp_max(N - 1)
-
-
-def pseudo_attention(q, k, v, k_real, v_real, anchors: torch.Tensor, chain: bool = True) -> torch.Tensor:
-    """Attention of the pseudo tokens of anchors [B, A] (positions in the row).
-
-    q: [B, A, K, Hq, Dh]; k, v: [B, A, K, Hkv, Dh] (the pseudo tokens' own keys/values); k_real,
-    v_real: [B, S, Hkv, Dh] (all real tokens). Pseudo i of anchor n sees real tokens 0..n and pseudo
-    1..i of its chain (only itself when chain=False). Returns [B, A, K, Hq, Dh].
-    """
-    B, A, K, Hq, Dh = q.shape
-    Hkv = k.shape[3]
-    G = Hq // Hkv
-    qg = q.view(B, A, K, Hkv, G, Dh).permute(0, 3, 4, 1, 2, 5)              # [B, Hkv, G, A, K, Dh]
-    kc, vc = (x.permute(0, 3, 1, 2, 4) for x in (k, v))                     # [B, Hkv, A, K, Dh]
-    kr, vr = (x.permute(0, 2, 1, 3) for x in (k_real, v_real))              # [B, Hkv, S, Dh]
-    scale = 1.0 / math.sqrt(Dh)
-    S = kr.shape[2]
-    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr) * scale            # [B, Hkv, G, A, K, S]
-    s_chain = torch.einsum("bhgnid,bhnjd->bhgnij", qg, kc) * scale          # [B, Hkv, G, A, K, K]
-    sees_real = torch.arange(S, device=q.device) <= anchors[..., None]      # [B, A, S]
-    depth = torch.arange(K, device=q.device)
-    sees_chain = depth[None, :] <= depth[:, None] if chain else depth[None, :] == depth[:, None]
-    s_real = s_real.masked_fill(~sees_real[:, None, None, :, None, :], -math.inf)
-    s_chain = s_chain.masked_fill(~sees_chain, -math.inf)
-    p = torch.cat([s_real, s_chain], -1).float().softmax(-1).to(q.dtype)
-    out = torch.einsum("bhgnim,bhmd->bhgnid", p[..., :S], vr) + torch.einsum("bhgnij,bhnjd->bhgnid", p[..., S:], vc)
-    return out.permute(0, 3, 4, 1, 2, 5).reshape(B, A, K, Hq, Dh)
-
-
-def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chain: bool = True, record: list | None = None, anchors: torch.Tensor | None = None) -> torch.Tensor:
-    """The pseudo chains of anchors [B, A] (positions; None: every position) after all layers:
-    [B, A, K, dim] (differentiable in weight and bias; each anchor's chain is independent of the others').
-
-    weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); pseudo i of anchor n sits at
-    position n + i. record: a list that receives the states after layer t, t+1, ..., L.
-    """
-    m, c = model, model.config
-    B, N, D = frozen.hidden.shape
-    if anchors is None:
-        anchors = torch.arange(N, device=frozen.hidden.device).expand(B, N)
-    A, K = anchors.shape[1], weight.shape[0]
-    hidden = frozen.hidden.gather(1, anchors[..., None].expand(B, A, D))
-    x = hidden_transfer(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
-    positions = (anchors[..., None] + torch.arange(1, K + 1, device=x.device)).reshape(B, -1)
-    cos, sin = (t.view(B, A, K, 1, c.head_dim) for t in m.rope(positions))
-    if record is not None:
-        record.append(x)
-    for l, (k_real, v_real) in enumerate(zip(frozen.keys, frozen.values), start=frozen.layer):
-        blk = m.layers[l]
-        att = blk.attention
-        a = blk.attention_norm(x)
-        q = apply_rope(att.wq(a).view(B, A, K, c.n_heads, c.head_dim), cos, sin)
-        k = apply_rope(att.wk(a).view(B, A, K, c.n_kv_heads, c.head_dim), cos, sin)
-        v = att.wv(a).view(B, A, K, c.n_kv_heads, c.head_dim)
-        o = pseudo_attention(q, k, v, k_real, v_real, anchors, chain)
-        x = x + att.wo(o.reshape(B, A, K, -1))
-        x = x + blk.feed_forward(blk.ffn_norm(x))
-        if record is not None:
-            record.append(x)
-    return x
+from ..drafts.forced import FrozenPass
 
 
 def anchor_mask(lengths: torch.Tensor, starts: torch.Tensor, anchors: torch.Tensor, K: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..decode.decoder import right_pad
-from .data import Example
-from .drafters import MedusaDrafter, TransferDrafter
-from .objective import anchor_mask, anchor_positions, distill_loss, frozen_pass
+from ..drafts.drafters import MedusaDrafter, TransferDrafter
+from ..drafts.examples import Example, collate
+from ..drafts.forced import anchor_positions, frozen_pass
+from .objective import anchor_mask, distill_loss
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -92,12 +92,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         out += perm[offset:offset + take]
         pos += take
     return out
-
-
-def collate(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> tokens [B, N] (right-padded with 0), lengths [B], starts [B]."""
-    tokens, last = right_pad([e.tokens for e in examples], device)
-    return tokens, last + 1, torch.tensor([e.start for e in examples], device=device)
 
 
 def n_trained(examples: list[Example], K: int) -> int:

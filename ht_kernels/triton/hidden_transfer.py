@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import triton_interpreting
+from . import interpreting
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def hidden_transfer_fwd(
         return
     # The interpreter's bf16 dot is wrong: dot in fp32 there. On a GPU an fp32 dot defaults to tf32;
     # "tf32" (the default) applies to fp32 operands only, so 16-bit dots stay on the tensor cores.
-    dot_fp32 = triton_interpreting() and hidden2d.dtype == torch.bfloat16
+    dot_fp32 = interpreting() and hidden2d.dtype == torch.bfloat16
     precision = "ieee" if hidden2d.dtype == torch.float32 or dot_fp32 else "tf32"
     block_m = min(64, max(16, triton.next_power_of_2(N)))
     block_n = block_k = min(64, max(16, triton.next_power_of_2(D)))

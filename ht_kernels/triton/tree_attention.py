@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import triton_interpreting
 from ..tree import pack_mask_bits
+from . import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -279,7 +279,7 @@ def tree_attention_fwd(
         bits = bits.unsqueeze(0).expand(B, -1, -1)  # stride 0 over rows: one shared mask
     bits_b = bits.stride(0)
 
-    cfg = kernel_config(T * G, D, q.dtype, triton_interpreting())
+    cfg = kernel_config(T * G, D, q.dtype, interpreting())
     for key, value in (config or {}).items():
         tile = key.startswith("BLOCK_")
         if key not in TUNABLE or not isinstance(value, int) or value < (16 if tile else 1) or \

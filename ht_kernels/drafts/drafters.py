@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import FrozenPass, pseudo_hidden
+from .forced import FrozenPass, pseudo_hidden
 
 
 class TransferDrafter(nn.Module):
@@ -63,3 +63,13 @@ def medusa_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     """x: [..., dim] normalised last hidden states -> [..., K, dim] LM-head inputs of the K heads."""
     w, b = weight.to(x.dtype), bias.to(x.dtype)
     return x[..., None, :] + F.silu(torch.einsum("...d,ked->...ke", x, w) + b)
+
+
+def drafter_from_weights(weights, chain: bool = True):
+    """TransferWeights or MedusaWeights -> the matching drafter module with those (fp32) parameters."""
+    K, D = weights.weight.shape[:2]
+    drafter = TransferDrafter(K, D, weights.layer, chain) if hasattr(weights, "layer") else MedusaDrafter(K, D)
+    with torch.no_grad():
+        drafter.weight.copy_(weights.weight.float())
+        drafter.bias.copy_(weights.bias.float())
+    return drafter
