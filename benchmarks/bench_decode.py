@@ -155,12 +155,12 @@ def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
     if "hf" in args.methods:
         hf = hf_sharing_weights(model)
         kw = dict(do_sample=True, **sampling) if args.temperature > 0 else dict(do_sample=False)
+        hf_eos = list(model.eos_token_ids) if args.stop_at_eos and model.eos_token_ids else None
 
         @torch.inference_mode()
         def run_hf(ids, n, seed):
             torch.manual_seed(seed)
             x = torch.tensor([ids], device=model.device)
-            hf_eos = list(model.eos_token_ids) if args.stop_at_eos and model.eos_token_ids else None
             out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, eos_token_id=hf_eos, **kw)
             new = out[0, x.shape[1]:].tolist()
             end = next((i for i, t in enumerate(new) if t in (hf_eos or ())), None)
