@@ -1,0 +1,171 @@
+"""Long permissively licensed text that installs offline: passages for reading tasks (summarise, extract,
+answer questions about, continue, translate), so that drafts learn to copy from a long context.
+
+Each source is a Debian documentation package read from its installed files; `SOURCES` names the
+package, the licence and the reader. `passages` cuts a source's documents into passages of whole
+paragraphs (min_words..max_words words), with the document's title, and drops exact duplicates
+(after whitespace and case folding). Nothing here comes from an evaluation set.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Source:
+    """package: the Debian package that installs root; licence: of the text; kind: "rst" | "html"."""
+
+    package: str
+    licence: str
+    root: str
+    pattern: str
+    kind: str
+
+
+SOURCES = {
+    "python-doc": Source("python3.11-doc", "PSF-2.0", "/usr/share/doc/python3.11/html/_sources", "**/*.rst.txt", "rst"),
+    "postgresql-doc": Source("postgresql-doc-15", "PostgreSQL", "/usr/share/doc/postgresql-doc-15/html", "*.html",
+                             "html"),
+    "sqlite-doc": Source("sqlite3-doc", "public domain", "/usr/share/doc/sqlite3", "*.html", "html"),
+}
+
+
+@dataclass(frozen=True)
+class Passage:
+    source: str
+    doc: str       # path relative to the source's root
+    title: str
+    text: str
+
+
+_ROLE = re.compile(r":[\w:+-]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")     # :func:`name <target>` -> name
+_LITERAL = re.compile(r"``([^`]*)``")
+_HEADING_RULE = re.compile(r"^([=\-~^*#\"'`+.]){3,}\s*$")
+
+
+def rst_paragraphs(text: str) -> tuple[str, list[str]]:
+    """reStructuredText -> (first heading, prose paragraphs): directives, comments, tables and literal
+    blocks are dropped, inline roles and literals become plain words."""
+    lines = text.splitlines()
+    title, paras, cur, skip_indent = "", [], [], None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:                      # inside a directive / literal block
+            if not stripped or indent > skip_indent:
+                continue
+            skip_indent = None
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if _HEADING_RULE.match(stripped) or (stripped and _HEADING_RULE.match(nxt.strip()) and len(nxt.strip()) >= len(stripped)):
+            if stripped and not _HEADING_RULE.match(stripped) and not title:
+                title = stripped
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            continue
+        if stripped.startswith(".. ") or stripped.startswith("|") or stripped.startswith("+--"):
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            skip_indent = indent
+            continue
+        if not stripped:
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            continue
+        cur.append(stripped)
+        if stripped.endswith("::"):                      # a literal block follows
+            paras.append(" ".join(cur)[:-1])
+            cur = []
+            skip_indent = indent
+    if cur:
+        paras.append(" ".join(cur))
+    clean = [_LITERAL.sub(r"\1", _ROLE.sub(r"\1", p)).replace("*", "") for p in paras]
+    return title, [p for p in clean if len(p.split()) >= 8 and not p.startswith(("-", ">>>"))]
+
+
+class _Text(HTMLParser):
+    """The text of <p>, <li> and <dd> elements outside <pre>, <script> and <style>, and the <title>."""
+
+    BLOCKS = {"p", "li", "dd"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.title, self.paras, self._cur, self._depth, self._skip, self._in_title = "", [], [], 0, 0, False
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("pre", "script", "style"):
+            self._skip += 1
+        elif tag in self.BLOCKS:
+            self._flush()
+            self._depth += 1
+        elif tag == "title":
+            self._in_title = True
+
+    def handle_endtag(self, tag):
+        if tag in ("pre", "script", "style"):
+            self._skip = max(0, self._skip - 1)
+        elif tag in self.BLOCKS:
+            self._flush()
+            self._depth = max(0, self._depth - 1)
+        elif tag == "title":
+            self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        elif self._depth and not self._skip:
+            self._cur.append(data)
+
+    def _flush(self):
+        text = " ".join("".join(self._cur).split())
+        if len(text.split()) >= 8:
+            self.paras.append(text)
+        self._cur = []
+
+
+def html_paragraphs(text: str) -> tuple[str, list[str]]:
+    """HTML -> (title, prose paragraphs of <p>, <li>, <dd>; code in <pre> is dropped)."""
+    parser = _Text()
+    parser.feed(text)
+    parser.close()
+    parser._flush()
+    return " ".join(parser.title.split()), parser.paras
+
+
+def passages(name: str, min_words: int = 120, max_words: int = 400, root: str | Path | None = None) -> list[Passage]:
+    """The passages of source `name` (a key of SOURCES; root overrides its install path), in path order:
+    consecutive paragraphs of one document joined until min_words, never past max_words (a longer
+    paragraph is cut at max_words); exact duplicates dropped."""
+    if name not in SOURCES:
+        raise ValueError(f"passages: name must be one of {sorted(SOURCES)}, got {name!r}")
+    if not 0 < min_words <= max_words:
+        raise ValueError(f"passages: need 0 < min_words <= max_words, got {min_words} and {max_words}")
+    src = SOURCES[name]
+    base = Path(root or src.root)
+    files = sorted(base.glob(src.pattern))
+    if not files:
+        raise ValueError(f"passages: no {src.pattern} under {base}; install it with `apt-get install {src.package}`")
+    read = rst_paragraphs if src.kind == "rst" else html_paragraphs
+    out, seen = [], set()
+    for f in files:
+        title, paras = read(f.read_text(errors="replace"))
+        cur: list[str] = []
+        for p in paras + [None]:
+            words = cur and sum(len(x.split()) for x in cur)
+            if p is None or (cur and words + len(p.split()) > max_words):
+                if cur and words >= min_words:
+                    text = "\n\n".join(cur)
+                    key = hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(Passage(name, str(f.relative_to(base)), title, text))
+                cur = []
+            if p is not None:
+                cur.append(" ".join(p.split()[:max_words]))
+    return out

@@ -1,0 +1,69 @@
+"""The offline text sources for reading tasks: markup becomes prose, passages stay within their word
+budget, duplicates go, and a missing source names the package that installs it."""
+import pytest
+
+from ht_kernels.train.corpus import html_paragraphs, passages, rst_paragraphs
+
+RST = """\
+.. _tut-x:
+
+*******
+Classes
+*******
+
+Classes bundle data and functionality together, as :class:`object` and :func:`repr <builtins.repr>` show.
+Creating a ``class`` creates a new *type* of object for the program to use.
+
+.. note::
+
+   This note is a directive and is dropped entirely from the text.
+
+An example follows, and the block after it is code::
+
+   class A:
+       pass
+
+The last paragraph of the document is prose again, with enough words to count.
+"""
+
+HTML = """<html><head><title>The  Title</title><style>p {x}</style></head><body>
+<p>A paragraph of prose with quite a few words in it, &amp; an entity.</p>
+<pre>SELECT 1; -- code, dropped from the prose entirely</pre>
+<ul><li>A list item that also has more than eight words in it.</li></ul>
+<p>short one</p></body></html>"""
+
+
+def test_rst_keeps_prose_and_drops_markup():
+    title, paras = rst_paragraphs(RST)
+    assert title == "Classes"
+    assert paras[0] == ("Classes bundle data and functionality together, as object and repr show. "
+                        "Creating a class creates a new type of object for the program to use.")
+    assert paras[1] == "An example follows, and the block after it is code:"
+    assert paras[2].startswith("The last paragraph")
+    assert len(paras) == 3 and not any("directive" in p or "pass" in p for p in paras)
+
+
+def test_html_keeps_paragraphs_and_list_items_not_code():
+    title, paras = html_paragraphs(HTML)
+    assert title == "The Title"
+    assert paras == ["A paragraph of prose with quite a few words in it, & an entity.",
+                     "A list item that also has more than eight words in it."]
+
+
+def test_passages_respect_the_word_budget_and_drop_duplicates(tmp_path):
+    para = "<p>" + " ".join(f"w{i}" for i in range(50)) + "</p>"
+    (tmp_path / "a.html").write_text(f"<title>A</title>{para * 5}")
+    (tmp_path / "b.html").write_text(f"<title>B</title>{para * 5}")        # the same text: its passages go
+    (tmp_path / "c.html").write_text("<title>C</title><p>" + " ".join(f"x{i}" for i in range(300)) + "</p>")
+    ps = passages("sqlite-doc", min_words=100, max_words=160, root=tmp_path)
+    assert [(p.doc, len(p.text.split())) for p in ps] == [("a.html", 150), ("a.html", 100), ("c.html", 160)]
+    assert ps[0].title == "A" and ps[0].source == "sqlite-doc"
+
+
+def test_bad_source_arguments_raise(tmp_path):
+    with pytest.raises(ValueError, match="name must be one of"):
+        passages("gutenberg")
+    with pytest.raises(ValueError, match="min_words <= max_words"):
+        passages("sqlite-doc", min_words=200, max_words=100)
+    with pytest.raises(ValueError, match="apt-get install sqlite3-doc"):
+        passages("sqlite-doc", root=tmp_path)
