@@ -157,9 +157,9 @@ def passages(name: str, min_words: int = 120, max_words: int = 400, root: str | 
         title, paras = read(f.read_text(errors="replace"))
         cur: list[str] = []
         for p in paras + [None]:
-            words = cur and sum(len(x.split()) for x in cur)
+            words = sum(len(x.split()) for x in cur)
             if p is None or (cur and words + len(p.split()) > max_words):
-                if cur and words >= min_words:
+                if words >= min_words:
                     text = "\n\n".join(cur)
                     key = hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
                     if key not in seen:
