@@ -169,6 +169,9 @@ def set_row_exact(model: nn.Module, enabled: bool = True) -> None:
     the same passes to get the same bits."""
     if enabled and not (model.device.type == "cpu" and model.dtype == torch.bfloat16):
         raise ValueError(f"set_row_exact: needs a CPU bf16 model, got a {model.dtype} model on {model.device}")
+    if enabled and not prepack_supported(model.device, model.dtype):
+        raise ValueError("set_row_exact: needs oneDNN's bf16 kernels (avx512_bf16 or AMX), which this CPU "
+                         f"({torch.backends.cpu.get_cpu_capability()}) lacks: decode in fp32 instead")
     model.row_exact = bool(enabled)
     for m in model.modules():
         if isinstance(m, Linear):

@@ -15,7 +15,7 @@ from test_tree_attention import make_case, random_tree_mask, reference
 import ht_kernels as ht
 from helpers import assert_close
 from ht_kernels.torch_backend.tree_attention import EXACT_BLOCK, RowExactCPUPlan, tree_depths
-from ht_kernels.cpu import LONE_ROW_MAX_K, Linear
+from ht_kernels.cpu import LONE_ROW_MAX_K, Linear, prepack_supported
 from ht_kernels.model import KVCache, ModelConfig, Transformer
 
 BF16 = torch.bfloat16
@@ -94,6 +94,12 @@ def test_runs_only_for_shallow_bf16_trees_on_cpu():
     assert RowExactCPUPlan.runs(q[:, :3], torch.ones(3, 3, dtype=torch.bool)) is None          # not a tree
 
 
+# Row-exact bf16 rests on oneDNN's bf16 kernels; CPUs without them (AVX2 only) decode in fp32.
+needs_bf16_kernels = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.bfloat16),
+                                        reason="this CPU lacks oneDNN's bf16 kernels (avx512_bf16 or AMX)")
+
+
+@needs_bf16_kernels
 @pytest.mark.parametrize("prepack", [False, True])
 @pytest.mark.parametrize("n_in", [LONE_ROW_MAX_K // 2, 1536])
 def test_a_lone_row_gets_its_bits_among_others(prepack, n_in):
@@ -121,6 +127,7 @@ def exact_model(hidden_dim: int = 1152) -> Transformer:
     return model
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("prepack", [False, True])
 @torch.no_grad()
 def test_tree_pass_gives_the_logits_of_plain_passes(prepack):
@@ -145,7 +152,9 @@ def test_tree_pass_gives_the_logits_of_plain_passes(prepack):
 
 
 def test_row_exact_needs_a_cpu_bf16_model():
-    model = Transformer.from_config(exact_model().config, dtype=torch.float32)
+    config = ModelConfig(vocab_size=101, dim=64, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=16,
+                         hidden_dim=1152, max_seq_len=128, tie_embeddings=True, name="random")
+    model = Transformer.from_config(config, dtype=torch.float32)
     with pytest.raises(ValueError, match="bf16"):
         model.set_row_exact()
     with pytest.raises(ValueError, match="bf16"):
@@ -157,6 +166,7 @@ def smol_bf16():
     return ht.load_model("smollm2-135m", dtype=BF16)
 
 
+@needs_bf16_kernels
 @needs_smollm2
 def test_smollm2_bf16_decoding_gives_plain_tokens_exactly(smol_bf16):
     """Shipped maps, a 6-node dynamic tree: hidden transfer's greedy tokens are plain decoding's, a ragged
@@ -177,6 +187,7 @@ def test_smollm2_bf16_decoding_gives_plain_tokens_exactly(smol_bf16):
     assert batch == dec.generate_ar(prompts[:2], max_new_tokens=24).sequences
 
 
+@needs_bf16_kernels
 def test_plain_answers_leave_the_model_as_it_runs():
     """Training's answers (`train.data.synthesize`) keep the model's execution settings."""
     from ht_kernels.train.data import synthesize
@@ -185,3 +196,15 @@ def test_plain_answers_leave_the_model_as_it_runs():
     model.prepack_linears(False)
     synthesize(model, [[1, 2, 3]], max_new_tokens=2)
     assert model.row_exact and not model.prepacked
+
+
+def test_row_exact_needs_onednn_bf16_kernels(monkeypatch):
+    """On a CPU without oneDNN's bf16 kernels (AVX2 only), exact mode is refused, not crashed into."""
+    import ht_kernels.cpu as cpu
+
+    config = ModelConfig(vocab_size=101, dim=64, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=16,
+                         hidden_dim=128, max_seq_len=128, tie_embeddings=True, name="random")
+    model = Transformer.from_config(config, dtype=BF16)
+    monkeypatch.setattr(cpu, "prepack_supported", lambda device, dtype: False)
+    with pytest.raises(ValueError, match="oneDNN's bf16 kernels"):
+        model.set_row_exact()
