@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ht_kernels.decode.decoder import HiddenTransferDecoder
+from ht_kernels.decode.decoder import HiddenTransferDecoder, prefill_chunks
 from ht_kernels.decode.sampling import verify_tree_sampling, warp_probs
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.decode.trees import StepTree, TreePolicy
@@ -257,6 +257,40 @@ def test_bad_transfer_and_tree():
         HiddenTransferDecoder(model, None, tree=TreePolicy(2, [(0,)]))
     with pytest.raises(ValueError, match="prefixes"):
         TreePolicy(3, [(0, 1)])
+
+
+def test_prefill_chunks_cover_every_row_within_the_budget():
+    assert prefill_chunks([3, 4, 2, 9, 1], 8) == [(0, 2, 4), (2, 3, 2), (3, 4, 8), (4, 5, 1)]
+    for lengths, budget in (([5] * 7, 16), ([1, 30, 2, 2, 2], 6), ([40], 7), ([2, 3, 1, 6, 6, 6], 64)):
+        groups = prefill_chunks(lengths, budget)
+        assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == len(lengths)
+        assert all((r1 - r0) * chunk <= max(budget, chunk) and chunk <= max(lengths[r0:r1])
+                   for r0, r1, chunk in groups)
+
+
+@pytest.mark.parametrize("budget", [1, 5, 13])
+def test_prefill_in_row_groups_and_position_chunks_equals_one_pass(budget):
+    """Passes of a few tokens (groups of rows, positions in chunks over the cache) give the logits,
+    drafts and cache of one pass over the whole right-padded batch."""
+    model = tiny_model()
+    dec = HiddenTransferDecoder(model, random_transfer(model))
+    prompts = PROMPTS + [[(7 * i) % 12 for i in range(19)]]
+
+    def prefill(tokens):
+        dec.prefill_tokens = tokens
+        cache = model.new_cache(len(prompts), 64)
+        cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))
+        with torch.no_grad():
+            return (*dec._prefill(prompts, cache, draft=True), cache)
+
+    logits, drafts, cache = prefill(10**6)
+    c_logits, c_drafts, c_cache = prefill(budget)
+    torch.testing.assert_close(c_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_drafts, drafts, rtol=1e-5, atol=1e-5)
+    assert torch.equal(c_cache.lengths, cache.lengths)
+    for b, n in enumerate(cache.lengths.tolist()):
+        torch.testing.assert_close(c_cache.k[:, b, :n], cache.k[:, b, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c_cache.v[:, b, :n], cache.v[:, b, :n], rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_drafts_of_a_ragged_batch_equal_each_row_alone():

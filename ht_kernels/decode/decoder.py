@@ -18,6 +18,7 @@ import torch
 
 from ..cpu import prepack_bytes, prepack_supported
 from ..drafts.examples import right_pad
+from ..model import KVCache
 from ..ops._backend import BACKENDS
 from ..ops.compact_kv import compact_kv
 from ..ops.hidden_transfer import hidden_transfer
@@ -118,6 +119,8 @@ class HiddenTransferDecoder:
             m.prepack_linears(prepack)
         m.set_row_exact(exact)
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
+        # padded prompt tokens per prefill pass (`_prefill`): ~2k keeps a CPU pass's activations in its caches
+        self.prefill_tokens = PREFILL_TOKENS_CPU if m.device.type == "cpu" else PREFILL_TOKENS
         # verify_tree_greedy and compact_kv have no Triton kernels: "triton" leaves them to "auto"
         self.verify_backend = "auto" if backend == "triton" else backend
         # The last generate call's: None (no CUDA graph tried), "replayed", or "eager: <why recording failed>"
@@ -212,29 +215,41 @@ class HiddenTransferDecoder:
     def _prefill(self, prompts: list[list[int]], cache, draft: bool):
         """Run the right-padded prompts causally and commit them. Returns the logits [B, V] after each
         prompt's last token and, with `draft`, the draft log-probabilities [B, K, V] of the first step
-        from that token's pseudo chain (else None)."""
-        m, L, K = self.model, self.model.config.n_layers, self.transfer.K
+        from that token's pseudo chain (else None).
+
+        The prompts run in passes of at most `prefill_tokens` padded tokens (`prefill_chunks`): groups
+        of consecutive rows, each group's positions in chunks that attend to the group's earlier chunks
+        in the cache. On a CPU the activations of such a pass stay in the caches: 32 prompts of ~514
+        tokens prefill 3.3x faster in passes of ~2k tokens than in one pass."""
+        m, L = self.model, self.model.config.n_layers
         dev = cache.k.device
-        tokens, last = right_pad(prompts, dev)
-        B, P = tokens.shape
-        rows = torch.arange(B, device=dev)
-        positions = torch.arange(P, device=dev).expand(B, P)
-        mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        t = self.transfer.layer if draft else L
+        last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+        h_t = torch.empty(len(prompts), m.config.dim, dtype=m.dtype, device=dev)       # at layer t (L: plain)
+        h_out = torch.empty_like(h_t)                                                  # after all layers
+        for r0, r1, chunk in prefill_chunks([len(p) for p in prompts], self.prefill_tokens):
+            tokens, ends = right_pad(prompts[r0:r1], dev)
+            group = KVCache(cache.k[:, r0:r1], cache.v[:, r0:r1], cache.lengths[r0:r1])
+            for s in range(0, tokens.shape[1], chunk):
+                e = min(tokens.shape[1], s + chunk)
+                group.lengths.fill_(s)
+                positions = torch.arange(s, e, device=dev).expand(r1 - r0, e - s)
+                mask = torch.ones(e - s, e - s, dtype=torch.bool, device=dev).tril()
+                h = m.run_layers(m.embed(tokens[:, s:e]), positions, group, mask, range(t))
+                hp = m.run_layers(h, positions, group, mask, range(t, L)) if draft else h
+                here = ((ends >= s) & (ends < e)).nonzero()[:, 0]   # the rows whose last token is in this chunk
+                h_t[r0 + here], h_out[r0 + here] = h[here, ends[here] - s], hp[here, ends[here] - s]
+        cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
         if not draft:
-            h = m.run_layers(m.embed(tokens), positions, cache, mask, range(L))
-            cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
-            return m.logits(h[rows, last]), None
-        # The prompt runs exactly as plain decoding runs it (same rows, same passes), then the last token's
+            return m.logits(h_out), None
+        # The prompt ran exactly as plain decoding runs it (same rows, same passes); now the last token's
         # pseudo chain on its own above the committed prompt.
-        t = self.transfer.layer
-        h = m.run_layers(m.embed(tokens), positions, cache, mask, range(t))
-        hp = m.run_layers(h, positions, cache, mask, range(t, L))
-        cache.lengths.copy_(last + 1)
-        chain = hidden_transfer(h[rows, last][:, None], self.weight, self.bias, backend=self.backend)[:, 0]
+        K = self.transfer.K
+        chain = hidden_transfer(h_t[:, None], self.weight, self.bias, backend=self.backend)[:, 0]
         chain_mask = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
         chain_positions = last[:, None] + torch.arange(1, K + 1, device=dev)
         hc = m.run_layers(chain, chain_positions, cache, chain_mask, range(t, L))          # [B, K, dim]
-        return m.logits(hp[rows, last]), m.logits(hc).log_softmax(-1)
+        return m.logits(h_out), m.logits(hc).log_softmax(-1)
 
     def _forward_all(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One plain step of tokens [B, 1] -> logits [B, 1, V]."""
@@ -346,6 +361,23 @@ def make_tree_policy(tree, K: int, budget: int) -> TreePolicy:
     if policy.K != K:
         raise ValueError(f"tree: a TreePolicy for K={policy.K} drafts, but the drafter has K={K}")
     return policy
+
+
+PREFILL_TOKENS_CPU, PREFILL_TOKENS = 2048, 32768
+
+
+def prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int, int]]:
+    """The prefill passes of prompts of these lengths: (r0, r1, chunk) per group of consecutive rows
+    r0..r1-1, run `chunk` positions at a time, so that rows x chunk <= budget (a row longer than the
+    budget runs alone in chunks of `budget` positions)."""
+    groups, r0 = [], 0
+    while r0 < len(lengths):
+        r1, longest = r0 + 1, lengths[r0]
+        while r1 < len(lengths) and (r1 + 1 - r0) * max(longest, lengths[r1]) <= budget:
+            longest, r1 = max(longest, lengths[r1]), r1 + 1
+        groups.append((r0, r1, max(1, min(longest, budget // (r1 - r0)))))
+        r0 = r1
+    return groups
 
 
 def _prompts(input_ids, vocab_size: int) -> list[list[int]]:
