@@ -183,13 +183,15 @@ def attention_plan(lengths: torch.Tensor, max_len: int, mask: torch.Tensor, h: t
     """How one pass attends on CPU: attend(q, k_cache, v_cache, k, v) -> out [B, N, Hq, D] for all its
     layers, or None where `tree_attention` runs per layer (another device, backend "triton"/"cuda", or
     under torch.compile). lengths: [B] the cache's committed tokens, of max_len slots; mask: bool [N, N]
-    or [B, N, N]; h: [B, N, dim] the pass's input; group: query heads per KV head."""
+    or [B, N, N]; h: [B, N, dim] the pass's input; group: query heads per KV head. The cache is the model's
+    own (`Transformer.new_cache`): past a row's length it holds zeros or keys/values the model wrote, so
+    those slots are masked but not zeroed (`FlashCPUPlan`'s dead_finite)."""
     if backend not in ("auto", "torch") or not FlashCPUPlan.runs(h) or torch.compiler.is_compiling():
         return None
     check_cache_bounds(lengths, h.shape[1], max_len)
     depth = RowExactCPUPlan.runs(h, mask) if row_exact else None
     plan = RowExactCPUPlan(lengths, mask, depth) if depth is not None else \
-        FlashCPUPlan(lengths, mask, h.shape[1], group, h.dtype)
+        FlashCPUPlan(lengths, mask, h.shape[1], group, h.dtype, dead_finite=True)
     return lambda q, k_cache, v_cache, k, v: plan(q, k_cache, v_cache, k, v)[0]
 
 

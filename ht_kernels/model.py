@@ -66,7 +66,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Static cache. k, v: [n_layers, B, S, n_kv_heads, head_dim]; lengths: [B] int32 committed tokens."""
+    """Static cache. k, v: [n_layers, B, S, n_kv_heads, head_dim]; lengths: [B] int32 committed tokens.
+    Past a row's length it holds zeros (`Transformer.new_cache`) or keys/values the model wrote, never NaN."""
 
     k: torch.Tensor
     v: torch.Tensor

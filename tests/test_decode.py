@@ -279,7 +279,6 @@ def test_prefill_in_row_groups_and_position_chunks_equals_one_pass(budget):
     def prefill(tokens):
         dec.prefill_tokens = tokens
         cache = model.new_cache(len(prompts), 64)
-        cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))
         with torch.no_grad():
             return (*dec._prefill(prompts, cache, draft=True), cache)
 

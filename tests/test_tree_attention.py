@@ -362,3 +362,27 @@ def test_torch_backend_without_the_flash_kernel(monkeypatch, lens, mask):
     monkeypatch.setattr(torch_backend, "FLASH_CPU", False)
     for dtype in DTYPES:
         check("torch", make_case(len(lens), 33, 6, 2, 64, dtype, lens, mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_plan_masks_a_models_finite_stale_slots_without_zeroing(dtype):
+    """A model's own cache holds finite keys/values past each row's prefix + tree (stale tree nodes, pads):
+    FlashCPUPlan(dead_finite=True) masks them without zeroing a copy and gives the reference's output
+    (large stale values included); with NaN there only the default plan, which zeroes them, is safe."""
+    from ht_kernels.torch_backend.tree_attention import FlashCPUPlan
+
+    lens, T = [5, 40, 0, 17], 4
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(len(lens), T, 6, 2, 32, dtype, lens, extra=0)
+    for b, n in enumerate(lens):
+        k_cache[b, n:], v_cache[b, n:] = 300.0, -300.0                             # finite, stale
+    ref_out, ref_lse, _, _ = reference(q, k_cache, v_cache, seqlens, mask, k, v)
+    plan = FlashCPUPlan(seqlens, mask, T, 3, dtype, dead_finite=True)
+    out, lse = plan(q, k_cache.clone(), v_cache.clone(), k, v)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+    for b, n in enumerate(lens):
+        k_cache[b, n + T:], v_cache[b, n + T:] = float("nan"), float("nan")
+    out, _ = FlashCPUPlan(seqlens, mask, T, 3, dtype)(q, k_cache.clone(), v_cache.clone(), k, v)
+    assert_close(out, ref_out, dtype, "out")
+    out, _ = plan(q, k_cache.clone(), v_cache.clone(), k, v)
+    assert out.isnan().any()  # what dead_finite assumes away: the check above can fail

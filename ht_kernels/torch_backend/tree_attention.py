@@ -72,7 +72,8 @@ class FlashCPUPlan(_CPUPlan):
     (every layer of one forward pass): the prefix bounds and the additive mask are made once. GQA without
     copies: the G query heads of a KV head are stacked as G * T rows, and the mask is built per query head
     of a KV head ([B, 1, G, T, S] viewed as G * T rows). Calling it has `tree_attention_torch`'s contract
-    for q [B, T, G * Hkv, D] of the planned dtype.
+    for q [B, T, G * Hkv, D] of the planned dtype. dead_finite: the slots past each row's prefix + tree
+    hold finite values whose scores cannot overflow (a model's own cache), so they are masked, not zeroed.
     """
 
     @staticmethod
@@ -80,9 +81,11 @@ class FlashCPUPlan(_CPUPlan):
         """Whether tree attention of q goes through the fused CPU kernel."""
         return FLASH_CPU and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype in FLASH_DTYPES
 
-    def __init__(self, cache_seqlens: torch.Tensor, tree_mask: torch.Tensor, T: int, G: int, dtype: torch.dtype):
+    def __init__(self, cache_seqlens: torch.Tensor, tree_mask: torch.Tensor, T: int, G: int, dtype: torch.dtype,
+                 dead_finite: bool = False):
         lens = cache_seqlens.long()
         super().__init__(lens, T)
+        self.dead_finite = dead_finite
         B, lo, S = lens.shape[0], self.lo, self.hi + T
         self.dead = None  # [B, 1, S, 1]: the slots past a row's own prefix and tree (None: none)
         if self.rows is None:  # one shared prefix length: the prefix is all visible, the tree columns are the mask
@@ -92,7 +95,8 @@ class FlashCPUPlan(_CPUPlan):
                 bias[..., lo:].masked_fill_(~tree_mask.reshape(-1, 1, 1, T, T), -math.inf)
                 self.bias = bias.view(B, 1, G * T, S)
             self.blind = ~tree_mask.any(-1).expand(B, T) if lo == 0 else None
-        else:  # keys past a row's own prefix + tree may hold anything (NaN too): zero them, mask them
+        else:  # keys past a row's own prefix + tree may hold anything (NaN too): mask them, zero them unless
+            # the caller knows them finite (a copy of the prefix per layer: more than the kernel costs at B=32)
             visible, rel = _visible(lens, tree_mask, T, S)
             self.bias = torch.zeros(B, 1, G, T, S, dtype=dtype).masked_fill_(~visible[:, None, None], -math.inf)
             self.bias = self.bias.view(B, 1, G * T, S)
@@ -105,7 +109,7 @@ class FlashCPUPlan(_CPUPlan):
         G = Hq // Hkv
         self.write(k_cache, v_cache, k, v)
         kh, vh = k_cache[:, :S].transpose(1, 2), v_cache[:, :S].transpose(1, 2)         # [B, Hkv, S, D]
-        if self.dead is not None:
+        if self.dead is not None and not self.dead_finite:
             kh, vh = kh.masked_fill(self.dead, 0.0), vh.masked_fill(self.dead, 0.0)
         qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
         out, lse = FLASH(qh, kh, vh, attn_mask=self.bias, scale=softmax_scale)
