@@ -2,7 +2,7 @@
 budget, duplicates go, and a missing source names the package that installs it."""
 import pytest
 
-from ht_kernels.train.corpus import html_paragraphs, passages, rst_paragraphs
+from ht_kernels.train.corpus import functions, html_paragraphs, passages, rst_paragraphs
 
 RST = """\
 .. _tut-x:
@@ -67,3 +67,24 @@ def test_bad_source_arguments_raise(tmp_path):
         passages("sqlite-doc", min_words=200, max_words=100)
     with pytest.raises(ValueError, match="apt-get install sqlite3-doc"):
         passages("sqlite-doc", root=tmp_path)
+
+
+def test_functions_are_whole_defs_within_their_line_budget(tmp_path):
+    body = "\n".join(f"    y{i} = x + {i}" for i in range(6))
+    (tmp_path / "mod.py").write_text(
+        f"import os\n\n@staticmethod\ndef six(x):\n{body}\n    return y5\n\n\ndef tiny(x):\n    return x\n\n\n"
+        f"class C:\n    def meth(self, x):\n{body.replace('    ', '        ')}\n        return x\n")
+    (tmp_path / "copy.py").write_text(f"def six(x):\n{body}\n    return y5\n")       # differs: no decorator
+    (tmp_path / "dup.py").write_text((tmp_path / "copy.py").read_text())           # an exact duplicate: dropped
+    (tmp_path / "broken.py").write_text("def (:\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test_mod.py").write_text(f"def six(x):\n{body}\n    return y5\n")
+    fs = functions(min_lines=6, max_lines=8, root=tmp_path)
+    assert [(f.doc, f.title) for f in fs] == [("copy.py", "six"), ("mod.py", "six"), ("mod.py", "C.meth")]
+    assert fs[1].text.startswith("@staticmethod\ndef six(x):\n    y0 = x + 0") and fs[1].text.endswith("return y5")
+    assert fs[2].text.startswith("def meth(self, x):\n    y0") and fs[2].source == "python-stdlib"
+    assert functions(min_lines=6, max_lines=8, root=tmp_path) == fs
+    with pytest.raises(ValueError, match="apt-get install libpython3.11-stdlib"):
+        functions(root=tmp_path / "test" / "none")
+    with pytest.raises(ValueError, match="min_lines <= max_lines"):
+        functions(min_lines=9, max_lines=3)

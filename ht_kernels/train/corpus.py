@@ -8,6 +8,7 @@ paragraphs (min_words..max_words words), with the document's title, and drops ex
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ SOURCES = {
                              "html"),
     "sqlite-doc": Source("sqlite3-doc", "public domain", "/usr/share/doc/sqlite3", "*.html", "html"),
 }
+
+
+CODE = Source("libpython3.11-stdlib", "PSF-2.0", "/usr/lib/python3.11", "**/*.py", "py")
+_NOT_CODE = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo")
 
 
 @dataclass(frozen=True)
@@ -169,3 +174,49 @@ def passages(name: str, min_words: int = 120, max_words: int = 400, root: str | 
             if p is not None:
                 cur.append(" ".join(p.split()[:max_words]))
     return out
+
+
+def functions(min_lines: int = 6, max_lines: int = 40, root: str | Path | None = None) -> list[Passage]:
+    """The top-level functions and methods of the standard library's modules (`CODE`; root overrides its
+    path; tests and demos left out) of min_lines..max_lines lines, in path order, as passages: doc the
+    module's path, title its qualified name, text its source with the docstring. Exact duplicates dropped."""
+    if not 0 < min_lines <= max_lines:
+        raise ValueError(f"functions: need 0 < min_lines <= max_lines, got {min_lines} and {max_lines}")
+    base = Path(root or CODE.root)
+    files = [f for f in sorted(base.glob(CODE.pattern))
+             if not any(part.startswith(_NOT_CODE) for part in f.relative_to(base).parts)]
+    if not files:
+        raise ValueError(f"functions: no {CODE.pattern} under {base}; install it with `apt-get install {CODE.package}`")
+    out, seen = [], set()
+    for f in files:
+        text = f.read_text(errors="replace")
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        lines = text.splitlines()
+        for node, owner in _defs(tree):
+            code = "\n".join(lines[node.lineno - 1 - len(node.decorator_list):node.end_lineno])
+            n = node.end_lineno - node.lineno + 1
+            if min_lines <= n <= max_lines and code not in seen:
+                seen.add(code)
+                name = f"{owner}.{node.name}" if owner else node.name
+                out.append(Passage("python-stdlib", str(f.relative_to(base)), name, _dedent(code)))
+    return out
+
+
+def _defs(tree: ast.Module):
+    """(function node, class name or "") of a module's top-level functions and its classes' methods."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node, ""
+        elif isinstance(node, ast.ClassDef):
+            for sub in node.body:
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield sub, node.name
+
+
+def _dedent(code: str) -> str:
+    lines = code.splitlines()
+    pad = min(len(x) - len(x.lstrip()) for x in lines if x.strip())
+    return "\n".join(x[pad:] for x in lines)

@@ -1,0 +1,155 @@
+"""python -m ht_kernels.train.dataset: the frozen model's own answers to the conversations of `tasks`, in
+shards that several runs build together.
+
+    python -m ht_kernels.train.dataset --out datasets/smollm2-135m [--model smollm2-135m] [--dtype bfloat16]
+        [--seed 0] [--max-prompt 1024] [--gen-tokens 256] [--shard-size 256] [--gen-batch 32] [--shards N]
+        [--minutes M] [--threads 2]
+
+The pool is `tasks.conversations(seed)` less those whose prompt has more than --max-prompt tokens; shard i
+answers pool entries i*S .. (i+1)*S - 1 (greedy, `data.synthesize`) and is written whole as
+OUT/shard-{i:05d}.npz, so a shard that is there is skipped and a stopped run resumes. A shard keeps only
+the answers (uint16) with each prompt's pool index and hash: `load` rebuilds the prompts from the installed
+sources and drops (with a warning) any whose tokens changed. OUT/manifest.json holds the recipe (a run
+with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
+seconds, answer tokens/s and CPU. --shards N: stop after shard N - 1; --minutes M: start no shard after M minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from ..cpu import prepack_supported
+from ..drafts.examples import Example
+from .data import synthesize
+from .tasks import conversations, encode
+
+RECIPE_KEYS = ("model", "dtype", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ht_kernels.train.dataset", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="dataset directory (shards and manifest.json)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--seed", type=int, default=0, help="order of the pool")
+    p.add_argument("--max-prompt", type=int, default=1024, help="longer prompts are left out of the pool")
+    p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per answer at most")
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--gen-batch", type=int, default=32, help="prompts answered at once")
+    p.add_argument("--shards", type=int, help="build shards 0 .. N-1 only (default: the whole pool)")
+    p.add_argument("--minutes", type=float, help="start no new shard after this many minutes")
+    p.add_argument("--threads", type=int)
+    return p.parse_args(argv)
+
+
+def prompt_hash(tokens: list[int]) -> int:
+    return int.from_bytes(hashlib.sha1(np.asarray(tokens, dtype=np.uint32).tobytes()).digest()[:8], "little")
+
+
+def pool(tokenizer, seed: int, max_prompt: int) -> tuple[list[int], list[list[int]]]:
+    """(pool indices, encoded prompts) of the conversations of `seed` with at most max_prompt tokens."""
+    index, prompts = [], []
+    for i, conv in enumerate(conversations(seed)):
+        ids = encode(tokenizer, conv)
+        if len(ids) <= max_prompt:
+            index.append(i), prompts.append(ids)
+    return index, prompts
+
+
+def build(args) -> dict:
+    from ..loading import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"recipe": recipe, "shards": {}}
+    if manifest["recipe"] != recipe:
+        raise ValueError(f"--out {out} holds a dataset of recipe {manifest['recipe']}, not {recipe}")
+    t0 = time.time()
+    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model.prepack_linears(model.dtype == torch.bfloat16 and prepack_supported(model.device, model.dtype))  # as decoders run
+    index, prompts = pool(model.tokenizer, args.seed, args.max_prompt)
+    n_shards = -(-len(prompts) // args.shard_size)
+    manifest.update(pool=len(prompts), shard_size=args.shard_size, n_shards=n_shards)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    for s in range(min(n_shards, args.shards or n_shards)):
+        path = out / f"shard-{s:05d}.npz"
+        if path.exists():
+            continue
+        if args.minutes is not None and time.time() - t0 > 60 * args.minutes:
+            break
+        lo, hi = s * args.shard_size, min(len(prompts), (s + 1) * args.shard_size)
+        t = time.time()
+        got = synthesize(model, prompts[lo:hi], args.gen_tokens, args.gen_batch,
+                         eos_token_id=model.tokenizer.eos_token_id)
+        answers = [e.tokens[len(p):] for e, p in zip(got, prompts[lo:hi])]
+        seconds = time.time() - t
+        n_answer = sum(map(len, answers))
+        tmp = out / f"shard-{s:05d}.tmp.npz"
+        np.savez_compressed(tmp, index=np.asarray(index[lo:hi], dtype=np.int64),
+                            prompt_hash=np.asarray([prompt_hash(p) for p in prompts[lo:hi]], dtype=np.uint64),
+                            offsets=np.cumsum([0] + [len(a) for a in answers]).astype(np.int64),
+                            answers=np.asarray([x for a in answers for x in a], dtype=np.uint16))
+        tmp.replace(path)
+        manifest["shards"][str(s)] = {"conversations": hi - lo, "prompt_tokens": sum(map(len, prompts[lo:hi])),
+                                      "answer_tokens": n_answer, "seconds": round(seconds, 1),
+                                      "answer_tokens_per_s": round(n_answer / seconds, 1), "cpu": cpu,
+                                      "threads": torch.get_num_threads(), "gen_batch": args.gen_batch}
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        print(f"shard {s}/{n_shards}: {hi - lo} answers, {n_answer} tokens in {seconds:.0f} s "
+              f"({n_answer / seconds:.0f} tokens/s)", flush=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load(path: str | Path, tokenizer) -> list[Example]:
+    """The dataset at path as training examples (prompt + answer, from the prompt's last token), its
+    prompts rebuilt from the installed sources; prompts whose tokens changed are dropped with a warning."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise ValueError(f"load: {path} has no manifest.json (build it with python -m ht_kernels.train.dataset)")
+    recipe = json.loads(manifest_path.read_text())["recipe"]
+    convs = conversations(recipe["seed"])
+    examples, stale = [], 0
+    for f in sorted(path.glob("shard-[0-9]*[0-9].npz")):
+        z = np.load(f)
+        offsets, answers = z["offsets"], z["answers"].astype(np.int64).tolist()
+        for j, (i, h) in enumerate(zip(z["index"].tolist(), z["prompt_hash"].tolist())):
+            prompt = encode(tokenizer, convs[i]) if i < len(convs) else []
+            if prompt_hash(prompt) != h:
+                stale += 1
+                continue
+            examples.append(Example(prompt + answers[offsets[j]:offsets[j + 1]], len(prompt) - 1))
+    if stale:
+        warnings.warn(f"load: {stale} prompts of {path} changed with the installed sources and were dropped",
+                      stacklevel=2)
+    if not examples:
+        raise ValueError(f"load: no usable shard under {path}")
+    return examples
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m = build(args)
+    done = [m["shards"][k] for k in sorted(m["shards"], key=int)]
+    print(f"{len(done)}/{m['n_shards']} shards: {sum(d['answer_tokens'] for d in done)} answer tokens, "
+          f"{sum(d['prompt_tokens'] for d in done)} prompt tokens, {sum(d['seconds'] for d in done):.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Self-distillation data: the task pool over passages and code, and the sharded dataset that several runs
+build together (resumes, refuses another recipe, rebuilds prompts and drops those that changed)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_model import needs_smollm2
+
+from ht_kernels.train import dataset, tasks
+from ht_kernels.train.corpus import Passage
+
+WORDS = "the cache keeps every page it reads until the pool is full and then drops the oldest one".split()
+
+
+def docs(n: int = 30) -> list[Passage]:
+    """Passages of a few documents, several paragraphs each."""
+    return [Passage("python-doc", f"doc{i // 3}.rst", f"Topic {i // 3}",
+                    "\n\n".join(" ".join(WORDS[(i + j) % 7:] + [f"p{i}x{j}"]) for j in range(4))) for i in range(n)]
+
+
+def code(n: int = 6) -> list[Passage]:
+    return [Passage("python-stdlib", f"mod{i}.py", f"f{i}", f"def f{i}(x):\n    return x + {i}\n") for i in range(n)]
+
+
+def test_pool_is_every_passage_function_and_builtin_prompt_in_a_seeded_order():
+    pool = tasks.conversations(0, docs(), code(), builtin=10)
+    assert len(pool) == 30 + 6 + 10
+    assert pool == tasks.conversations(0, docs(), code(), builtin=10)
+    assert pool != tasks.conversations(1, docs(), code(), builtin=10)
+    for conv in pool:
+        assert conv[-1]["role"] == "user" and conv[-1]["content"].strip()
+        assert [m["role"] for m in conv] in (["user"], ["user", "assistant", "user"])
+    text = json.dumps(pool)
+    assert all(f"return x + {i}" in text for i in range(6))
+    # every passage is used: its first paragraph's marker (continue and translate keep a part of it)
+    assert sum(f"p{i}x" in text for i in range(30)) == 30
+    follow = [c for c in tasks.conversations(3, docs(200), [], builtin=0) if len(c) == 3]
+    assert follow and all(c[1]["content"] in {p.text for p in docs(200)} for c in follow)
+
+
+def test_every_family_and_layout_occurs_and_fills_its_fields():
+    pool = tasks.conversations(0, docs(400), code(40), builtin=0)
+    prompts = [c[-1]["content"] for c in pool]
+    assert not any("{" + f + "}" in p for p in prompts for f in ("title", "text", "task", "n", "lang", "code"))
+    for pool_of in (tasks.SUMMARISE, tasks.QUESTION, tasks.CODE, tasks.COMPARE, tasks.TRANSLATE):
+        stems = [t.split("{")[0][:30] for t in pool_of]
+        assert sum(any(s in p for p in prompts) for s in stems) >= len(stems) // 2
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from ht_kernels.loading import load_model
+
+    return load_model("smollm2-135m")
+
+
+@needs_smollm2
+def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol):
+    pool = tasks.conversations(0, docs(8), code(2), builtin=0)
+    monkeypatch.setattr(dataset, "conversations", lambda seed: pool)
+    import ht_kernels.loading
+
+    monkeypatch.setattr(ht_kernels.loading, "load_model", lambda name, dtype: smol)
+    out = tmp_path / "ds"
+    argv = ["--out", str(out), "--dtype", "float32", "--gen-tokens", "3", "--shard-size", "4", "--gen-batch", "3"]
+    m = dataset.build(dataset.parse_args(argv + ["--shards", "2"]))
+    assert m["pool"] == 10 and m["n_shards"] == 3 and sorted(m["shards"]) == ["0", "1"]
+    assert all(s["conversations"] == 4 and 0 < s["answer_tokens"] <= 12 for s in m["shards"].values())
+    first = (out / "shard-00000.npz").stat().st_mtime_ns
+    m = dataset.build(dataset.parse_args(argv))                                   # resumes: shard 2 only
+    assert sorted(m["shards"]) == ["0", "1", "2"] and (out / "shard-00000.npz").stat().st_mtime_ns == first
+    with pytest.raises(ValueError, match="recipe"):
+        dataset.build(dataset.parse_args(argv[:-1] + ["4"]))
+    examples = dataset.load(out, smol.tokenizer)
+    assert len(examples) == 10
+    for e, conv in zip(examples, pool):
+        prompt = tasks.encode(smol.tokenizer, conv)
+        assert e.tokens[:len(prompt)] == prompt and e.start == len(prompt) - 1 and 0 < len(e.tokens) - len(prompt) <= 3
+    z = np.load(out / "shard-00001.npz")
+    assert z["answers"].dtype == np.uint16 and z["offsets"][-1] == len(z["answers"])
+    changed = [list(c) for c in pool]
+    changed[5] = [{"role": "user", "content": "another prompt"}]
+    monkeypatch.setattr(dataset, "conversations", lambda seed: changed)
+    with pytest.warns(UserWarning, match="1 prompts"):
+        assert len(dataset.load(out, smol.tokenizer)) == 9
+    with pytest.raises(ValueError, match="manifest"):
+        dataset.load(tmp_path, smol.tokenizer)
