@@ -78,6 +78,9 @@ def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol)
     for e, conv in zip(examples, pool):
         prompt = tasks.encode(smol.tokenizer, conv)
         assert e.tokens[:len(prompt)] == prompt and e.start == len(prompt) - 1 and 0 < len(e.tokens) - len(prompt) <= 3
+    monkeypatch.setattr(dataset, "HELD_OUT_EVERY", 4)
+    held, rest = dataset.load(out, smol.tokenizer, "held-out"), dataset.load(out, smol.tokenizer, "train")
+    assert held == [examples[i] for i in (0, 4, 8)] and rest == [e for i, e in enumerate(examples) if i % 4]
     z = np.load(out / "shard-00001.npz")
     assert z["answers"].dtype == np.uint16 and z["offsets"][-1] == len(z["answers"])
     changed = [list(c) for c in pool]

@@ -18,7 +18,7 @@ from ht_kernels.drafts.prompts import builtin_prompts
 from ht_kernels.train.data import load_jsonl, reading_prompts, windows
 from ht_kernels.train.evaluate import depth_accuracy
 from ht_kernels.train.objective import _HeadCrossEntropy, anchor_mask, distill_loss
-from ht_kernels.train.trainer import CHECKPOINT, TrainConfig, n_trained, train
+from ht_kernels.train.trainer import CHECKPOINT, TrainConfig, batch_indices, n_trained, train
 from test_decode import random_transfer, tiny_model
 from test_model import needs_smollm2
 
@@ -166,7 +166,33 @@ def test_training_lowers_the_loss_and_resume_matches(tmp_path, method):
         train(model, data, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "c", resume=True, progress=False)
 
 
-def _truncate_to_step(model, data, cfg, out):
+def test_held_out_curve_is_measured_and_survives_a_resume(tmp_path):
+    """The held-out slice is measured before the first step, every eval_every steps and at the end; a
+    run stopped at its step-4 checkpoint and resumed writes the same curve (the same steps, tokens and
+    values) as one that ran through."""
+    model = tiny_model(vocab=32)
+    data = _examples(model)
+    train_part, held = data[2:], data[:2]
+    cfg = TrainConfig(K=2, layer=2, steps=10, batch_size=3, lr=3e-3, warmup=2, save_every=4, init_batches=2)
+    full = train(model, train_part, cfg, tmp_path / "a", progress=False, held_out=held, eval_every=4)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 4, 8, 10]
+    assert [r["tokens"] for r in rows] == [0] + [sum(len(train_part[i].tokens) for s in range(n)
+                                                     for i in batch_indices(len(train_part), 3, s, 0)) for n in (4, 8, 10)]
+    assert rows[-1]["held_out"]["ce"][0] < rows[0]["held_out"]["ce"][0]
+    last = rows[-1]["held_out"]
+    assert last["drafts"][0] == n_trained(held, 1) and full.trained["tokens"] == rows[-1]["tokens"]
+    pooled = sum(c * n for c, n in zip(last["ce"], last["drafts"])) / sum(last["drafts"])
+    assert abs(pooled - _mean_ce(model, full, held, 2)) < 1e-4
+    _truncate_to_step(model, train_part, cfg, tmp_path / "c", held_out=held, eval_every=4)
+    train(model, train_part, cfg, tmp_path / "c", resume=True, progress=False, held_out=held, eval_every=4)
+    again = [json.loads(x) for x in (tmp_path / "c" / "curve.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["tokens"]) for r in again] == [(r["step"], r["tokens"]) for r in rows]
+    for r, a in zip(rows, again):
+        assert all(abs(x - y) < 1e-5 for x, y in zip(r["held_out"]["ce"], a["held_out"]["ce"]))
+
+
+def _truncate_to_step(model, data, cfg, out, **kwargs):
     """Run `cfg` and stop after its first checkpoint (step save_every), as an interrupted run would."""
     import ht_kernels.train.trainer as trainer
 
@@ -182,7 +208,7 @@ def _truncate_to_step(model, data, cfg, out):
     trainer.save_checkpoint = save_then_stop
     try:
         with pytest.raises(Stop):
-            train(model, data, cfg, out, progress=False)
+            train(model, data, cfg, out, progress=False, **kwargs)
     finally:
         trainer.save_checkpoint = real
 

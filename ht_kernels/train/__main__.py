@@ -2,9 +2,11 @@
 
     python -m ht_kernels.train --out runs/smollm2 [--model smollm2-135m] [--method transfer|medusa]
         [--K 3] [--layer T] [--steps 400] [--prompts 800] [--reading 0] [--gen-tokens 256] [--data my.jsonl]
-        [--resume]
+        [--dataset DIR [--held-out 48] [--eval-every 100]] [--resume]
 
-Data: the model's own greedy answers to --prompts built-in prompts (and to the prompts of --data, whose
+Data: a dataset built by `python -m ht_kernels.train.dataset` (--dataset: its training part; the first
+--held-out conversations of its held-out part are measured every --eval-every steps into OUT/curve.jsonl),
+or else the model's own greedy answers to --prompts built-in prompts (and to the prompts of --data, whose
 {"text"} / {"tokens"} rows are used as they are), then to --reading prompts that ask it to summarise or
 answer questions about its own answers (long inputs), made once and kept in OUT/data.jsonl. Writes
 OUT/checkpoint.safetensors during training and OUT/transfer.safetensors (or OUT/medusa.safetensors)
@@ -51,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=64, help="prompts answered at once")
     p.add_argument("--max-len", type=int, default=512, help="longer sequences are split into windows")
     p.add_argument("--data", help='JSONL of {"prompt"} / {"turns"} rows to answer, {"text"} / {"tokens"} rows as is')
+    p.add_argument("--dataset", help="a dataset directory of python -m ht_kernels.train.dataset (instead of "
+                   "--prompts / --reading / --data)")
+    p.add_argument("--held-out", type=int, default=48, help="held-out conversations measured (with --dataset)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between held-out measurements")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--threads", type=int, help="torch intra-op threads per process")
     return p.parse_args(argv)
@@ -113,17 +119,26 @@ def main(argv=None) -> int:
     rank, world, dist = _dist()
     t0 = time.time()
     model = load_model(args.model, dtype=getattr(torch, args.dtype))
-    examples = build_data(model, args, rank, world, dist)
+    held_out = None
+    if args.dataset:
+        from .dataset import load
+
+        examples = load(args.dataset, model.tokenizer, "train")
+        held_out = load(args.dataset, model.tokenizer, "held-out")[:args.held_out]
+    else:
+        examples = build_data(model, args, rank, world, dist)
     t_data = time.time() - t0
     cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every)
     meta = {"model": str(args.model), "method": args.method,
             "recipe": recipe(args),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
-    drafter = train(model, examples, cfg, args.out, resume=args.resume, meta=meta)
+    drafter = train(model, examples, cfg, args.out, resume=args.resume, meta=meta, held_out=held_out,
+                    eval_every=args.eval_every)
     if rank == 0:
         meta.update(config=json.dumps(asdict(cfg), sort_keys=True), data_seconds=f"{t_data:.0f}",
-                    train_seconds=f"{time.time() - t0 - t_data:.0f}", trained="yes")
+                    train_seconds=f"{drafter.trained['train_seconds']:.0f}",
+                    trained_tokens=str(drafter.trained["tokens"]), trained="yes")
         export(drafter, Path(args.out), meta)
     if dist is not None:
         dist.destroy_process_group()

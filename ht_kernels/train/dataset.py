@@ -33,6 +33,7 @@ from ..drafts.examples import Example
 from .data import synthesize
 from .tasks import conversations, encode
 
+HELD_OUT_EVERY = 100  # pool index multiples of it are held out from training (`load`'s part)
 RECIPE_KEYS = ("model", "dtype", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
 
 
@@ -113,9 +114,13 @@ def build(args) -> dict:
     return manifest
 
 
-def load(path: str | Path, tokenizer) -> list[Example]:
+def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
     """The dataset at path as training examples (prompt + answer, from the prompt's last token), its
-    prompts rebuilt from the installed sources; prompts whose tokens changed are dropped with a warning."""
+    prompts rebuilt from the installed sources; prompts whose tokens changed are dropped with a warning.
+    part: "all", "held-out" (the conversations whose pool index is a multiple of HELD_OUT_EVERY: the same
+    ones however many shards exist) or "train" (the others)."""
+    if part not in ("all", "train", "held-out"):
+        raise ValueError(f"load: part must be 'all', 'train' or 'held-out', got {part!r}")
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
@@ -127,6 +132,8 @@ def load(path: str | Path, tokenizer) -> list[Example]:
         z = np.load(f)
         offsets, answers = z["offsets"], z["answers"].astype(np.int64).tolist()
         for j, (i, h) in enumerate(zip(z["index"].tolist(), z["prompt_hash"].tolist())):
+            if part != "all" and (i % HELD_OUT_EVERY == 0) != (part == "held-out"):
+                continue
             prompt = encode(tokenizer, convs[i]) if i < len(convs) else []
             if prompt_hash(prompt) != h:
                 stale += 1

@@ -21,7 +21,7 @@ from ..drafts.examples import Example, collate
 from ..drafts.forced import anchor_positions, frozen_pass
 from .objective import anchor_mask, distill_loss
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT, CURVE = "checkpoint.safetensors", "curve.jsonl"
 
 
 @dataclass
@@ -156,8 +156,8 @@ def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta:
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, drafter, opt, cfg: TrainConfig) -> int:
-    """Restore parameters and optimizer moments; returns the step to continue from."""
+def load_checkpoint(path: Path, drafter, opt, cfg: TrainConfig) -> tuple[int, dict]:
+    """Restore parameters and optimizer moments; returns the step to continue from and the metadata."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -178,17 +178,46 @@ def load_checkpoint(path: Path, drafter, opt, cfg: TrainConfig) -> int:
                     opt.state[p] = {"step": torch.tensor(float(step)),
                                     "exp_avg": f.get_tensor(f"adam.exp_avg.{name}"),
                                     "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{name}")}
-    return step
+    return step, md
+
+
+@torch.no_grad()
+def evaluate(model, drafter, examples: list[Example], cfg: TrainConfig, rank: int = 0, world: int = 1,
+             dist=None) -> dict:
+    """The distillation loss's statistics on examples (each process its share): per depth the mean
+    cross-entropy against the teacher's top-k, the top-1 / top-5 hit rates of the teacher's argmax, and
+    the number of drafts measured."""
+    depth_w = torch.ones(cfg.K, device=model.device)
+    layer = getattr(drafter, "layer", model.config.n_layers)
+    total = torch.zeros(4, cfg.K)
+    mine = examples[rank::world]
+    for s in range(0, len(mine), cfg.batch_size):
+        tokens, lengths, starts = collate(mine[s:s + cfg.batch_size], model.device)
+        frozen = frozen_pass(model, tokens, layer, cfg.teacher_top_k)
+        anchors = anchor_positions(lengths, starts, tokens.shape[1])
+        mask = anchor_mask(lengths, starts, anchors, cfg.K)
+        total += distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w, 1.0)[1].cpu()
+    if dist is not None:
+        dist.all_reduce(total)
+    ce, top1, top5, n = total
+    n = n.clamp_min(1)
+    return {"ce": (ce / n).tolist(), "top1": (top1 / n).tolist(), "top5": (top5 / n).tolist(),
+            "drafts": total[3].long().tolist()}
 
 
 def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
-          meta: dict | None = None, progress: bool = True):
-    """Train cfg.method's draft heads on the frozen model; returns the drafter (fp32 parameters).
+          meta: dict | None = None, progress: bool = True, held_out: list[Example] | None = None,
+          eval_every: int = 100):
+    """Train cfg.method's draft heads on the frozen model; returns the drafter (fp32 parameters; its
+    `trained` dict: steps, training seconds and sequence tokens over all runs of the checkpoint).
 
     Writes out_dir/checkpoint.safetensors every save_every steps and at the end (parameters, AdamW
     moments, step, config and `meta` as metadata). resume=True continues from that checkpoint, which
-    must hold the same config. Under torchrun every process must pass the same examples. model: an
-    ht_kernels Transformer or a transformers Llama / Qwen2 / Mistral model (its weights are shared).
+    must hold the same config. held_out: examples never trained on, measured (`evaluate`) before the
+    first step, every eval_every steps and at the end; each measurement is a line of out_dir/curve.jsonl
+    with the step, the training seconds and tokens so far. Under torchrun every process must pass the
+    same examples. model: an ht_kernels Transformer or a transformers Llama / Qwen2 / Mistral model (its
+    weights are shared).
     """
     if not hasattr(model, "run_layers"):
         from ..loading import load_model
@@ -203,12 +232,12 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
     torch.manual_seed(cfg.seed)
     drafter = make_drafter(cfg, model)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start = 0
+    start, saved = 0, {}
     ckpt = out_dir / CHECKPOINT
     if resume:
         if not ckpt.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt}")
-        start = load_checkpoint(ckpt, drafter, opt, cfg)
+        start, saved = load_checkpoint(ckpt, drafter, opt, cfg)
     elif cfg.method == "transfer" and cfg.init == "lstsq":
         drafter.init_lstsq(*_lstsq_stats(model, drafter, examples, cfg, rank, world, dist))
     depth_w = torch.tensor([cfg.depth_decay ** i for i in range(cfg.K)], device=model.device)
@@ -220,9 +249,26 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", dynamic_ncols=True)
     window = torch.zeros(4, cfg.K)
-    t0 = time.time()
+    curve = out_dir / CURVE
+    # training time (held-out measurements left out) and sequence tokens over all runs of this checkpoint
+    train_s, tokens_seen = float(saved.get("train_seconds", 0)), int(saved.get("trained_tokens", 0))
+
+    def measure(step: int) -> None:
+        if held_out:
+            row = {"step": step, "seconds": round(train_s, 1), "tokens": tokens_seen,
+                   "held_out": evaluate(model, drafter, held_out, cfg, rank, world, dist)}
+            if rank == 0:
+                with curve.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    if rank == 0 and curve.exists():  # keep the measurements up to the step this run starts from
+        rows = [r for r in map(json.loads, curve.read_text().splitlines()) if r["step"] < start]
+        curve.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    measure(start)
     for step in range(start, cfg.steps):
+        t0 = time.time()
         batch = [examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)]
+        tokens_seen += sum(len(e.tokens) for e in batch)
         normalizer = max(1, n_trained(batch, cfg.K))
         mine = batch[rank::world]
         for g in opt.param_groups:
@@ -247,17 +293,21 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
             dist.all_reduce(stats)
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
+        train_s += time.time() - t0
         window = 0.9 * window + stats
         if bar is not None:
             ce, top1, top5, n = window
             bar.set_postfix_str(f"ce {float(ce.sum() / n.sum()):.3f} top1 " +
                                 "/".join(f"{a:.2f}" for a in (top1 / n.clamp_min(1)).tolist()))
             bar.update(1)
+        if (step + 1) % eval_every == 0 or step + 1 == cfg.steps:
+            measure(step + 1)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(ckpt, drafter, opt, step + 1, cfg,
-                            {**meta, "seconds": f"{time.time() - t0:.0f}"})
+                            {**meta, "train_seconds": f"{train_s:.1f}", "trained_tokens": str(tokens_seen)})
     if bar is not None:
         bar.close()
     if dist is not None:
         dist.barrier()
+    drafter.trained = {"steps": cfg.steps, "train_seconds": round(train_s, 1), "tokens": tokens_seen}
     return drafter
