@@ -62,7 +62,7 @@ def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol)
     monkeypatch.setattr(dataset, "conversations", lambda seed: pool)
     import ht_kernels.loading
 
-    monkeypatch.setattr(ht_kernels.loading, "load_model", lambda name, dtype: smol)
+    monkeypatch.setattr(ht_kernels.loading, "load_model", lambda name, dtype, device: smol)
     out = tmp_path / "ds"
     argv = ["--out", str(out), "--dtype", "float32", "--gen-tokens", "3", "--shard-size", "4", "--gen-batch", "3"]
     m = dataset.build(dataset.parse_args(argv + ["--shards", "2"]))

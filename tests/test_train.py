@@ -179,7 +179,6 @@ def test_held_out_curve_is_measured_and_survives_a_resume(tmp_path):
     assert [r["step"] for r in rows] == [0, 4, 8, 10]
     assert [r["tokens"] for r in rows] == [0] + [sum(len(train_part[i].tokens) for s in range(n)
                                                      for i in batch_indices(len(train_part), 3, s, 0)) for n in (4, 8, 10)]
-    assert rows[-1]["held_out"]["ce"][0] < rows[0]["held_out"]["ce"][0]
     last = rows[-1]["held_out"]
     assert last["drafts"][0] == n_trained(held, 1) and full.trained["tokens"] == rows[-1]["tokens"]
     pooled = sum(c * n for c, n in zip(last["ce"], last["drafts"])) / sum(last["drafts"])

@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run directory (data, checkpoint, trained weights)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or an HF directory")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one process per device)")
     p.add_argument("--method", choices=["transfer", "medusa"], default="transfer")
     p.add_argument("--K", type=int, default=3, help="draft depths")
     p.add_argument("--layer", type=int, help="transfer layer t (default: n_layers // 2)")
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
 
     rank, world, dist = _dist()
     t0 = time.time()
-    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     held_out = None
     if args.dataset:
         from .dataset import load
@@ -160,12 +161,13 @@ def export(drafter, out: Path, meta: dict) -> Path:
         from ..decode.transfer import TransferWeights
 
         path = out / "transfer.safetensors"
-        TransferWeights(drafter.weight.detach().half(), drafter.bias.detach().half(), drafter.layer, meta).save(path)
+        TransferWeights(drafter.weight.detach().cpu().half(), drafter.bias.detach().cpu().half(), drafter.layer,
+                        meta).save(path)
     else:
         from ..baselines.medusa import MedusaWeights
 
         path = out / "medusa.safetensors"
-        MedusaWeights(drafter.weight.detach().half(), drafter.bias.detach().half(), meta).save(path)
+        MedusaWeights(drafter.weight.detach().cpu().half(), drafter.bias.detach().cpu().half(), meta).save(path)
     print(f"wrote {path}")
     return path
 

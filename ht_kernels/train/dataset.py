@@ -2,7 +2,7 @@
 shards that several runs build together.
 
     python -m ht_kernels.train.dataset --out datasets/smollm2-135m [--model smollm2-135m] [--dtype bfloat16]
-        [--seed 0] [--max-prompt 1024] [--gen-tokens 256] [--shard-size 256] [--gen-batch 32] [--shards N]
+        [--device cpu] [--seed 0] [--max-prompt 1024] [--gen-tokens 256] [--shard-size 256] [--gen-batch 32] [--shards N]
         [--minutes M] [--threads 2]
 
 The pool is `tasks.conversations(seed)` less those whose prompt has more than --max-prompt tokens; shard i
@@ -11,7 +11,7 @@ OUT/shard-{i:05d}.npz, so a shard that is there is skipped and a stopped run res
 the answers (uint16) with each prompt's pool index and hash: `load` rebuilds the prompts from the installed
 sources and drops (with a warning) any whose tokens changed. OUT/manifest.json holds the recipe (a run
 with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
-seconds, answer tokens/s and CPU. --shards N: stop after shard N - 1; --minutes M: start no shard after M minutes.
+seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard N - 1; --minutes M: start no shard after M minutes.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="dataset directory (shards and manifest.json)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="order of the pool")
     p.add_argument("--max-prompt", type=int, default=1024, help="longer prompts are left out of the pool")
     p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per answer at most")
@@ -78,12 +79,13 @@ def build(args) -> dict:
     if manifest["recipe"] != recipe:
         raise ValueError(f"--out {out} holds a dataset of recipe {manifest['recipe']}, not {recipe}")
     t0 = time.time()
-    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model.prepack_linears(model.dtype == torch.bfloat16 and prepack_supported(model.device, model.dtype))  # as decoders run
     index, prompts = pool(model.tokenizer, args.seed, args.max_prompt)
     n_shards = -(-len(prompts) // args.shard_size)
     manifest.update(pool=len(prompts), shard_size=args.shard_size, n_shards=n_shards)
-    cpu = torch.backends.cpu.get_cpu_capability()
+    where = {"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else \
+        {"cpu": torch.backends.cpu.get_cpu_capability()}
     for s in range(min(n_shards, args.shards or n_shards)):
         path = out / f"shard-{s:05d}.npz"
         if path.exists():
@@ -105,7 +107,7 @@ def build(args) -> dict:
         tmp.replace(path)
         manifest["shards"][str(s)] = {"conversations": hi - lo, "prompt_tokens": sum(map(len, prompts[lo:hi])),
                                       "answer_tokens": n_answer, "seconds": round(seconds, 1),
-                                      "answer_tokens_per_s": round(n_answer / seconds, 1), "cpu": cpu,
+                                      "answer_tokens_per_s": round(n_answer / seconds, 1), **where,
                                       "threads": torch.get_num_threads(), "gen_batch": args.gen_batch}
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
         print(f"shard {s}/{n_shards}: {hi - lo} answers, {n_answer} tokens in {seconds:.0f} s "

@@ -144,12 +144,12 @@ def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, di
 def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tensors = {name: p.detach().contiguous() for name, p in drafter.named_parameters()}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in drafter.named_parameters()}
     for name, p in drafter.named_parameters():
         state = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                tensors[f"adam.{key}.{name}"] = state[key].contiguous()
+                tensors[f"adam.{key}.{name}"] = state[key].cpu().contiguous()
     md = {"step": str(step), "config": json.dumps(asdict(cfg), sort_keys=True), **meta}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=md)
@@ -176,8 +176,8 @@ def load_checkpoint(path: Path, drafter, opt, cfg: TrainConfig) -> tuple[int, di
                 p.copy_(t)
                 if step > 0:
                     opt.state[p] = {"step": torch.tensor(float(step)),
-                                    "exp_avg": f.get_tensor(f"adam.exp_avg.{name}"),
-                                    "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{name}")}
+                                    "exp_avg": f.get_tensor(f"adam.exp_avg.{name}").to(p.device),
+                                    "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{name}").to(p.device)}
     return step, md
 
 
@@ -230,7 +230,7 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    drafter = make_drafter(cfg, model)
+    drafter = make_drafter(cfg, model).to(model.device)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, saved = 0, {}
     ckpt = out_dir / CHECKPOINT
