@@ -18,6 +18,7 @@ import torch
 
 from ..cpu import prepack_bytes, prepack_supported
 from ..drafts.examples import right_pad
+from ..drafts.forced import transfer_mlp
 from ..model import KVCache
 from ..ops._backend import BACKENDS
 from ..ops.compact_kv import compact_kv
@@ -76,7 +77,8 @@ class HiddenTransferDecoder:
         weights = resolve_transfer(transfer, cfg.name, cfg.dim, cfg.n_layers)
         param = next(model.parameters())
         self.maps = weights
-        self._cast = (weights.weight.to(param.device, param.dtype), weights.bias.to(param.device, param.dtype))
+        cast = [weights.weight, weights.bias, *(weights.mlp or ())]
+        self._cast = [t.to(param.device, param.dtype) for t in cast]
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
@@ -101,7 +103,8 @@ class HiddenTransferDecoder:
         """Draft depths 1..depth from the first `depth` maps (`transfer`, `weight`, `bias`); the tree policy
         must then be one over `depth` depths."""
         self.transfer = self.maps.first(depth)
-        self.weight, self.bias = (t[:depth] for t in self._cast)
+        self.weight, self.bias, *mlp = (t[:depth] for t in self._cast)
+        self.mlp = tuple(mlp) or None  # (down, up) of the residual block after the maps, or None
 
     def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:
@@ -246,6 +249,8 @@ class HiddenTransferDecoder:
         # pseudo chain on its own above the committed prompt.
         K = self.transfer.K
         chain = hidden_transfer(h_t[:, None], self.weight, self.bias, backend=self.backend)[:, 0]
+        if self.mlp is not None:
+            chain = transfer_mlp(chain, *self.mlp)
         chain_mask = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
         chain_positions = last[:, None] + torch.arange(1, K + 1, device=dev)
         hc = m.run_layers(chain, chain_positions, cache, chain_mask, range(t, L))          # [B, K, dim]
@@ -268,7 +273,10 @@ class HiddenTransferDecoder:
         hs = h.new_empty(B, T + n * K, h.shape[-1])
         hs[:, :T] = h
         owners_h = h.gather(1, lay.owners[..., None].expand(B, n, h.shape[-1]))
-        hidden_transfer(owners_h, self.weight, self.bias, out=hs[:, T:].view(B, n, K, -1), backend=self.backend)
+        pseudo = hs[:, T:].view(B, n, K, -1)
+        hidden_transfer(owners_h, self.weight, self.bias, out=pseudo, backend=self.backend)
+        if self.mlp is not None:
+            pseudo.copy_(transfer_mlp(pseudo, *self.mlp))
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
         # The LM head reads its whole weight per call: one call over every row can cost less than a call
         # for the real rows and one for the accepted node's chain (`head_once`, chosen by tree auto).

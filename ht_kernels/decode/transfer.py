@@ -13,12 +13,15 @@ SHIPPED = Path(__file__).resolve().parent.parent / "weights"  # <model name>.saf
 @dataclass
 class TransferWeights:
     """weight: [K, D, D] and bias: [K, D] (pseudo_i = weight[i] @ h + bias[i], h the hidden state after
-    `layer` layers, 1 <= layer < n_layers); meta: string metadata (model, how the maps were trained)."""
+    `layer` layers, 1 <= layer < n_layers); meta: string metadata (model, how the maps were trained);
+    mlp: None, or (down [K, D, r], up [K, r, D]) of a residual low-rank SiLU block after the maps
+    (`drafts.forced.transfer_mlp`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     layer: int
     meta: dict[str, str] = field(default_factory=dict)
+    mlp: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def K(self) -> int:
@@ -29,7 +32,8 @@ class TransferWeights:
         i attends pseudo states 1..i-1 only, so they are the first `depth` states of the full chain."""
         if not isinstance(depth, int) or not 1 <= depth <= self.K:
             raise ValueError(f"depth must be an int in [1, K={self.K}], got {depth!r}")
-        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta)
+        mlp = None if self.mlp is None else (self.mlp[0][:depth], self.mlp[1][:depth])
+        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp)
 
     @classmethod
     def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
@@ -46,16 +50,21 @@ class TransferWeights:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+            mlp = (f.get_tensor("mlp_down"), f.get_tensor("mlp_up")) if "mlp_down" in f.keys() else None
         if "layer" not in meta:
             raise ValueError(f"TransferWeights.load: {path} has no 'layer' in its metadata")
-        return cls(weight, bias, int(meta.pop("layer")), meta)
+        return cls(weight, bias, int(meta.pop("layer")), meta, mlp)
 
     def save(self, path: str | Path) -> None:
-        """To safetensors: "weight", "bias" and the metadata, with layer, K and dim added."""
+        """To safetensors: "weight", "bias" (and "mlp_down", "mlp_up") and the metadata, with layer, K and
+        dim added."""
         from safetensors.torch import save_file
 
         meta = {**self.meta, "layer": str(self.layer), "K": str(self.K), "dim": str(self.weight.shape[1])}
-        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
+        tensors = {"weight": self.weight, "bias": self.bias}
+        if self.mlp is not None:
+            tensors.update(mlp_down=self.mlp[0], mlp_up=self.mlp[1])
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
 def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWeights:
@@ -83,4 +92,10 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
                          f"{list(weights.weight.shape)} and {list(weights.bias.shape)}")
     if not 1 <= weights.layer < n_layers:
         raise ValueError(f"transfer layer must be in [1, {n_layers}) for a {n_layers}-layer model, got {weights.layer}")
+    if weights.mlp is not None:
+        down, up = weights.mlp
+        r = down.shape[-1]
+        if tuple(down.shape) != (K, dim, r) or tuple(up.shape) != (K, r, dim):
+            raise ValueError(f"transfer mlp must be [K, {dim}, r] and [K, r, {dim}] with K={K}, got "
+                             f"{list(down.shape)} and {list(up.shape)}")
     return weights

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..model import apply_rope
 from ..ops.hidden_transfer import hidden_transfer
@@ -88,13 +89,22 @@ def pseudo_attention(q, k, v, k_real, v_real, anchors: torch.Tensor, chain: bool
     return out.permute(0, 3, 4, 1, 2, 5).reshape(B, A, K, Hq, Dh)
 
 
+def transfer_mlp(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The residual low-rank SiLU block after the transfer maps: x + SiLU(x down_i) up_i for pseudo state
+    i. x: [..., K, dim]; down: [K, dim, r], up: [K, r, dim] (cast to x's dtype)."""
+    u = F.silu(torch.einsum("...kd,kdr->...kr", x, down.to(x.dtype)))
+    return x + torch.einsum("...kr,krd->...kd", u, up.to(x.dtype))
+
+
 def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chain: bool = True, record: list | None = None, anchors: torch.Tensor | None = None) -> torch.Tensor:
+                  chain: bool = True, record: list | None = None, anchors: torch.Tensor | None = None,
+                  mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The pseudo chains of anchors [B, A] (positions; None: every position) after all layers:
     [B, A, K, dim] (differentiable in weight and bias; each anchor's chain is independent of the others').
 
-    weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); pseudo i of anchor n sits at
-    position n + i. record: a list that receives the states after layer t, t+1, ..., L.
+    weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); mlp: (down, up) of `transfer_mlp`
+    after the maps, or None; pseudo i of anchor n sits at position n + i. record: a list that receives
+    the states after layer t, t+1, ..., L.
     """
     m, c = model, model.config
     B, N, D = frozen.hidden.shape
@@ -103,6 +113,8 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
     A, K = anchors.shape[1], weight.shape[0]
     hidden = frozen.hidden.gather(1, anchors[..., None].expand(B, A, D))
     x = hidden_transfer(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    if mlp is not None:
+        x = transfer_mlp(x, *mlp)
     positions = (anchors[..., None] + torch.arange(1, K + 1, device=x.device)).reshape(B, -1)
     cos, sin = (t.view(B, A, K, 1, c.head_dim) for t in m.rope(positions))
     if record is not None:

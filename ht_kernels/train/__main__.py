@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer", type=int, help="transfer layer t (default: n_layers // 2)")
     p.add_argument("--no-chain", action="store_true", help="ablation: pseudo i does not attend pseudo 1..i-1")
     p.add_argument("--init", choices=["lstsq", "identity"], default="lstsq")
+    p.add_argument("--mlp-rank", type=int, default=0, help="a residual low-rank SiLU block after the maps (0: none)")
+    p.add_argument("--recall-k", type=int, default=0, help="add a top-k recall term to the loss (0: none)")
+    p.add_argument("--recall-weight", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (all processes together)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
         examples = build_data(model, args, rank, world, dist)
     t_data = time.time() - t0
     cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every)
+                      lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every,
+                      mlp_rank=args.mlp_rank, recall_k=args.recall_k, recall_weight=args.recall_weight)
     meta = {"model": str(args.model), "method": args.method,
             "recipe": recipe(args),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
@@ -161,8 +165,9 @@ def export(drafter, out: Path, meta: dict) -> Path:
         from ..decode.transfer import TransferWeights
 
         path = out / "transfer.safetensors"
-        TransferWeights(drafter.weight.detach().cpu().half(), drafter.bias.detach().cpu().half(), drafter.layer,
-                        meta).save(path)
+        half = [None if p is None else p.detach().cpu().half()
+                for p in (drafter.weight, drafter.bias, drafter.mlp_down, drafter.mlp_up)]
+        TransferWeights(*half[:2], drafter.layer, meta, None if half[2] is None else tuple(half[2:])).save(path)
     else:
         from ..baselines.medusa import MedusaWeights
 

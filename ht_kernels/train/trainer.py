@@ -28,7 +28,9 @@ CHECKPOINT, CURVE = "checkpoint.safetensors", "curve.jsonl"
 class TrainConfig:
     """method: "transfer" | "medusa"; layer: transfer layer t (None: n_layers // 2); depth_decay: depth i
     weighs depth_decay ** (i - 1); init: "lstsq" | "identity" (transfer maps; Medusa starts at zero);
-    chain: pseudo i attends pseudo 1..i-1 of its chain (False: the ablation)."""
+    chain: pseudo i attends pseudo 1..i-1 of its chain (False: the ablation); mlp_rank: the rank of a
+    residual SiLU block after the transfer maps (0: none); recall_k, recall_weight: the top-k recall term
+    of the loss (`objective.distill_loss`; 0: none)."""
 
     method: str = "transfer"
     K: int = 3
@@ -44,6 +46,9 @@ class TrainConfig:
     init_batches: int = 8
     seed: int = 0
     save_every: int = 50
+    mlp_rank: int = 0
+    recall_k: int = 0
+    recall_weight: float = 0.5
 
     def check(self, n_layers: int) -> None:
         if self.method not in ("transfer", "medusa"):
@@ -57,6 +62,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "teacher_top_k", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_rank", "recall_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mlp_rank and self.method != "transfer":
+            raise ValueError(f"mlp_rank applies to method 'transfer', got method {self.method!r}")
 
 
 def _dist():
@@ -103,7 +113,8 @@ def make_drafter(cfg: TrainConfig, model):
     c = model.config
     if cfg.method == "medusa":
         return MedusaDrafter(cfg.K, c.dim)
-    return TransferDrafter(cfg.K, c.dim, c.n_layers // 2 if cfg.layer is None else cfg.layer, cfg.chain)
+    return TransferDrafter(cfg.K, c.dim, c.n_layers // 2 if cfg.layer is None else cfg.layer, cfg.chain,
+                           cfg.mlp_rank)
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -281,7 +292,7 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
             anchors = anchor_positions(lengths, starts, tokens.shape[1])
             mask = anchor_mask(lengths, starts, anchors, cfg.K)
             loss, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w,
-                                       normalizer)
+                                       normalizer, recall=(cfg.recall_k, cfg.recall_weight))
             loss.backward()
             stats = stats.cpu()
         else:  # more processes than rows: contribute zero gradients
