@@ -14,7 +14,7 @@ from ht_kernels.decode.replay import replay_accept_lengths
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.drafts.drafters import TransferDrafter, drafter_from_weights
 from ht_kernels.drafts.examples import Example
-from ht_kernels.drafts.forced import anchor_positions, draft_logprobs, frozen_pass
+from ht_kernels.drafts.forced import anchor_positions, draft_logprobs, drafter_pass, frozen_pass
 from ht_kernels.drafts.prompts import builtin_prompts
 from ht_kernels.train.data import load_jsonl, reading_prompts, windows
 from ht_kernels.train.evaluate import depth_accuracy
@@ -35,23 +35,33 @@ def with_mlp(weights, rank: int = 8):
     return weights
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-def test_pseudo_states_equal_the_decoders(mlp):
+def with_extra(weights, layer: int = 1):
+    """The maps with random maps of the hidden state after `layer` layers added."""
+    K, D = weights.weight.shape[:2]
+    weights.extra = (layer, torch.randn(K, D, D) / D**0.5)
+    return weights
+
+
+@pytest.mark.parametrize("variant", ["", "mlp", "extra", "mlp+extra"])
+def test_pseudo_states_equal_the_decoders(variant):
     """Anchor n's pseudo chain in the training pass (all anchors at once) gives the draft distributions
     the decoder computes when the prompt ends at n (its prefill drafts), for a ragged batch; with the
-    residual block after the maps too."""
+    residual block after the maps, and maps of an earlier layer, too."""
     model = tiny_model(vocab=32)
     weights = random_transfer(model, K=3, layer=2)
-    if mlp:
+    if "mlp" in variant:
         weights = with_mlp(weights)
         assert drafter_from_weights(weights).mlp is not None
+    if "extra" in variant:
+        weights = with_extra(weights)
+        assert drafter_from_weights(weights).extra_layer == 1
     seqs = random_tokens(model, [23, 17])
     drafter = drafter_from_weights(weights)
     dec = HiddenTransferDecoder(model, weights)
     N = max(map(len, seqs))
     tokens = torch.tensor([s + [0] * (N - len(s)) for s in seqs])
     with torch.no_grad():
-        frozen = frozen_pass(model, tokens, 2)
+        frozen = frozen_pass(model, tokens, 2, extra_layer=drafter.extra_layer)
         head_in = drafter(model, frozen)
         anchors = torch.tensor([[7, 8, 9, 10], [3, 4, 5, 16]])                               # per row
         torch.testing.assert_close(drafter(model, frozen, anchors), head_in[torch.arange(2)[:, None], anchors],
@@ -154,7 +164,7 @@ def _mean_ce(model, drafter, data, K):
 
     tokens, lengths, starts = collate(data, "cpu")
     with torch.no_grad():
-        frozen = frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), 32)
+        frozen = drafter_pass(model, drafter, tokens, 32)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])
         _, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors,
                                 anchor_mask(lengths, starts, anchors, K), torch.ones(K), 1.0)
@@ -162,7 +172,7 @@ def _mean_ce(model, drafter, data, K):
 
 
 @pytest.mark.parametrize("method,variant", [("transfer", {}), ("medusa", {}),
-                                            ("transfer", {"mlp_rank": 4, "recall_k": 2})])
+                                            ("transfer", {"mlp_rank": 4, "recall_k": 2, "extra_layer": 1})])
 def test_training_lowers_the_loss_and_resume_matches(tmp_path, method, variant):
     model = tiny_model(vocab=32)
     data = _examples(model)
@@ -183,11 +193,12 @@ def test_training_lowers_the_loss_and_resume_matches(tmp_path, method, variant):
     torch.testing.assert_close(resumed.weight, full.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(resumed.bias, full.bias, atol=1e-6, rtol=0)
     if variant:  # the residual block trained, and it travels through the exported weights to the decoder
-        assert full.mlp_up.abs().max() > 0
+        assert full.mlp_up.abs().max() > 0 and full.extra_weight.abs().max() > 0
         from ht_kernels.train.__main__ import export
 
         weights = TransferWeights.load(export(full, tmp_path, {}))
-        assert weights.mlp[0].shape == (2, model.config.dim, 4)
+        assert weights.mlp[0].shape == (2, model.config.dim, 4) and weights.extra[0] == 1
+        torch.testing.assert_close(weights.extra[1].float(), full.extra_weight, atol=1e-3, rtol=1e-2)
         torch.testing.assert_close(drafter_from_weights(weights).mlp_up, full.mlp_up, atol=1e-3, rtol=1e-2)
         HiddenTransferDecoder(model, weights)
     with pytest.raises(ValueError, match="another configuration"):  # a checkpoint of another config is refused
@@ -296,16 +307,16 @@ def test_data_two_rounds(smol, tmp_path):
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])
 @pytest.mark.parametrize("method, n_chains", [("transfer", None), ("transfer", 2), ("transfer", 12),
-                                              ("mlp", None), ("medusa", None)])
+                                              ("mlp", None), ("extra", None), ("medusa", None)])
 def test_replay_equals_decoding(tree, method, n_chains):
     """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
     decoder stays lossless with these drafters."""
     for _ in range(5):  # a random model can fall into a loop its random drafts never predict: draw again
         model = tiny_model(vocab=12, out_std=4.0)
         K, D = 3, model.config.dim
-        if method in ("transfer", "mlp"):
+        if method in ("transfer", "mlp", "extra"):
             weights = random_transfer(model, K=K, layer=2)
-            weights = with_mlp(weights) if method == "mlp" else weights
+            weights = with_mlp(weights) if method == "mlp" else with_extra(weights) if method == "extra" else weights
             dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains)
         else:
             weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)

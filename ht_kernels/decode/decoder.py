@@ -77,8 +77,9 @@ class HiddenTransferDecoder:
         weights = resolve_transfer(transfer, cfg.name, cfg.dim, cfg.n_layers)
         param = next(model.parameters())
         self.maps = weights
-        cast = [weights.weight, weights.bias, *(weights.mlp or ())]
-        self._cast = [t.to(param.device, param.dtype) for t in cast]
+        cast = [weights.weight, weights.bias, *(weights.mlp or (None, None)),
+                None if weights.extra is None else weights.extra[1]]
+        self._cast = [None if t is None else t.to(param.device, param.dtype) for t in cast]
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
@@ -103,8 +104,9 @@ class HiddenTransferDecoder:
         """Draft depths 1..depth from the first `depth` maps (`transfer`, `weight`, `bias`); the tree policy
         must then be one over `depth` depths."""
         self.transfer = self.maps.first(depth)
-        self.weight, self.bias, *mlp = (t[:depth] for t in self._cast)
-        self.mlp = tuple(mlp) or None  # (down, up) of the residual block after the maps, or None
+        self.weight, self.bias, down, up, self.extra_weight = (None if t is None else t[:depth] for t in self._cast)
+        self.mlp = None if down is None else (down, up)  # the residual block after the maps, or None
+        self.extra_layer = None if self.maps.extra is None else self.maps.extra[0]
 
     def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:
@@ -228,20 +230,24 @@ class HiddenTransferDecoder:
         dev = cache.k.device
         t = self.transfer.layer if draft else L
         last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+        e = t if not draft or self.extra_layer is None else self.extra_layer
         h_t = torch.empty(len(prompts), m.config.dim, dtype=m.dtype, device=dev)       # at layer t (L: plain)
-        h_out = torch.empty_like(h_t)                                                  # after all layers
+        h_e, h_out = torch.empty_like(h_t), torch.empty_like(h_t)                     # at layer e, after all
         for r0, r1, chunk in prefill_chunks([len(p) for p in prompts], self.prefill_tokens):
             tokens, ends = right_pad(prompts[r0:r1], dev)
             group = KVCache(cache.k[:, r0:r1], cache.v[:, r0:r1], cache.lengths[r0:r1])
             for s in range(0, tokens.shape[1], chunk):
-                e = min(tokens.shape[1], s + chunk)
+                stop = min(tokens.shape[1], s + chunk)
                 group.lengths.fill_(s)
-                positions = torch.arange(s, e, device=dev).expand(r1 - r0, e - s)
-                mask = torch.ones(e - s, e - s, dtype=torch.bool, device=dev).tril()
-                h = m.run_layers(m.embed(tokens[:, s:e]), positions, group, mask, range(t))
+                positions = torch.arange(s, stop, device=dev).expand(r1 - r0, stop - s)
+                mask = torch.ones(stop - s, stop - s, dtype=torch.bool, device=dev).tril()
+                h = he = m.run_layers(m.embed(tokens[:, s:stop]), positions, group, mask, range(e))
+                if e < t:
+                    h = m.run_layers(he, positions, group, mask, range(e, t))
                 hp = m.run_layers(h, positions, group, mask, range(t, L)) if draft else h
-                here = ((ends >= s) & (ends < e)).nonzero()[:, 0]   # the rows whose last token is in this chunk
-                h_t[r0 + here], h_out[r0 + here] = h[here, ends[here] - s], hp[here, ends[here] - s]
+                here = ((ends >= s) & (ends < stop)).nonzero()[:, 0]   # the rows whose last token is in this chunk
+                at = ends[here] - s
+                h_e[r0 + here], h_t[r0 + here], h_out[r0 + here] = he[here, at], h[here, at], hp[here, at]
         cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
         if not draft:
             return m.logits(h_out), None
@@ -249,6 +255,8 @@ class HiddenTransferDecoder:
         # pseudo chain on its own above the committed prompt.
         K = self.transfer.K
         chain = hidden_transfer(h_t[:, None], self.weight, self.bias, backend=self.backend)[:, 0]
+        if self.extra_weight is not None:
+            chain = chain + hidden_transfer(h_e[:, None], self.extra_weight, backend=self.backend)[:, 0]
         if self.mlp is not None:
             chain = transfer_mlp(chain, *self.mlp)
         chain_mask = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
@@ -269,12 +277,17 @@ class HiddenTransferDecoder:
         lay = step_layout(tree, K, self.n_chains)
         B, T, n = tree.tokens.shape[0], tree.size, lay.owners.shape[1]
         positions = cache.lengths[:, None].long() + lay.offsets                      # [B, T + n K]
-        h = m.run_layers(m.embed(tree.tokens), positions[:, :T], cache, lay.real_mask, range(t))
+        e = t if self.extra_layer is None else self.extra_layer
+        h = h_e = m.run_layers(m.embed(tree.tokens), positions[:, :T], cache, lay.real_mask, range(e))
+        if e < t:
+            h = m.run_layers(h_e, positions[:, :T], cache, lay.real_mask, range(e, t))
         hs = h.new_empty(B, T + n * K, h.shape[-1])
         hs[:, :T] = h
-        owners_h = h.gather(1, lay.owners[..., None].expand(B, n, h.shape[-1]))
+        owners = lay.owners[..., None].expand(B, n, h.shape[-1])
         pseudo = hs[:, T:].view(B, n, K, -1)
-        hidden_transfer(owners_h, self.weight, self.bias, out=pseudo, backend=self.backend)
+        hidden_transfer(h.gather(1, owners), self.weight, self.bias, out=pseudo, backend=self.backend)
+        if self.extra_weight is not None:
+            pseudo += hidden_transfer(h_e.gather(1, owners), self.extra_weight, backend=self.backend)
         if self.mlp is not None:
             pseudo.copy_(transfer_mlp(pseudo, *self.mlp))
         hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))

@@ -15,13 +15,15 @@ class TransferWeights:
     """weight: [K, D, D] and bias: [K, D] (pseudo_i = weight[i] @ h + bias[i], h the hidden state after
     `layer` layers, 1 <= layer < n_layers); meta: string metadata (model, how the maps were trained);
     mlp: None, or (down [K, D, r], up [K, r, D]) of a residual low-rank SiLU block after the maps
-    (`drafts.forced.transfer_mlp`)."""
+    (`drafts.forced.transfer_mlp`); extra: None, or (layer e < layer, weight [K, D, D]) of maps of the
+    hidden state after e layers, added to the maps' output (before the block)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     layer: int
     meta: dict[str, str] = field(default_factory=dict)
     mlp: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra: tuple[int, torch.Tensor] | None = None
 
     @property
     def K(self) -> int:
@@ -33,7 +35,8 @@ class TransferWeights:
         if not isinstance(depth, int) or not 1 <= depth <= self.K:
             raise ValueError(f"depth must be an int in [1, K={self.K}], got {depth!r}")
         mlp = None if self.mlp is None else (self.mlp[0][:depth], self.mlp[1][:depth])
-        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp)
+        extra = None if self.extra is None else (self.extra[0], self.extra[1][:depth])
+        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp, extra)
 
     @classmethod
     def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
@@ -51,19 +54,25 @@ class TransferWeights:
             meta = dict(f.metadata() or {})
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
             mlp = (f.get_tensor("mlp_down"), f.get_tensor("mlp_up")) if "mlp_down" in f.keys() else None
-        if "layer" not in meta:
-            raise ValueError(f"TransferWeights.load: {path} has no 'layer' in its metadata")
-        return cls(weight, bias, int(meta.pop("layer")), meta, mlp)
+            extra = f.get_tensor("extra_weight") if "extra_weight" in f.keys() else None
+        if "layer" not in meta or (extra is not None and "extra_layer" not in meta):
+            raise ValueError(f"TransferWeights.load: {path} has no 'layer' (or, with extra_weight, no "
+                             f"'extra_layer') in its metadata")
+        extra = None if extra is None else (int(meta.pop("extra_layer")), extra)
+        return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra)
 
     def save(self, path: str | Path) -> None:
-        """To safetensors: "weight", "bias" (and "mlp_down", "mlp_up") and the metadata, with layer, K and
-        dim added."""
+        """To safetensors: "weight", "bias" (and "mlp_down", "mlp_up", "extra_weight") and the metadata,
+        with layer, K, dim (and extra_layer) added."""
         from safetensors.torch import save_file
 
         meta = {**self.meta, "layer": str(self.layer), "K": str(self.K), "dim": str(self.weight.shape[1])}
         tensors = {"weight": self.weight, "bias": self.bias}
         if self.mlp is not None:
             tensors.update(mlp_down=self.mlp[0], mlp_up=self.mlp[1])
+        if self.extra is not None:
+            tensors.update(extra_weight=self.extra[1])
+            meta["extra_layer"] = str(self.extra[0])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
@@ -92,6 +101,10 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
                          f"{list(weights.weight.shape)} and {list(weights.bias.shape)}")
     if not 1 <= weights.layer < n_layers:
         raise ValueError(f"transfer layer must be in [1, {n_layers}) for a {n_layers}-layer model, got {weights.layer}")
+    if weights.extra is not None and (not 0 <= weights.extra[0] < weights.layer
+                                      or tuple(weights.extra[1].shape) != (K, dim, dim)):
+        raise ValueError(f"transfer extra maps must be [K, {dim}, {dim}] of a layer in [0, {weights.layer}), got "
+                         f"{list(weights.extra[1].shape)} of layer {weights.extra[0]}")
     if weights.mlp is not None:
         down, up = weights.mlp
         r = down.shape[-1]

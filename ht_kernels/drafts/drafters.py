@@ -17,15 +17,21 @@ class TransferDrafter(nn.Module):
     """Hidden transfer: pseudo_i = weight[i] @ h_t + bias[i], then layers layer+1..L (DESIGN section 2).
     chain=False is the ablation where pseudo i sees only itself, not pseudo 1..i-1 of its chain.
     mlp_rank > 0 adds a residual low-rank SiLU block after the maps (`forced.transfer_mlp`; mlp_down
-    [K, dim, r], mlp_up [K, r, dim], zero at the start so that it begins as the linear maps)."""
+    [K, dim, r], mlp_up [K, r, dim], zero at the start so that it begins as the linear maps).
+    extra_layer < layer adds maps of the hidden state after that many layers too: pseudo_i += extra_weight[i]
+    @ h_extra (extra_weight [K, dim, dim], zero at the start)."""
 
     kind = "transfer"
 
-    def __init__(self, K: int, dim: int, layer: int, chain: bool = True, mlp_rank: int = 0):
+    def __init__(self, K: int, dim: int, layer: int, chain: bool = True, mlp_rank: int = 0,
+                 extra_layer: int | None = None):
         super().__init__()
-        self.layer, self.chain = layer, chain
+        if extra_layer is not None and not 0 <= extra_layer < layer:
+            raise ValueError(f"extra_layer must be in [0, layer={layer}), got {extra_layer}")
+        self.layer, self.chain, self.extra_layer = layer, chain, extra_layer
         self.weight = nn.Parameter(torch.eye(dim).repeat(K, 1, 1))
         self.bias = nn.Parameter(torch.zeros(K, dim))
+        self.extra_weight = None if extra_layer is None else nn.Parameter(torch.zeros(K, dim, dim))
         self.mlp_down = self.mlp_up = None
         if mlp_rank:
             self.mlp_down = nn.Parameter(torch.randn(K, dim, mlp_rank) / dim ** 0.5)
@@ -38,7 +44,7 @@ class TransferDrafter(nn.Module):
     def forward(self, model, frozen: FrozenPass, anchors: torch.Tensor | None = None) -> torch.Tensor:
         """-> [B, A, K, dim] for anchors [B, A] (positions; None: all N)."""
         return model.norm(pseudo_hidden(model, frozen, self.weight, self.bias, self.chain, anchors=anchors,
-                                        mlp=self.mlp))
+                                        mlp=self.mlp, extra_weight=self.extra_weight))
 
     @torch.no_grad()
     def init_lstsq(self, xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-3) -> None:
@@ -79,12 +85,14 @@ def medusa_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
 def drafter_from_weights(weights, chain: bool = True):
     """TransferWeights or MedusaWeights -> the matching drafter module with those (fp32) parameters."""
     K, D = weights.weight.shape[:2]
-    mlp = getattr(weights, "mlp", None)
-    drafter = TransferDrafter(K, D, weights.layer, chain, 0 if mlp is None else mlp[0].shape[-1]) \
-        if hasattr(weights, "layer") else MedusaDrafter(K, D)
+    mlp, extra = getattr(weights, "mlp", None), getattr(weights, "extra", None)
+    drafter = TransferDrafter(K, D, weights.layer, chain, 0 if mlp is None else mlp[0].shape[-1],
+                              None if extra is None else extra[0]) if hasattr(weights, "layer") else MedusaDrafter(K, D)
     with torch.no_grad():
         drafter.weight.copy_(weights.weight.float())
         drafter.bias.copy_(weights.bias.float())
+        if extra is not None:
+            drafter.extra_weight.copy_(extra[1].float())
         if mlp is not None:
             drafter.mlp_down.copy_(mlp[0].float())
             drafter.mlp_up.copy_(mlp[1].float())

@@ -27,7 +27,8 @@ class FrozenPass:
 
     hidden: [B, N, dim] after `layer` layers; keys, values: per layer l >= layer, [B, N, Hkv, Dh] (RoPE
     applied); last: [B, N, dim] after all layers; teacher_p, teacher_idx: [B, N, k] the k most likely
-    next tokens at each position (fp32 probabilities renormalised over them, int64 ids).
+    next tokens at each position (fp32 probabilities renormalised over them, int64 ids); extra: [B, N,
+    dim] after extra_layer < layer layers (None: not asked for).
     """
 
     layer: int
@@ -37,21 +38,32 @@ class FrozenPass:
     last: torch.Tensor
     teacher_p: torch.Tensor
     teacher_idx: torch.Tensor
+    extra: torch.Tensor | None = None
 
 
 @torch.no_grad()
-def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32) -> FrozenPass:
-    """tokens: [B, N] int64 (rows right-padded; pads only influence positions after them)."""
+def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32, extra_layer: int | None = None) -> FrozenPass:
+    """tokens: [B, N] int64 (rows right-padded; pads only influence positions after them); extra_layer:
+    also keep the hidden states after that many layers (< layer)."""
     B, N = tokens.shape
     L = model.config.n_layers
     cache = model.new_cache(B, N)
     positions = torch.arange(N, device=tokens.device).expand(B, N)
     causal = torch.ones(N, N, dtype=torch.bool, device=tokens.device).tril()
-    h_t = model.run_layers(model.embed(tokens), positions, cache, causal, range(layer))
+    cut = layer if extra_layer is None else extra_layer
+    h_t = h_e = model.run_layers(model.embed(tokens), positions, cache, causal, range(cut))
+    if cut < layer:
+        h_t = model.run_layers(h_e, positions, cache, causal, range(cut, layer))
     h_L = model.run_layers(h_t, positions, cache, causal, range(layer, L))
     logits, idx = model.logits(h_L).topk(top_k, dim=-1)
     return FrozenPass(layer, h_t, [cache.k[l] for l in range(layer, L)], [cache.v[l] for l in range(layer, L)],
-                      h_L, logits.softmax(-1), idx)
+                      h_L, logits.softmax(-1), idx, None if extra_layer is None else h_e)
+
+
+def drafter_pass(model, drafter, tokens: torch.Tensor, top_k: int = 32) -> FrozenPass:
+    """`frozen_pass` with what the drafter reads: its layer (the last for Medusa) and extra layer."""
+    return frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), top_k,
+                       getattr(drafter, "extra_layer", None))
 
 
 def anchor_positions(lengths: torch.Tensor, starts: torch.Tensor, N: int) -> torch.Tensor:
@@ -98,12 +110,14 @@ def transfer_mlp(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch
 
 def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.Tensor | None,
                   chain: bool = True, record: list | None = None, anchors: torch.Tensor | None = None,
-                  mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  mlp: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  extra_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The pseudo chains of anchors [B, A] (positions; None: every position) after all layers:
     [B, A, K, dim] (differentiable in weight and bias; each anchor's chain is independent of the others').
 
-    weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); mlp: (down, up) of `transfer_mlp`
-    after the maps, or None; pseudo i of anchor n sits at position n + i. record: a list that receives
+    weight: [K, dim, dim], bias: [K, dim] (cast to the model's dtype); extra_weight: [K, dim, dim] maps of
+    the hidden states at the extra layer (`frozen.extra`), added to the maps' output, or None; mlp:
+    (down, up) of `transfer_mlp` after the maps, or None; pseudo i of anchor n sits at position n + i. record: a list that receives
     the states after layer t, t+1, ..., L.
     """
     m, c = model, model.config
@@ -113,6 +127,12 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
     A, K = anchors.shape[1], weight.shape[0]
     hidden = frozen.hidden.gather(1, anchors[..., None].expand(B, A, D))
     x = hidden_transfer(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    if extra_weight is not None:
+        if frozen.extra is None:
+            raise ValueError("pseudo_hidden: extra_weight needs the frozen pass's states at the extra layer: run "
+                             "frozen_pass with extra_layer (or drafter_pass)")
+        x = x + hidden_transfer(frozen.extra.gather(1, anchors[..., None].expand(B, A, D)),
+                                extra_weight.to(hidden.dtype))
     if mlp is not None:
         x = transfer_mlp(x, *mlp)
     positions = (anchors[..., None] + torch.arange(1, K + 1, device=x.device)).reshape(B, -1)
@@ -138,12 +158,11 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
 def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4):
     """Yields, for each example in turn, (draft log-probabilities [n, K, V] of anchors start..len-2,
     the token after each anchor [n]) - anchor n's depth-i draft predicts token n + i + 1."""
-    layer = getattr(drafter, "layer", model.config.n_layers)
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
         tokens, lengths, starts = collate(batch, model.device)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])                 # [B, A] from each start
-        head_in = drafter(model, frozen_pass(model, tokens, layer, 1), anchors)      # [B, A, K, D]
+        head_in = drafter(model, drafter_pass(model, drafter, tokens, 1), anchors)   # [B, A, K, D]
         for b, e in enumerate(batch):
             n = len(e.tokens) - 1 - e.start
             yield model.output(head_in[b, :n]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]

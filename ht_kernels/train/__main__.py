@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-chain", action="store_true", help="ablation: pseudo i does not attend pseudo 1..i-1")
     p.add_argument("--init", choices=["lstsq", "identity"], default="lstsq")
     p.add_argument("--mlp-rank", type=int, default=0, help="a residual low-rank SiLU block after the maps (0: none)")
+    p.add_argument("--extra-layer", type=int, help="maps of the hidden state after this many layers too (< --layer)")
     p.add_argument("--recall-k", type=int, default=0, help="add a top-k recall term to the loss (0: none)")
     p.add_argument("--recall-weight", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=400)
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
     t_data = time.time() - t0
     cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every,
-                      mlp_rank=args.mlp_rank, recall_k=args.recall_k, recall_weight=args.recall_weight)
+                      mlp_rank=args.mlp_rank, extra_layer=args.extra_layer, recall_k=args.recall_k,
+                      recall_weight=args.recall_weight)
     meta = {"model": str(args.model), "method": args.method,
             "recipe": recipe(args),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
@@ -166,8 +168,9 @@ def export(drafter, out: Path, meta: dict) -> Path:
 
         path = out / "transfer.safetensors"
         half = [None if p is None else p.detach().cpu().half()
-                for p in (drafter.weight, drafter.bias, drafter.mlp_down, drafter.mlp_up)]
-        TransferWeights(*half[:2], drafter.layer, meta, None if half[2] is None else tuple(half[2:])).save(path)
+                for p in (drafter.weight, drafter.bias, drafter.mlp_down, drafter.mlp_up, drafter.extra_weight)]
+        TransferWeights(*half[:2], drafter.layer, meta, None if half[2] is None else tuple(half[2:4]),
+                        None if half[4] is None else (drafter.extra_layer, half[4])).save(path)
     else:
         from ..baselines.medusa import MedusaWeights
 

@@ -6,7 +6,7 @@ import torch
 
 from ..drafts.drafters import TransferDrafter
 from ..drafts.examples import Example
-from ..drafts.forced import frozen_pass, pseudo_hidden
+from ..drafts.forced import drafter_pass, pseudo_hidden
 
 
 def depth_accuracy(logp: torch.Tensor, greedy: torch.Tensor, top: int = 5) -> torch.Tensor:
@@ -35,7 +35,7 @@ def pseudo_similarity(model, drafter: TransferDrafter, examples: list[Example]) 
     for e in examples:
         tokens = torch.tensor([e.tokens], device=model.device)
         N = tokens.shape[1]
-        frozen = frozen_pass(model, tokens, t, 1)
+        frozen = drafter_pass(model, drafter, tokens, 1)
         cache, real = model.new_cache(1, N), []
         h = model.embed(tokens)
         positions = torch.arange(N, device=model.device)[None]
@@ -46,7 +46,7 @@ def pseudo_similarity(model, drafter: TransferDrafter, examples: list[Example]) 
                 real.append(h[0].float())
         record = []
         pseudo_hidden(model, frozen, drafter.weight, drafter.bias, drafter.chain, record,
-                      torch.arange(e.start, N, device=model.device)[None])
+                      torch.arange(e.start, N, device=model.device)[None], drafter.mlp, drafter.extra_weight)
         for i in range(1, drafter.weight.shape[0] + 1):
             anchors = slice(0, N - i - e.start)
             for j, (p, r) in enumerate(zip(record, real)):

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..drafts.examples import Example, collate
-from ..drafts.forced import anchor_positions, frozen_pass
+from ..drafts.forced import anchor_positions, drafter_pass
 from ..drafts.refine import RootRefiner
 from .objective import anchor_mask
 
@@ -25,12 +25,11 @@ def refiner_features(model, drafter, examples: list[Example], top: int = 32, tea
                      batch_size: int = 4, chunk: int = 1024) -> dict[str, torch.Tensor]:
     """-> states [n, K, D] (model dtype), root [n], cand [n, K, top], target [n, K, top] (fp32, rows sum
     to 1 or 0), teacher_best [n, K] (the teacher's argmax) for the n trained anchors of the examples."""
-    layer = getattr(drafter, "layer", model.config.n_layers)
     W = model.output.weight
     out = {k: [] for k in ("states", "root", "cand", "target", "teacher_best")}
     for s in range(0, len(examples), batch_size):
         tokens, lengths, starts = collate(examples[s:s + batch_size], model.device)
-        frozen = frozen_pass(model, tokens, layer, teacher_top_k)
+        frozen = drafter_pass(model, drafter, tokens, teacher_top_k)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])                     # [B, A]
         B, A = anchors.shape
         K = drafter.weight.shape[0]

@@ -18,7 +18,7 @@ import torch
 
 from ..drafts.drafters import MedusaDrafter, TransferDrafter
 from ..drafts.examples import Example, collate
-from ..drafts.forced import anchor_positions, frozen_pass
+from ..drafts.forced import anchor_positions, drafter_pass, frozen_pass
 from .objective import anchor_mask, distill_loss
 
 CHECKPOINT, CURVE = "checkpoint.safetensors", "curve.jsonl"
@@ -29,7 +29,8 @@ class TrainConfig:
     """method: "transfer" | "medusa"; layer: transfer layer t (None: n_layers // 2); depth_decay: depth i
     weighs depth_decay ** (i - 1); init: "lstsq" | "identity" (transfer maps; Medusa starts at zero);
     chain: pseudo i attends pseudo 1..i-1 of its chain (False: the ablation); mlp_rank: the rank of a
-    residual SiLU block after the transfer maps (0: none); recall_k, recall_weight: the top-k recall term
+    residual SiLU block after the transfer maps (0: none); extra_layer: maps of the hidden state after
+    that many layers too (< layer; None: none); recall_k, recall_weight: the top-k recall term
     of the loss (`objective.distill_loss`; 0: none)."""
 
     method: str = "transfer"
@@ -47,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50
     mlp_rank: int = 0
+    extra_layer: int | None = None
     recall_k: int = 0
     recall_weight: float = 0.5
 
@@ -65,8 +67,8 @@ class TrainConfig:
         for name in ("mlp_rank", "recall_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mlp_rank and self.method != "transfer":
-            raise ValueError(f"mlp_rank applies to method 'transfer', got method {self.method!r}")
+        if (self.mlp_rank or self.extra_layer is not None) and self.method != "transfer":
+            raise ValueError(f"mlp_rank and extra_layer apply to method 'transfer', got method {self.method!r}")
 
 
 def _dist():
@@ -114,7 +116,7 @@ def make_drafter(cfg: TrainConfig, model):
     if cfg.method == "medusa":
         return MedusaDrafter(cfg.K, c.dim)
     return TransferDrafter(cfg.K, c.dim, c.n_layers // 2 if cfg.layer is None else cfg.layer, cfg.chain,
-                           cfg.mlp_rank)
+                           cfg.mlp_rank, cfg.extra_layer)
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -199,12 +201,11 @@ def evaluate(model, drafter, examples: list[Example], cfg: TrainConfig, rank: in
     cross-entropy against the teacher's top-k, the top-1 / top-5 hit rates of the teacher's argmax, and
     the number of drafts measured."""
     depth_w = torch.ones(cfg.K, device=model.device)
-    layer = getattr(drafter, "layer", model.config.n_layers)
     total = torch.zeros(4, cfg.K)
     mine = examples[rank::world]
     for s in range(0, len(mine), cfg.batch_size):
         tokens, lengths, starts = collate(mine[s:s + cfg.batch_size], model.device)
-        frozen = frozen_pass(model, tokens, layer, cfg.teacher_top_k)
+        frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])
         mask = anchor_mask(lengths, starts, anchors, cfg.K)
         total += distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w, 1.0)[1].cpu()
@@ -253,7 +254,6 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         drafter.init_lstsq(*_lstsq_stats(model, drafter, examples, cfg, rank, world, dist))
     depth_w = torch.tensor([cfg.depth_decay ** i for i in range(cfg.K)], device=model.device)
     meta = {"method": cfg.method, **(meta or {})}
-    layer = getattr(drafter, "layer", model.config.n_layers)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -288,7 +288,7 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         stats = torch.zeros(4, cfg.K)
         if mine:
             tokens, lengths, starts = collate(mine, model.device)
-            frozen = frozen_pass(model, tokens, layer, cfg.teacher_top_k)
+            frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k)
             anchors = anchor_positions(lengths, starts, tokens.shape[1])
             mask = anchor_mask(lengths, starts, anchors, cfg.K)
             loss, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w,
