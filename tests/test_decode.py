@@ -62,8 +62,8 @@ class ScriptedDrafts(HiddenTransferDecoder):
         raise NotImplementedError
 
     def _prefill(self, prompts, cache, draft):
-        logits, drafts = super()._prefill(prompts, cache, draft)
-        return logits, None if drafts is None else self.script(cache.lengths.long().tolist())
+        logits, drafts, states = super()._prefill(prompts, cache, draft)
+        return logits, None if drafts is None else self.script(cache.lengths.long().tolist()), states
 
     def _step(self, root, drafts, cache, warp, generator):
         tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
@@ -280,7 +280,7 @@ def test_prefill_in_row_groups_and_position_chunks_equals_one_pass(budget):
         dec.prefill_tokens = tokens
         cache = model.new_cache(len(prompts), 64)
         with torch.no_grad():
-            return (*dec._prefill(prompts, cache, draft=True), cache)
+            return (*dec._prefill(prompts, cache, draft=True)[:2], cache)
 
     logits, drafts, cache = prefill(10**6)
     c_logits, c_drafts, c_cache = prefill(budget)
@@ -300,7 +300,7 @@ def test_prefill_drafts_of_a_ragged_batch_equal_each_row_alone():
 
     def prefill(prompts):
         with torch.no_grad():
-            return dec._prefill(prompts, model.new_cache(len(prompts), 64), draft=True)
+            return dec._prefill(prompts, model.new_cache(len(prompts), 64), draft=True)[:2]
 
     logits, drafts = prefill(PROMPTS)
     assert drafts.shape == (len(PROMPTS), 3, model.config.vocab_size)

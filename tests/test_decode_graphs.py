@@ -132,7 +132,7 @@ def test_decoding_on_the_triton_kernels():
                                     cuda_graphs=False)
         with torch.inference_mode():
             cache = model.new_cache(len(prompts), 64)
-            logits, drafts = dec._prefill(prompts, cache, draft=True)
+            logits, drafts, _ = dec._prefill(prompts, cache, draft=True)
             _, accepted, accept_len, nxt, next_drafts = dec._step(logits.argmax(-1), drafts, cache, None, None)
         steps[backend] = (drafts, next_drafts, cache.k, cache.v, accepted, accept_len, nxt)
         runs[backend] = dec.generate(prompts, max_new_tokens=12)

@@ -73,3 +73,27 @@ def test_refiner_learns_what_the_root_decides():
     ref = fit_refiner(model, f, rank=32, steps=300, batch_size=256, lr=3e-3)
     after = refiner_stats(ref, model, f)
     assert 0.15 < before < 0.35 and after["top1"][0] > 0.9 and after["reach"] == [1.0]
+
+
+def test_decoder_refines_the_drafts_of_every_step_with_its_root(monkeypatch):
+    """The first step's tree is chosen from the prefill's drafts refined with the prefill's root, and
+    every later one from refined drafts too; the output stays plain decoding's."""
+    from test_train import with_refiner
+
+    from ht_kernels.decode.decoder import HiddenTransferDecoder
+    from ht_kernels.decode.trees import TreePolicy
+
+    model = tiny_model(vocab=32)
+    dec = HiddenTransferDecoder(model, with_refiner(random_transfer(model)))
+    seen, choose = [], TreePolicy.choose
+    monkeypatch.setattr(TreePolicy, "choose", lambda self, root, drafts: seen.append((root.clone(), drafts.clone()))
+                        or choose(self, root, drafts))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = dec.generate(prompts, max_new_tokens=6, eos_token_id=())
+    assert out.sequences == dec.generate_ar(prompts, max_new_tokens=6, eos_token_id=()).sequences
+    with torch.no_grad():
+        logits, drafts, states = dec._prefill(prompts, model.new_cache(2, 64), draft=True)
+    root = logits.argmax(-1)
+    assert torch.equal(seen[0][0], root) and len(seen) > 1
+    torch.testing.assert_close(seen[0][1], dec._refine(drafts, states, root))
+    assert not torch.allclose(seen[0][1], drafts)

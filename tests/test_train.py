@@ -35,6 +35,13 @@ def with_mlp(weights, rank: int = 8):
     return weights
 
 
+def with_refiner(weights, rank: int = 8, top: int = 4):
+    """The maps with a random root refiner."""
+    K, D = weights.weight.shape[:2]
+    weights.refine = (torch.randn(K, 2 * D, rank) / (2 * D)**0.5, torch.randn(K, rank, D) / rank**0.5, top)
+    return weights
+
+
 def with_extra(weights, layer: int = 1):
     """The maps with random maps of the hidden state after `layer` layers added."""
     K, D = weights.weight.shape[:2]
@@ -70,7 +77,7 @@ def test_pseudo_states_equal_the_decoders(variant):
     for n in (0, 5, 16):
         prompts = [s[: n + 1] for s in seqs]
         cache = model.new_cache(2, N + 8)
-        _, want = dec._prefill(prompts, cache, draft=True)                                      # [B, K, V]
+        _, want, _ = dec._prefill(prompts, cache, draft=True)                                   # [B, K, V]
         torch.testing.assert_close(logp[:, n], want, atol=2e-5, rtol=0)
 
 
@@ -307,16 +314,16 @@ def test_data_two_rounds(smol, tmp_path):
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])
 @pytest.mark.parametrize("method, n_chains", [("transfer", None), ("transfer", 2), ("transfer", 12),
-                                              ("mlp", None), ("extra", None), ("medusa", None)])
+                                              ("mlp", None), ("extra", None), ("refine", None), ("medusa", None)])
 def test_replay_equals_decoding(tree, method, n_chains):
     """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
     decoder stays lossless with these drafters."""
     for _ in range(5):  # a random model can fall into a loop its random drafts never predict: draw again
         model = tiny_model(vocab=12, out_std=4.0)
         K, D = 3, model.config.dim
-        if method in ("transfer", "mlp", "extra"):
+        if method in ("transfer", "mlp", "extra", "refine"):
             weights = random_transfer(model, K=K, layer=2)
-            weights = with_mlp(weights) if method == "mlp" else with_extra(weights) if method == "extra" else weights
+            weights = {"mlp": with_mlp, "extra": with_extra, "refine": with_refiner}.get(method, lambda w: w)(weights)
             dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains)
         else:
             weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)

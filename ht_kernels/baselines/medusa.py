@@ -16,7 +16,6 @@ import torch
 from ..decode.decoder import HiddenTransferDecoder, make_tree_policy
 from ..decode.trees import ancestor_masks
 from ..drafts.drafters import medusa_heads
-from ..drafts.examples import right_pad
 
 
 @dataclass
@@ -68,6 +67,7 @@ class MedusaDecoder(HiddenTransferDecoder):
         self.weight = heads.weight.to(param.device, param.dtype)
         self.bias = heads.bias.to(param.device, param.dtype)
         self.tree = make_tree_policy(tree, heads.K, budget)
+        self.refiner = None
         self._set_execution(backend, cuda_graphs, prepack)
 
     def _drafts(self, h: torch.Tensor) -> torch.Tensor:
@@ -79,15 +79,9 @@ class MedusaDecoder(HiddenTransferDecoder):
         return self.tree.budget
 
     def _prefill(self, prompts, cache, draft: bool):
-        m, L = self.model, self.model.config.n_layers
-        dev = cache.k.device
-        tokens, last = right_pad(prompts, dev)
-        B, P = tokens.shape
-        mask = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        h = m.run_layers(m.embed(tokens), torch.arange(P, device=dev).expand(B, P), cache, mask, range(L))
-        cache.lengths.copy_(last + 1)
-        h_last = h[torch.arange(B, device=dev), last]
-        return m.logits(h_last), self._drafts(h_last) if draft else None
+        (h_last,) = self._run_prompts(prompts, cache, (self.model.config.n_layers,))
+        cache.lengths.copy_(torch.tensor([len(p) for p in prompts], device=cache.k.device))
+        return self.model.logits(h_last), self._drafts(h_last) if draft else None, None
 
     def _step(self, root, drafts, cache, warp, generator):
         m = self.model

@@ -197,7 +197,7 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
     cache = model.new_cache(1, context + max(b for b, _, _ in cands) * (1 + K))
     saved = decoder.tree, decoder.n_chains, decoder.head_once, decoder.transfer.K
     decoder.use_depth(K)
-    _, drafts = decoder._prefill([prompt], cache, draft=True)                 # [1, K, V]
+    _, drafts, _ = decoder._prefill([prompt], cache, draft=True)              # [1, K, V]
     depth_drafts = {d: drafts[:, :d].clone() for _, _, d in cands}            # a pass rewrites its drafts
     root = torch.zeros(1, dtype=torch.long, device=dev)
     graphs = decoder.cuda_graphs and dev.type == "cuda"

@@ -19,6 +19,7 @@ import torch
 from ..cpu import prepack_bytes, prepack_supported
 from ..drafts.examples import right_pad
 from ..drafts.forced import transfer_mlp
+from ..drafts.refine import RootRefiner
 from ..model import KVCache
 from ..ops._backend import BACKENDS
 from ..ops.compact_kv import compact_kv
@@ -107,6 +108,8 @@ class HiddenTransferDecoder:
         self.weight, self.bias, down, up, self.extra_weight = (None if t is None else t[:depth] for t in self._cast)
         self.mlp = None if down is None else (down, up)  # the residual block after the maps, or None
         self.extra_layer = None if self.maps.extra is None else self.maps.extra[0]
+        refine = self.transfer.refine  # re-ranks the drafts once the next root is known (`_refine`), or None
+        self.refiner = None if refine is None else RootRefiner.from_weights(*refine).to(self.model.device)
 
     def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:
@@ -171,8 +174,10 @@ class HiddenTransferDecoder:
         def choose(logits):
             return greedy(logits) if warp is None else sample(warp(logits), generator)
 
-        logits, drafts = self._prefill(prompts, cache, draft=speculative)
+        logits, drafts, states = self._prefill(prompts, cache, draft=speculative)
         root = choose(logits)
+        if self.refiner is not None and speculative:
+            drafts = self._refine(drafts, states, root)
         seqs, steps, active = [[] for _ in range(B)], [[] for _ in range(B)], [True] * B
         self._emit(root[:, None].tolist(), seqs, steps, active, max_new_tokens, eos, callback)
         forward_pass, out = self._forward_pass(speculative, root, drafts, cache, choose, warp, generator)
@@ -217,22 +222,17 @@ class HiddenTransferDecoder:
             drafts.copy_(nxt_drafts)
         return forward_pass, out
 
-    def _prefill(self, prompts: list[list[int]], cache, draft: bool):
-        """Run the right-padded prompts causally and commit them. Returns the logits [B, V] after each
-        prompt's last token and, with `draft`, the draft log-probabilities [B, K, V] of the first step
-        from that token's pseudo chain (else None).
+    def _run_prompts(self, prompts: list[list[int]], cache, cuts: tuple[int, ...]) -> list[torch.Tensor]:
+        """Run the prompts through all layers into the cache (lengths left as they were) and return the
+        hidden states [B, dim] of each prompt's last token after each number of layers in cuts (ascending,
+        the last n_layers).
 
         The prompts run in passes of at most `prefill_tokens` padded tokens (`prefill_chunks`): groups
         of consecutive rows, each group's positions in chunks that attend to the group's earlier chunks
         in the cache. On a CPU the activations of such a pass stay in the caches: 32 prompts of ~514
         tokens prefill 3.3x faster in passes of ~2k tokens than in one pass."""
-        m, L = self.model, self.model.config.n_layers
-        dev = cache.k.device
-        t = self.transfer.layer if draft else L
-        last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-        e = t if not draft or self.extra_layer is None else self.extra_layer
-        h_t = torch.empty(len(prompts), m.config.dim, dtype=m.dtype, device=dev)       # at layer t (L: plain)
-        h_e, h_out = torch.empty_like(h_t), torch.empty_like(h_t)                     # at layer e, after all
+        m, dev = self.model, cache.k.device
+        out = [torch.empty(len(prompts), m.config.dim, dtype=m.dtype, device=dev) for _ in cuts]
         for r0, r1, chunk in prefill_chunks([len(p) for p in prompts], self.prefill_tokens):
             tokens, ends = right_pad(prompts[r0:r1], dev)
             group = KVCache(cache.k[:, r0:r1], cache.v[:, r0:r1], cache.lengths[r0:r1])
@@ -241,16 +241,27 @@ class HiddenTransferDecoder:
                 group.lengths.fill_(s)
                 positions = torch.arange(s, stop, device=dev).expand(r1 - r0, stop - s)
                 mask = torch.ones(stop - s, stop - s, dtype=torch.bool, device=dev).tril()
-                h = he = m.run_layers(m.embed(tokens[:, s:stop]), positions, group, mask, range(e))
-                if e < t:
-                    h = m.run_layers(he, positions, group, mask, range(e, t))
-                hp = m.run_layers(h, positions, group, mask, range(t, L)) if draft else h
                 here = ((ends >= s) & (ends < stop)).nonzero()[:, 0]   # the rows whose last token is in this chunk
-                at = ends[here] - s
-                h_e[r0 + here], h_t[r0 + here], h_out[r0 + here] = he[here, at], h[here, at], hp[here, at]
+                h, done = m.embed(tokens[:, s:stop]), 0
+                for i, cut in enumerate(cuts):
+                    if cut > done:
+                        h, done = m.run_layers(h, positions, group, mask, range(done, cut)), cut
+                    out[i][r0 + here] = h[here, ends[here] - s]
+        return out
+
+    def _prefill(self, prompts: list[list[int]], cache, draft: bool):
+        """Run the right-padded prompts causally and commit them. Returns the logits [B, V] after each
+        prompt's last token and, with `draft`, the draft log-probabilities [B, K, V] of the first step
+        from that token's pseudo chain and their LM-head inputs [B, K, dim] (else None, None)."""
+        m, L = self.model, self.model.config.n_layers
+        dev = cache.k.device
+        t = self.transfer.layer if draft else L
+        e = t if not draft or self.extra_layer is None else self.extra_layer
+        h_e, h_t, h_out = self._run_prompts(prompts, cache, (e, t, L))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         cache.lengths.copy_(last + 1)  # the pads' keys/values lie beyond the lengths: never attended
         if not draft:
-            return m.logits(h_out), None
+            return m.logits(h_out), None, None
         # The prompt ran exactly as plain decoding runs it (same rows, same passes); now the last token's
         # pseudo chain on its own above the committed prompt.
         K = self.transfer.K
@@ -262,7 +273,7 @@ class HiddenTransferDecoder:
         chain_mask = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
         chain_positions = last[:, None] + torch.arange(1, K + 1, device=dev)
         hc = m.run_layers(chain, chain_positions, cache, chain_mask, range(t, L))          # [B, K, dim]
-        return m.logits(h_out), m.logits(hc).log_softmax(-1)
+        return m.logits(h_out), m.logits(hc).log_softmax(-1), m.norm(hc)
 
     def _forward_all(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One plain step of tokens [B, 1] -> logits [B, 1, V]."""
@@ -300,7 +311,7 @@ class HiddenTransferDecoder:
         else:
             rows_in, logits = hs, m.head(hs[:, :T])                                  # [B, T, V]
         accepted, accept_len, nxt, last = self._verify(logits, tree, warp, generator, self.verify_backend)
-        return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, tree, lay, last)
+        return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, hs, tree, lay, last, nxt)
 
     def _step_tokens(self) -> int:
         """Tokens one step feeds per row: the tree and the pseudo chains (all of them at most)."""
@@ -318,12 +329,12 @@ class HiddenTransferDecoder:
         accepted, accept_len, nxt = verify_tree_sampling(warp(logits), tree, generator)
         return accepted, accept_len, nxt, accepted.gather(1, (accept_len - 1)[:, None]).squeeze(1)
 
-    def _next_drafts(self, rows_in, tree: StepTree, lay, last) -> torch.Tensor:
-        """Draft log-probabilities [B, K, V] of depths 1..K below the next root, from the chain of the
+    def _next_drafts(self, rows_in, hs, tree: StepTree, lay, last, root) -> torch.Tensor:
+        """Draft log-probabilities [B, K, V] of depths 1..K below the next root [B], from the chain of the
         deepest chain owner on the accepted path (the last accepted node itself when it has one): pseudo
         j of an owner d levels above the last node predicts depth j - d; depths it cannot reach are
-        uniform. rows_in: the step's hidden states [B, N, dim], or (head_once) its logits [B, N, V] in the
-        model's dtype."""
+        uniform. rows_in: the step's hidden states hs [B, N, dim], or (head_once) its logits [B, N, V] in
+        the model's dtype. With a refiner, the drafts are re-ranked knowing the root (`_refine`)."""
         m, K, dev = self.model, self.transfer.K, rows_in.device
         B, T = tree.tokens.shape
         on_path = lay.real_mask.gather(1, last[:, None, None].expand(B, 1, T)).squeeze(1)    # [B, T]
@@ -334,9 +345,18 @@ class HiddenTransferDecoder:
         rows = T + chain[:, None] * K + j.clamp_max(K - 1)
         # Whole rows by advanced indexing: a gather with an index expanded over V reads one index per
         # element (6x slower on CPU for 3 x 49152 logits).
-        picked = rows_in[torch.arange(B, device=dev)[:, None], rows]                         # [B, K, *]
+        at = (torch.arange(B, device=dev)[:, None], rows)
+        picked = rows_in[at]                                                                 # [B, K, *]
         logp = (picked if self.head_once else m.head(picked)).float().log_softmax(-1)
+        if self.refiner is not None:
+            logp = self._refine(logp, m.norm(hs[at]), root)
         return torch.where((j < K)[..., None], logp, -math.log(logp.shape[-1]))
+
+    def _refine(self, logp, states, root) -> torch.Tensor:
+        """The drafts [B, K, V] re-ranked by the root refiner (`drafts.refine`), knowing the next root [B];
+        states: their LM-head inputs [B, K, dim]."""
+        m = self.model
+        return self.refiner(logp, states, root, m.tok_embeddings.weight, m.output.weight)
 
     @staticmethod
     def _emit(rows, seqs, steps, active, max_new_tokens, eos, callback) -> None:

@@ -16,7 +16,8 @@ class TransferWeights:
     `layer` layers, 1 <= layer < n_layers); meta: string metadata (model, how the maps were trained);
     mlp: None, or (down [K, D, r], up [K, r, D]) of a residual low-rank SiLU block after the maps
     (`drafts.forced.transfer_mlp`); extra: None, or (layer e < layer, weight [K, D, D]) of maps of the
-    hidden state after e layers, added to the maps' output (before the block)."""
+    hidden state after e layers, added to the maps' output (before the block); refine: None, or (down
+    [K, 2 D, r], up [K, r, D], top) of the root refiner (`drafts.refine.RootRefiner`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -24,6 +25,7 @@ class TransferWeights:
     meta: dict[str, str] = field(default_factory=dict)
     mlp: tuple[torch.Tensor, torch.Tensor] | None = None
     extra: tuple[int, torch.Tensor] | None = None
+    refine: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def K(self) -> int:
@@ -36,7 +38,8 @@ class TransferWeights:
             raise ValueError(f"depth must be an int in [1, K={self.K}], got {depth!r}")
         mlp = None if self.mlp is None else (self.mlp[0][:depth], self.mlp[1][:depth])
         extra = None if self.extra is None else (self.extra[0], self.extra[1][:depth])
-        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp, extra)
+        refine = None if self.refine is None else (self.refine[0][:depth], self.refine[1][:depth], self.refine[2])
+        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp, extra, refine)
 
     @classmethod
     def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
@@ -55,15 +58,17 @@ class TransferWeights:
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
             mlp = (f.get_tensor("mlp_down"), f.get_tensor("mlp_up")) if "mlp_down" in f.keys() else None
             extra = f.get_tensor("extra_weight") if "extra_weight" in f.keys() else None
-        if "layer" not in meta or (extra is not None and "extra_layer" not in meta):
-            raise ValueError(f"TransferWeights.load: {path} has no 'layer' (or, with extra_weight, no "
-                             f"'extra_layer') in its metadata")
+            refine = (f.get_tensor("refine_down"), f.get_tensor("refine_up")) if "refine_down" in f.keys() else None
+        need = ["layer"] + ["extra_layer"] * (extra is not None) + ["refine_top"] * (refine is not None)
+        if any(k not in meta for k in need):
+            raise ValueError(f"TransferWeights.load: {path} needs {need} in its metadata, has {sorted(meta)}")
         extra = None if extra is None else (int(meta.pop("extra_layer")), extra)
-        return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra)
+        refine = None if refine is None else (*refine, int(meta.pop("refine_top")))
+        return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra, refine)
 
     def save(self, path: str | Path) -> None:
-        """To safetensors: "weight", "bias" (and "mlp_down", "mlp_up", "extra_weight") and the metadata,
-        with layer, K, dim (and extra_layer) added."""
+        """To safetensors: "weight", "bias" (and "mlp_down", "mlp_up", "extra_weight", "refine_down",
+        "refine_up") and the metadata, with layer, K, dim (and extra_layer, refine_top) added."""
         from safetensors.torch import save_file
 
         meta = {**self.meta, "layer": str(self.layer), "K": str(self.K), "dim": str(self.weight.shape[1])}
@@ -73,6 +78,9 @@ class TransferWeights:
         if self.extra is not None:
             tensors.update(extra_weight=self.extra[1])
             meta["extra_layer"] = str(self.extra[0])
+        if self.refine is not None:
+            tensors.update(refine_down=self.refine[0], refine_up=self.refine[1])
+            meta["refine_top"] = str(self.refine[2])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
@@ -105,6 +113,12 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
                                       or tuple(weights.extra[1].shape) != (K, dim, dim)):
         raise ValueError(f"transfer extra maps must be [K, {dim}, {dim}] of a layer in [0, {weights.layer}), got "
                          f"{list(weights.extra[1].shape)} of layer {weights.extra[0]}")
+    if weights.refine is not None:
+        down, up, top = weights.refine
+        r = down.shape[-1]
+        if tuple(down.shape) != (K, 2 * dim, r) or tuple(up.shape) != (K, r, dim) or not 1 <= top:
+            raise ValueError(f"transfer refine must be [K, {2 * dim}, r] and [K, r, {dim}] with K={K} and top >= 1, "
+                             f"got {list(down.shape)}, {list(up.shape)} and top={top}")
     if weights.mlp is not None:
         down, up = weights.mlp
         r = down.shape[-1]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .forced import FrozenPass, pseudo_hidden
+from .refine import RootRefiner
 
 
 class TransferDrafter(nn.Module):
@@ -32,6 +33,7 @@ class TransferDrafter(nn.Module):
         self.weight = nn.Parameter(torch.eye(dim).repeat(K, 1, 1))
         self.bias = nn.Parameter(torch.zeros(K, dim))
         self.extra_weight = None if extra_layer is None else nn.Parameter(torch.zeros(K, dim, dim))
+        self.refiner = None  # a drafts.refine.RootRefiner that `draft_logprobs` applies, or None
         self.mlp_down = self.mlp_up = None
         if mlp_rank:
             self.mlp_down = nn.Parameter(torch.randn(K, dim, mlp_rank) / dim ** 0.5)
@@ -83,7 +85,8 @@ def medusa_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
 
 
 def drafter_from_weights(weights, chain: bool = True):
-    """TransferWeights or MedusaWeights -> the matching drafter module with those (fp32) parameters."""
+    """TransferWeights or MedusaWeights -> the matching drafter module with those (fp32) parameters (and
+    the weights' root refiner, as `refiner`)."""
     K, D = weights.weight.shape[:2]
     mlp, extra = getattr(weights, "mlp", None), getattr(weights, "extra", None)
     drafter = TransferDrafter(K, D, weights.layer, chain, 0 if mlp is None else mlp[0].shape[-1],
@@ -96,4 +99,6 @@ def drafter_from_weights(weights, chain: bool = True):
         if mlp is not None:
             drafter.mlp_down.copy_(mlp[0].float())
             drafter.mlp_up.copy_(mlp[1].float())
+    if getattr(weights, "refine", None) is not None:
+        drafter.refiner = RootRefiner.from_weights(*weights.refine)
     return drafter

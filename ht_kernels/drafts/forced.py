@@ -157,12 +157,18 @@ def pseudo_hidden(model, frozen: FrozenPass, weight: torch.Tensor, bias: torch.T
 @torch.no_grad()
 def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4):
     """Yields, for each example in turn, (draft log-probabilities [n, K, V] of anchors start..len-2,
-    the token after each anchor [n]) - anchor n's depth-i draft predicts token n + i + 1."""
+    the token after each anchor [n]) - anchor n's depth-i draft predicts token n + i + 1; refined
+    knowing that token (the next step's root) when the drafter has a root refiner."""
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
         tokens, lengths, starts = collate(batch, model.device)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])                 # [B, A] from each start
         head_in = drafter(model, drafter_pass(model, drafter, tokens, 1), anchors)   # [B, A, K, D]
+        refiner = getattr(drafter, "refiner", None)
         for b, e in enumerate(batch):
             n = len(e.tokens) - 1 - e.start
-            yield model.output(head_in[b, :n]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]
+            logp, nxt = model.output(head_in[b, :n]).float().log_softmax(-1), tokens[b, e.start + 1:len(e.tokens)]
+            if refiner is not None:  # the root of the step after anchor j is the token after it, nxt[j]
+                logp = refiner.to(logp.device)(logp, head_in[b, :n], nxt, model.tok_embeddings.weight,
+                                               model.output.weight)
+            yield logp, nxt

@@ -28,6 +28,16 @@ class RootRefiner(nn.Module):
         self.down = nn.Parameter(torch.randn(K, 2 * dim, rank) / (2 * dim) ** 0.5)
         self.up = nn.Parameter(torch.zeros(K, rank, dim))
 
+    @classmethod
+    def from_weights(cls, down: torch.Tensor, up: torch.Tensor, top: int) -> RootRefiner:
+        """A refiner with these (fp32 copies of) parameters: down [K, 2 D, rank], up [K, rank, D]."""
+        K, two_d, rank = down.shape
+        refiner = cls(K, two_d // 2, rank, top)
+        with torch.no_grad():
+            refiner.down.copy_(down.float())
+            refiner.up.copy_(up.float())
+        return refiner.requires_grad_(False)
+
     @property
     def K(self) -> int:
         return self.down.shape[0]
