@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--drafter", action="append", required=True, metavar="NAME=PATH",
                    help="a transfer or Medusa weights file (repeatable); NAME labels it; a transfer file "
-                        "with NAME ending in ':nochain' runs the chain ablation")
+                        "with NAME ending in ':nochain' runs the chain ablation, ':norefine' leaves out its root "
+                        "refiner")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", default=str(DEV), help='JSONL with "turns" (first turn) or "prompt"')
     p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
@@ -78,6 +80,8 @@ def load_weights(path: str):
 def measure(model, name: str, weights, examples, categories: list[str], args) -> dict:
     """Accuracy and tau over all prompts, and per category (top-1 per depth, tau of the last tree)."""
     chain = not name.endswith(":nochain")
+    if name.endswith(":norefine"):  # the ablation of the maps' root refiner
+        weights = replace(weights, refine=None)
     drafter = drafter_from_weights(weights, chain)
     K = weights.K
     policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1]) for t in args.trees}

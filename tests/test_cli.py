@@ -205,6 +205,10 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
     meta = ht.TransferWeights.load(tmp_path / "ht" / "transfer.safetensors").meta
     assert meta["trained"] == "yes" and meta["method"] == "transfer" and "--prompts 4" in meta["recipe"]
     assert meta["recipe"].startswith("python -m ht_kernels.train --out runs/ht ") and str(tmp_path) not in meta["recipe"]
+    from test_train import with_refiner
+
+    refined = tmp_path / "refined.safetensors"
+    with_refiner(ht.TransferWeights.load(tmp_path / "ht" / "transfer.safetensors")).save(refined)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["Say hi."], "category": "chat"}\n{"prompt": "Count: 1 2 3", "category": "count"}\n')
     js, png = tmp_path / "d.json", tmp_path / "d.png"
@@ -212,10 +216,13 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
     bench_drafts.main(["--model", tiny, "--dtype", "float32", "--prompts", str(prompts), "--max-new-tokens", "10",
                        "--drafter", f"ht={tmp_path / 'ht' / 'transfer.safetensors'}",
                        "--drafter", f"medusa={tmp_path / 'medusa' / 'medusa.safetensors'}",
+                       "--drafter", f"refined={refined}", "--drafter", f"refined:norefine={refined}",
                        "--decode", "2", "--similarity", "1", "--json", str(js), *plot])
     out = capsys.readouterr().out
     rows = json.loads(js.read_text())["rows"]
-    assert [r["name"] for r in rows] == ["ht", "medusa"] and [r["kind"] for r in rows] == ["transfer", "medusa"]
+    assert [r["name"] for r in rows] == ["ht", "medusa", "refined", "refined:norefine"]
+    assert [r["kind"] for r in rows] == ["transfer", "medusa", "transfer", "transfer"]
+    assert rows[3]["top1"] == rows[0]["top1"] and rows[3]["tau"] == rows[0]["tau"]  # without its refiner
     for r in rows:
         assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
         for tree, (decoded, replayed) in r["tau_decoded"].items():

@@ -97,3 +97,27 @@ def test_decoder_refines_the_drafts_of_every_step_with_its_root(monkeypatch):
     assert torch.equal(seen[0][0], root) and len(seen) > 1
     torch.testing.assert_close(seen[0][1], dec._refine(drafts, states, root))
     assert not torch.allclose(seen[0][1], drafts)
+
+
+def test_cli_writes_the_maps_with_a_refiner_that_the_decoder_loads(tmp_path, monkeypatch, capsys):
+    import json
+
+    import ht_kernels.loading
+    import ht_kernels.train.dataset
+    from ht_kernels.decode.decoder import HiddenTransferDecoder
+    from ht_kernels.decode.transfer import TransferWeights
+    from ht_kernels.train.refine import main
+
+    model = tiny_model(vocab=32)
+    random_transfer(model, K=2).save(tmp_path / "maps.safetensors")
+    data = _examples(model, n=6)
+    monkeypatch.setattr(ht_kernels.loading, "load_model", lambda name, dtype, device: model)
+    monkeypatch.setattr(ht_kernels.train.dataset, "load", lambda path, tok, part: data[:4] if part == "train" else data[4:])
+    assert main(["--maps", str(tmp_path / "maps.safetensors"), "--dataset", "d", "--out", str(tmp_path / "r.safetensors"),
+                 "--rank", "4", "--top", "3", "--steps", "5", "--batch-size", "16"]) == 0
+    stats = json.loads(capsys.readouterr().out.rsplit("wrote", 1)[0])
+    assert stats["anchors"] == sum(len(e.tokens) - 1 - e.start for e in data[:4])
+    assert len(stats["after"]["top1"]) == 2 and stats["before"]["reach"] == stats["after"]["reach"]
+    w = TransferWeights.load(tmp_path / "r.safetensors")
+    assert w.refine[0].shape == (2, 128, 4) and w.refine[2] == 3 and "refine_recipe" in w.meta
+    assert HiddenTransferDecoder(model, w).refiner.top == 3

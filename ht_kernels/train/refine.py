@@ -1,5 +1,8 @@
 """Training the root refiner (`drafts.refine`) of trained draft heads, which stay frozen.
 
+    python -m ht_kernels.train.refine --maps transfer.safetensors --dataset datasets/smollm2-135m
+        --out refined.safetensors [--examples 2000] [--rank 128] [--top 32] [--steps 2000] [--threads 2]
+
 `refiner_features` runs the frozen model and the drafter once over the examples and keeps, per anchor,
 what the refiner sees and learns: the drafts' LM-head inputs, the next root (the token after the
 anchor), each depth's top candidates and the teacher's probability of each candidate (the frozen
@@ -10,7 +13,14 @@ whose candidates hold none of the teacher's top-k mass are left out).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
@@ -99,3 +109,54 @@ def fit_refiner(model, f: dict[str, torch.Tensor], rank: int = 128, steps: int =
         if progress is not None:
             progress(step, loss.item())
     return refiner
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ht_kernels.train.refine", description=__doc__.splitlines()[0])
+    p.add_argument("--maps", required=True, help="trained transfer maps (safetensors)")
+    p.add_argument("--dataset", required=True, help="a dataset of python -m ht_kernels.train.dataset")
+    p.add_argument("--out", required=True, help="the maps with the refiner (safetensors)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--examples", type=int, default=2000, help="training conversations whose features are made")
+    p.add_argument("--held-out", type=int, default=48)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--top", type=int, default=32, help="candidates re-ranked per depth")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=512, help="anchors per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dataclasses import replace
+
+    from ..decode.transfer import TransferWeights
+    from ..drafts.drafters import drafter_from_weights
+    from ..loading import load_model
+    from .dataset import load
+
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    weights = TransferWeights.load(args.maps)
+    drafter = drafter_from_weights(replace(weights, refine=None)).to(model.device)
+    t0 = time.time()
+    train_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "train")[:args.examples], args.top)
+    held_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "held-out")[:args.held_out], args.top)
+    t_feat = time.time() - t0
+    refiner = fit_refiner(model, train_f, args.rank, args.steps, args.batch_size, args.lr)
+    stats = {"before": refiner_stats(None, model, held_f), "after": refiner_stats(refiner, model, held_f),
+             "train_after": refiner_stats(refiner, model, train_f), "anchors": len(train_f["root"]),
+             "feature_seconds": round(t_feat), "fit_seconds": round(time.time() - t0 - t_feat)}
+    print(json.dumps(stats, indent=1))
+    meta = {**weights.meta, "refine_recipe": " ".join(["python -m ht_kernels.train.refine", *argv]),
+            "refine_held_out_top1": json.dumps([round(x, 4) for x in stats["after"]["top1"]])}
+    refine = (refiner.down.detach().cpu().half(), refiner.up.detach().cpu().half(), args.top)
+    replace(weights, meta=meta, refine=refine).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
