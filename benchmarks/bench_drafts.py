@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                          "all 13 categories)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--trees", default="default,dynamic64", help=f"comma-separated subset of {','.join(TREES)}")
     p.add_argument("--decode", type=int, default=0, help="also decode the first N prompts for real")
     p.add_argument("--similarity", type=int, default=0, help="cosine similarity on the first N prompts")
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = ht.load_model(args.model, dtype=dtype)
+    model = ht.load_model(args.model, dtype=dtype, device=args.device)
     path = Path(args.prompts)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = rows[:: args.stride][: args.limit or None]

@@ -90,3 +90,15 @@ def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol)
         assert len(dataset.load(out, smol.tokenizer)) == 9
     with pytest.raises(ValueError, match="manifest"):
         dataset.load(tmp_path, smol.tokenizer)
+    # a machine without the sources builds the same dataset from the exported pool
+    monkeypatch.setattr(dataset, "conversations", lambda seed: pool)
+    dataset.build(dataset.parse_args(argv + ["--export-pool", str(tmp_path / "pool.npz")]))
+    monkeypatch.setattr(dataset, "conversations", lambda seed: 1 / 0)
+    m2 = dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds2"), *argv[2:], "--pool", str(tmp_path / "pool.npz")]))
+    assert [m2["shards"][k]["answer_tokens"] for k in "012"] == [m["shards"][k]["answer_tokens"] for k in "012"]
+    for k in "012":
+        a, b = np.load(out / f"shard-0000{k}.npz"), np.load(tmp_path / "ds2" / f"shard-0000{k}.npz")
+        assert all(np.array_equal(a[f], b[f]) for f in ("index", "prompt_hash", "offsets", "answers"))
+    with pytest.raises(ValueError, match="seed 0"):
+        dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds3"), *argv[2:], "--seed", "1",
+                                          "--pool", str(tmp_path / "pool.npz")]))

@@ -11,7 +11,9 @@ OUT/shard-{i:05d}.npz, so a shard that is there is skipped and a stopped run res
 the answers (uint16) with each prompt's pool index and hash: `load` rebuilds the prompts from the installed
 sources and drops (with a warning) any whose tokens changed. OUT/manifest.json holds the recipe (a run
 with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
-seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard N - 1; --minutes M: start no shard after M minutes.
+seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard
+N - 1; --minutes M: start no shard after M minutes (but one). --export-pool PATH writes the pool's encoded prompts (~5 MB) for a machine without the Debian sources
+(a lent GPU), whose run reads it with --pool PATH.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, help="build shards 0 .. N-1 only (default: the whole pool)")
     p.add_argument("--minutes", type=float, help="start no new shard after this many minutes")
     p.add_argument("--threads", type=int)
+    p.add_argument("--export-pool", metavar="PATH", help="write the pool's encoded prompts to PATH (.npz) and stop")
+    p.add_argument("--pool", metavar="PATH", help="read the pool from a file of --export-pool (no sources needed)")
     return p.parse_args(argv)
 
 
@@ -68,6 +72,24 @@ def pool(tokenizer, seed: int, max_prompt: int) -> tuple[list[int], list[list[in
     return index, prompts
 
 
+def save_pool(path: str | Path, tokenizer, seed: int, max_prompt: int) -> None:
+    """The pool's encoded prompts as one file (`--export-pool`), for a machine without the sources."""
+    index, prompts = pool(tokenizer, seed, max_prompt)
+    np.savez_compressed(path, index=np.asarray(index, dtype=np.int64), seed=seed, max_prompt=max_prompt,
+                        offsets=np.cumsum([0] + [len(p) for p in prompts]).astype(np.int64),
+                        tokens=np.asarray([x for p in prompts for x in p], dtype=np.uint16))
+
+
+def read_pool(path: str | Path, seed: int, max_prompt: int) -> tuple[list[int], list[list[int]]]:
+    """`pool` from a file of `save_pool`, which must hold the pool of this seed and max_prompt."""
+    z = np.load(path)
+    if (int(z["seed"]), int(z["max_prompt"])) != (seed, max_prompt):
+        raise ValueError(f"--pool {path} holds the pool of seed {int(z['seed'])} and max_prompt "
+                         f"{int(z['max_prompt'])}, not of seed {seed} and max_prompt {max_prompt}")
+    tokens, offsets = z["tokens"].astype(np.int64).tolist(), z["offsets"].tolist()
+    return z["index"].tolist(), [tokens[a:b] for a, b in zip(offsets, offsets[1:])]
+
+
 def build(args) -> dict:
     from ..loading import load_model
 
@@ -81,17 +103,23 @@ def build(args) -> dict:
     t0 = time.time()
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model.prepack_linears(model.dtype == torch.bfloat16 and prepack_supported(model.device, model.dtype))  # as decoders run
-    index, prompts = pool(model.tokenizer, args.seed, args.max_prompt)
+    if args.export_pool:
+        save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt)
+        return manifest
+    index, prompts = (read_pool(args.pool, args.seed, args.max_prompt) if args.pool else
+                      pool(model.tokenizer, args.seed, args.max_prompt))
     n_shards = -(-len(prompts) // args.shard_size)
     manifest.update(pool=len(prompts), shard_size=args.shard_size, n_shards=n_shards)
     where = {"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else \
         {"cpu": torch.backends.cpu.get_cpu_capability()}
+    built = 0
     for s in range(min(n_shards, args.shards or n_shards)):
         path = out / f"shard-{s:05d}.npz"
         if path.exists():
             continue
-        if args.minutes is not None and time.time() - t0 > 60 * args.minutes:
+        if args.minutes is not None and built and time.time() - t0 > 60 * args.minutes:
             break
+        built += 1
         lo, hi = s * args.shard_size, min(len(prompts), (s + 1) * args.shard_size)
         t = time.time()
         got = synthesize(model, prompts[lo:hi], args.gen_tokens, args.gen_batch,
@@ -154,6 +182,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     m = build(args)
+    if args.export_pool:
+        print(f"wrote {args.export_pool}")
+        return 0
     done = [m["shards"][k] for k in sorted(m["shards"], key=int)]
     print(f"{len(done)}/{m['n_shards']} shards: {sum(d['answer_tokens'] for d in done)} answer tokens, "
           f"{sum(d['prompt_tokens'] for d in done)} prompt tokens, {sum(d['seconds'] for d in done):.0f} s")
