@@ -7,13 +7,13 @@
 # then carry gpu/ (ignored) in two calls, one half of the GGUF each, and in the second run, from the
 # repository root on the device machine (python3 with torch):
 #     GGUF=gpu/smollm2.gguf bash benchmarks/gpu_train.sh   # under $OUT: the dataset, the runs and their logs
-# STEPS, SHARD_SIZE, MINUTES, DEVICE and BENCH (bench_drafts' prompt options) override the defaults;
-#     DEVICE=cpu STEPS=2 SHARD_SIZE=8 MINUTES=0 BENCH="--limit 2 --max-new-tokens 8" is a smoke test here.
+# STEPS, BATCH, SHARD_SIZE, MINUTES, DEVICE and BENCH (bench_drafts' prompt options) override the defaults;
+#     DEVICE=cpu STEPS=2 BATCH=1 SHARD_SIZE=8 MINUTES=0 BENCH="--limit 2 --max-new-tokens 8" is a smoke test here.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-device=${DEVICE:-cuda} steps=${STEPS:-1000} minutes=${MINUTES:-4} shard_size=${SHARD_SIZE:-256}
+device=${DEVICE:-cuda} steps=${STEPS:-1000} batch=${BATCH:-16} minutes=${MINUTES:-4} shard_size=${SHARD_SIZE:-256}
 bench=${BENCH:---stride 5}
 [ -f "$GGUF" ] || cat "$GGUF".part* > "$GGUF"
 step() { echo "== $*" | tee -a "$out/gpu_train.log"; "$@" 2>&1 | tee -a "$out/gpu_train.log" | tail -"${TAIL:-6}"; }
@@ -24,7 +24,7 @@ step python3 -m ht_kernels.train.dataset --out "$out/dataset" --model "$GGUF" --
 train() {  # name, then the options of python -m ht_kernels.train
     local name=$1; shift
     step python3 -m ht_kernels.train --out "$out/$name" --model "$GGUF" --device "$device" --dataset "$out/dataset" \
-        --layer 20 --steps "$steps" --batch-size 16 --eval-every 250 "$@"
+        --layer 20 --steps "$steps" --batch-size "$batch" --eval-every 250 "$@"
 }
 train ht-t20
 train ht-t20-mlp64 --mlp-rank 64

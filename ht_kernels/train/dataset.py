@@ -13,7 +13,7 @@ sources and drops (with a warning) any whose tokens changed. OUT/manifest.json h
 with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
 seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard
 N - 1; --minutes M: start no shard after M minutes (but one). --export-pool PATH writes the pool's encoded prompts (~5 MB) for a machine without the Debian sources
-(a lent GPU), whose run reads it with --pool PATH.
+(a lent GPU), whose run reads it with --pool PATH and keeps a copy as OUT/pool.npz.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..drafts.examples import Example
 from .data import synthesize
 from .tasks import conversations, encode
 
+POOL = "pool.npz"      # the exported pool a --pool run keeps beside its shards, for `load`
 HELD_OUT_EVERY = 100  # pool index multiples of it are held out from training (`load`'s part)
 RECIPE_KEYS = ("model", "dtype", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
 
@@ -106,8 +108,12 @@ def build(args) -> dict:
     if args.export_pool:
         save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt)
         return manifest
-    index, prompts = (read_pool(args.pool, args.seed, args.max_prompt) if args.pool else
-                      pool(model.tokenizer, args.seed, args.max_prompt))
+    if args.pool:
+        index, prompts = read_pool(args.pool, args.seed, args.max_prompt)
+        if not (out / POOL).exists():
+            shutil.copyfile(args.pool, out / POOL)
+    else:
+        index, prompts = pool(model.tokenizer, args.seed, args.max_prompt)
     n_shards = -(-len(prompts) // args.shard_size)
     manifest.update(pool=len(prompts), shard_size=args.shard_size, n_shards=n_shards)
     where = {"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else \
@@ -146,7 +152,8 @@ def build(args) -> dict:
 
 def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
     """The dataset at path as training examples (prompt + answer, from the prompt's last token), its
-    prompts rebuilt from the installed sources; prompts whose tokens changed are dropped with a warning.
+    prompts rebuilt from the installed sources (or read from OUT/pool.npz, the pool a --pool run was
+    built from); prompts whose tokens changed are dropped with a warning.
     part: "all", "held-out" (the conversations whose pool index is a multiple of HELD_OUT_EVERY: the same
     ones however many shards exist) or "train" (the others)."""
     if part not in ("all", "train", "held-out"):
@@ -156,7 +163,13 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
     if not manifest_path.exists():
         raise ValueError(f"load: {path} has no manifest.json (build it with python -m ht_kernels.train.dataset)")
     recipe = json.loads(manifest_path.read_text())["recipe"]
-    convs = conversations(recipe["seed"])
+    if (path / POOL).exists():  # built from an exported pool: its prompts, no sources needed
+        prompt_of = dict(zip(*read_pool(path / POOL, recipe["seed"], recipe["max_prompt"]))).get
+    else:
+        convs = conversations(recipe["seed"])
+
+        def prompt_of(i: int) -> list[int] | None:
+            return encode(tokenizer, convs[i]) if i < len(convs) else None
     examples, stale = [], 0
     for f in sorted(path.glob("shard-[0-9]*[0-9].npz")):
         z = np.load(f)
@@ -164,7 +177,7 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
         for j, (i, h) in enumerate(zip(z["index"].tolist(), z["prompt_hash"].tolist())):
             if part != "all" and (i % HELD_OUT_EVERY == 0) != (part == "held-out"):
                 continue
-            prompt = encode(tokenizer, convs[i]) if i < len(convs) else []
+            prompt = prompt_of(i) or []
             if prompt_hash(prompt) != h:
                 stale += 1
                 continue
@@ -172,8 +185,8 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
     if stale:
         warnings.warn(f"load: {stale} prompts of {path} changed with the installed sources and were dropped",
                       stacklevel=2)
-    if not examples:
-        raise ValueError(f"load: no usable shard under {path}")
+    if not examples and part != "held-out":  # a few shards may hold no held-out conversation
+        raise ValueError(f"load: no usable {part} examples under {path}")
     return examples
 
 
