@@ -266,3 +266,21 @@ def test_bench_memory_end_to_end(tmp_path):
         assert r["x_plain"] == pytest.approx(r["peak_mib"] / rows[0]["peak_mib"])
         total = (r["base_mib"] + r["peak_mib"]) / (rows[0]["base_mib"] + rows[0]["peak_mib"])
         assert r["total_x_plain"] == pytest.approx(total)
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib")
+def test_plot_curve(tmp_path, capsys):
+    import plot_curve
+
+    for name, top1 in (("a", 0.3), ("b", 0.4)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "seconds": s, "tokens": 100 * s,
+                 "held_out": {"ce": [2.0 - s / 10, 3.0], "top1": [top1 + s / 100, 0.1], "top5": [0.5, 0.2],
+                              "drafts": [10, 9]}} for s in (0, 5)]
+        (tmp_path / name / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_curve.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "a: 5 steps, 500 tokens" in out and "0.350/0.100" in out and "0.450/0.100" in out
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="curve.jsonl"):
+        plot_curve.main([str(tmp_path), "--out", str(tmp_path / "d.png")])
