@@ -397,3 +397,22 @@ def test_cli_and_torchrun_data_parallel_match_one_process(tmp_path):
     assert dec.transfer.layer == 1 and dec.transfer.meta["trained"] == "yes"
     prompts = [[1, 2, 3], [4, 5]]
     assert dec.generate(prompts, max_new_tokens=12).sequences == dec.generate_ar(prompts, max_new_tokens=12).sequences
+
+
+def test_teacher_from_the_first_trained_target_gives_the_same_loss():
+    """The frozen pass keeps the teacher only from the batch's first trained target on; the loss and its
+    statistics are those of a pass that keeps it everywhere."""
+    model = tiny_model(vocab=32)
+    drafter = drafter_from_weights(random_transfer(model, K=3, layer=2))
+    data = [Example(s, st) for s, st in zip(random_tokens(model, [20, 26, 14]), (7, 4, 9))]
+    from ht_kernels.drafts.examples import collate
+
+    tokens, lengths, starts = collate(data, "cpu")
+    anchors = anchor_positions(lengths, starts, tokens.shape[1])
+    mask = anchor_mask(lengths, starts, anchors, 3)
+    with torch.no_grad():
+        got = [distill_loss(model, drafter(model, f, anchors), f, anchors, mask, torch.ones(3), 1.0)
+               for f in (drafter_pass(model, drafter, tokens, 8), drafter_pass(model, drafter, tokens, 8, 5))]
+    assert got[1][0].item() == pytest.approx(got[0][0].item(), rel=1e-6)
+    torch.testing.assert_close(got[1][1], got[0][1])
+    assert drafter_pass(model, drafter, tokens, 8, 5).teacher_p.shape[1] == tokens.shape[1] - 5

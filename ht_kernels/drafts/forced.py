@@ -26,9 +26,10 @@ class FrozenPass:
     """What one frozen forward over tokens [B, N] leaves for the drafters (no gradient anywhere).
 
     hidden: [B, N, dim] after `layer` layers; keys, values: per layer l >= layer, [B, N, Hkv, Dh] (RoPE
-    applied); last: [B, N, dim] after all layers; teacher_p, teacher_idx: [B, N, k] the k most likely
-    next tokens at each position (fp32 probabilities renormalised over them, int64 ids); extra: [B, N,
-    dim] after extra_layer < layer layers (None: not asked for).
+    applied); last: [B, N, dim] after all layers; teacher_p, teacher_idx: [B, N - teacher_from, k] the k
+    most likely next tokens at positions teacher_from.. (fp32 probabilities renormalised over them, int64
+    ids; `teacher` indexes them by position); extra: [B, N, dim] after extra_layer < layer layers (None:
+    not asked for).
     """
 
     layer: int
@@ -39,12 +40,21 @@ class FrozenPass:
     teacher_p: torch.Tensor
     teacher_idx: torch.Tensor
     extra: torch.Tensor | None = None
+    teacher_from: int = 0
+
+    def teacher(self, rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (p, idx) [..., k] at positions pos (>= teacher_from) of rows (broadcast together)."""
+        at = (pos - self.teacher_from).clamp(0, self.teacher_p.shape[1] - 1)
+        return self.teacher_p[rows, at], self.teacher_idx[rows, at]
 
 
 @torch.no_grad()
-def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32, extra_layer: int | None = None) -> FrozenPass:
+def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32, extra_layer: int | None = None,
+                teacher_from: int = 0) -> FrozenPass:
     """tokens: [B, N] int64 (rows right-padded; pads only influence positions after them); extra_layer:
-    also keep the hidden states after that many layers (< layer)."""
+    also keep the hidden states after that many layers (< layer); teacher_from: the first position whose
+    teacher distribution is kept (the LM head and its top-k run on positions teacher_from.. only: a
+    batch's prompts before its first trained target need none)."""
     B, N = tokens.shape
     L = model.config.n_layers
     cache = model.new_cache(B, N)
@@ -55,15 +65,16 @@ def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32, extra_
     if cut < layer:
         h_t = model.run_layers(h_e, positions, cache, causal, range(cut, layer))
     h_L = model.run_layers(h_t, positions, cache, causal, range(layer, L))
-    logits, idx = model.logits(h_L).topk(top_k, dim=-1)
+    teacher_from = min(max(0, teacher_from), N - 1)
+    logits, idx = model.logits(h_L[:, teacher_from:]).topk(top_k, dim=-1)
     return FrozenPass(layer, h_t, [cache.k[l] for l in range(layer, L)], [cache.v[l] for l in range(layer, L)],
-                      h_L, logits.softmax(-1), idx, None if extra_layer is None else h_e)
+                      h_L, logits.softmax(-1), idx, None if extra_layer is None else h_e, teacher_from)
 
 
-def drafter_pass(model, drafter, tokens: torch.Tensor, top_k: int = 32) -> FrozenPass:
+def drafter_pass(model, drafter, tokens: torch.Tensor, top_k: int = 32, teacher_from: int = 0) -> FrozenPass:
     """`frozen_pass` with what the drafter reads: its layer (the last for Medusa) and extra layer."""
     return frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), top_k,
-                       getattr(drafter, "extra_layer", None))
+                       getattr(drafter, "extra_layer", None), teacher_from)
 
 
 def anchor_positions(lengths: torch.Tensor, starts: torch.Tensor, N: int) -> torch.Tensor:
@@ -163,7 +174,7 @@ def draft_logprobs(model, drafter, examples: list[Example], batch_size: int = 4)
         batch = examples[s:s + batch_size]
         tokens, lengths, starts = collate(batch, model.device)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])                 # [B, A] from each start
-        head_in = drafter(model, drafter_pass(model, drafter, tokens, 1), anchors)   # [B, A, K, D]
+        head_in = drafter(model, drafter_pass(model, drafter, tokens, 1, tokens.shape[1]), anchors)  # [B, A, K, D]
         refiner = getattr(drafter, "refiner", None)
         for b, e in enumerate(batch):
             n = len(e.tokens) - 1 - e.start

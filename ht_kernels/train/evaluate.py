@@ -35,7 +35,7 @@ def pseudo_similarity(model, drafter: TransferDrafter, examples: list[Example]) 
     for e in examples:
         tokens = torch.tensor([e.tokens], device=model.device)
         N = tokens.shape[1]
-        frozen = drafter_pass(model, drafter, tokens, 1)
+        frozen = drafter_pass(model, drafter, tokens, 1, N)
         cache, real = model.new_cache(1, N), []
         h = model.embed(tokens)
         positions = torch.arange(N, device=model.device)[None]

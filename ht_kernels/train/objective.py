@@ -79,10 +79,8 @@ def distill_loss(model, head_in: torch.Tensor, frozen: FrozenPass, anchors: torc
     argmax, and the number of trained drafts (detached, for reporting).
     """
     B, A, K, D = head_in.shape
-    N = frozen.teacher_p.shape[1]
-    pos = (anchors[..., None] + torch.arange(1, K + 1, device=mask.device)).clamp_max(N - 1)   # [B, A, K]
-    rows = torch.arange(B, device=mask.device)[:, None, None]
-    p, idx = frozen.teacher_p[rows, pos], frozen.teacher_idx[rows, pos]                       # [B, A, K, k]
+    pos = anchors[..., None] + torch.arange(1, K + 1, device=mask.device)                      # [B, A, K]
+    p, idx = frozen.teacher(torch.arange(B, device=mask.device)[:, None, None], pos)           # [B, A, K, k]
     w = mask.float()
     loss, ce, top5 = _HeadCrossEntropy.apply(head_in.reshape(-1, D), model.output.weight, p.reshape(-1, p.shape[-1]),
                                              idx.reshape(-1, idx.shape[-1]),

@@ -39,7 +39,7 @@ def refiner_features(model, drafter, examples: list[Example], top: int = 32, tea
     out = {k: [] for k in ("states", "root", "cand", "target", "teacher_best")}
     for s in range(0, len(examples), batch_size):
         tokens, lengths, starts = collate(examples[s:s + batch_size], model.device)
-        frozen = drafter_pass(model, drafter, tokens, teacher_top_k)
+        frozen = drafter_pass(model, drafter, tokens, teacher_top_k, int(starts.min()) + 1)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])                     # [B, A]
         B, A = anchors.shape
         K = drafter.weight.shape[0]
@@ -50,7 +50,7 @@ def refiner_features(model, drafter, examples: list[Example], top: int = 32, tea
         root = tokens[rows, (anchors + 1).clamp_max(N - 1)][keep]                        # [n]
         pos = (anchors[..., None] + torch.arange(1, K + 1, device=tokens.device)).clamp_max(N - 1)
         inside = (anchors[..., None] + torch.arange(1, K + 1, device=tokens.device) < lengths[:, None, None])[keep]
-        p, idx = frozen.teacher_p[rows[..., None], pos][keep], frozen.teacher_idx[rows[..., None], pos][keep]
+        p, idx = (x[keep] for x in frozen.teacher(rows[..., None], pos))
         flat = states.reshape(-1, states.shape[-1])
         cand = torch.cat([(flat[c:c + chunk] @ W.T).topk(top, dim=-1).indices for c in range(0, len(flat), chunk)])
         cand = cand.view(*states.shape[:2], top)                                        # [n, K, top]

@@ -138,7 +138,7 @@ def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, di
         if not rows:
             continue
         tokens, lengths, starts = collate([examples[i] for i in rows], model.device)
-        h = frozen_pass(model, tokens, drafter.layer, 1).hidden.double().cpu()   # [B, N, D]
+        h = frozen_pass(model, tokens, drafter.layer, 1, teacher_from=tokens.shape[1]).hidden.double().cpu()  # [B, N, D]
         B, N, _ = h.shape
         a = torch.cat([h, torch.ones(B, N, 1, dtype=h.dtype)], -1)
         trained = anchor_mask(lengths.cpu(), starts.cpu(), torch.arange(N).expand(B, N), cfg.K)
@@ -205,7 +205,7 @@ def evaluate(model, drafter, examples: list[Example], cfg: TrainConfig, rank: in
     mine = examples[rank::world]
     for s in range(0, len(mine), cfg.batch_size):
         tokens, lengths, starts = collate(mine[s:s + cfg.batch_size], model.device)
-        frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k)
+        frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k, int(starts.min()) + 1)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])
         mask = anchor_mask(lengths, starts, anchors, cfg.K)
         total += distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w, 1.0)[1].cpu()
@@ -288,7 +288,7 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         stats = torch.zeros(4, cfg.K)
         if mine:
             tokens, lengths, starts = collate(mine, model.device)
-            frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k)
+            frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k, int(starts.min()) + 1)
             anchors = anchor_positions(lengths, starts, tokens.shape[1])
             mask = anchor_mask(lengths, starts, anchors, cfg.K)
             loss, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w,
