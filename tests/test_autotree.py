@@ -71,6 +71,13 @@ def test_choice_is_cached_per_weights(cache_root, monkeypatch):
         tune_tree(other, PROMPTS, **GRID)
     with pytest.raises(AssertionError, match="measured again"):
         tune_tree(dec, PROMPTS, **GRID, cache=False)
+    from test_train import with_refiner
+
+    from dataclasses import replace
+
+    refined = HiddenTransferDecoder(dec.model, with_refiner(replace(dec.maps)), tree="dynamic")
+    with pytest.raises(AssertionError, match="measured again"):  # the same maps with a refiner: new drafts
+        tune_tree(refined, PROMPTS, **GRID)
 
 
 def test_decoder_auto_is_lossless(cache_root, monkeypatch):

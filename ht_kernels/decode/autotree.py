@@ -32,7 +32,7 @@ from .trees import TreePolicy
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 7  # bump when the measurement or the cost of a step changes, so cached choices are remade
+VERSION = 8  # bump when the measurement or the cost of a step changes, so cached choices are remade
 
 
 @dataclass
@@ -247,7 +247,9 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
                  model.prepacked, model.row_exact, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands,
                  gen_tokens, context):
         h.update(repr(part).encode())
-    for t in (w.weight, w.bias):
+    extra = [*(w.mlp or ()), *(w.extra[1:] if w.extra else ()), *(w.refine[:2] if w.refine else ())]
+    h.update(repr((None if w.extra is None else w.extra[0], None if w.refine is None else w.refine[2])).encode())
+    for t in (w.weight, w.bias, *extra):  # every tensor of the drafts: the maps, the variants, the refiner
         h.update(t.detach().float().cpu().numpy().tobytes())
     root = os.environ.get("HT_KERNELS_CACHE") or Path.home() / ".cache" / "ht_kernels"
     return Path(root) / "trees" / f"{h.hexdigest()[:24]}.json"
