@@ -19,6 +19,7 @@ Passages sit before or after the instruction, with varied delimiters, so the dra
 """
 from __future__ import annotations
 
+import functools
 import random
 
 from ..drafts.prompts import builtin_prompts
@@ -101,13 +102,20 @@ def conversations(seed: int = 0, docs: list[Passage] | None = None, code: list[P
     `builtin` built-in short prompts. docs, code: None reads the installed sources (`corpus.passages` of
     every source, `corpus.functions`). Deterministic for a seed and the sources."""
     rng = random.Random(seed)
-    docs = [p for name in sorted(SOURCES) for p in passages(name)] if docs is None else docs
-    code = functions(min_lines=8) if code is None else code
+    docs = installed_sources()[0] if docs is None else docs
+    code = installed_sources()[1] if code is None else code
     out = [_passage_task(rng, p, docs, i) for i, p in enumerate(docs)]
     out += [_code_task(rng, f) for f in code]
     out += [[_user(p)] for p in builtin_prompts(builtin, seed)]
     rng.shuffle(out)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def installed_sources() -> tuple[list[Passage], list[Passage]]:
+    """(passages of every documentation source, standard-library functions), read once per process (~18 s):
+    a training run loads its dataset's training and held-out parts from them."""
+    return [p for name in sorted(SOURCES) for p in passages(name)], functions(min_lines=8)
 
 
 def _user(text: str) -> dict:
