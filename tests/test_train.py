@@ -212,6 +212,32 @@ def test_training_lowers_the_loss_and_resume_matches(tmp_path, method, variant):
         train(model, data, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "c", resume=True, progress=False)
 
 
+@pytest.mark.parametrize("method", ["transfer", "medusa"])
+def test_init_from_trained_weights(tmp_path, method):
+    """A run can start from exported heads (lr 0 keeps them as loaded); heads of another layer or shape are
+    refused with the shapes seen."""
+    from ht_kernels.train.__main__ import export
+
+    model = tiny_model(vocab=32)
+    data = _examples(model)
+    cfg = TrainConfig(method=method, K=2, layer=2, steps=3, batch_size=3, lr=3e-3, warmup=1, init_batches=2)
+    first = train(model, data, cfg, tmp_path / "a", progress=False)
+    path = str(export(first, tmp_path / "a", {}))
+    kept = train(model, data, TrainConfig(**{**cfg.__dict__, "steps": 1, "lr": 0.0, "init_from": path}), tmp_path / "b",
+                 progress=False)
+    for name, p in first.named_parameters():  # exported in fp16
+        torch.testing.assert_close(dict(kept.named_parameters())[name], p.half().float(), atol=0, rtol=0)
+    moved = train(model, data, TrainConfig(**{**cfg.__dict__, "steps": 2, "init_from": path}), tmp_path / "c",
+                  progress=False)
+    assert not torch.equal(moved.weight, kept.weight)
+    with pytest.raises(ValueError, match="holds"):
+        train(model, data, TrainConfig(**{**cfg.__dict__, "K": 3, "init_from": path}), tmp_path / "d", progress=False)
+    if method == "transfer":
+        with pytest.raises(ValueError, match="maps layer 2, this run trains layer 1"):
+            train(model, data, TrainConfig(**{**cfg.__dict__, "layer": 1, "init_from": path}), tmp_path / "e",
+                  progress=False)
+
+
 def test_held_out_curve_is_measured_and_survives_a_resume(tmp_path):
     """The held-out slice is measured before the first step, every eval_every steps and at the end; a
     run stopped at its step-4 checkpoint and resumed writes the same curve (the same steps, tokens and
@@ -400,8 +426,9 @@ def test_cli_and_torchrun_data_parallel_match_one_process(tmp_path):
 
 
 def test_teacher_from_the_first_trained_target_gives_the_same_loss():
-    """The frozen pass keeps the teacher only from the batch's first trained target on; the loss and its
-    statistics are those of a pass that keeps it everywhere."""
+    """The frozen pass keeps the teacher only from the batch's first trained target on, or from each row's
+    own first target over the anchors' span; the loss and its statistics are those of a pass that keeps it
+    everywhere."""
     model = tiny_model(vocab=32)
     drafter = drafter_from_weights(random_transfer(model, K=3, layer=2))
     data = [Example(s, st) for s, st in zip(random_tokens(model, [20, 26, 14]), (7, 4, 9))]
@@ -412,7 +439,10 @@ def test_teacher_from_the_first_trained_target_gives_the_same_loss():
     mask = anchor_mask(lengths, starts, anchors, 3)
     with torch.no_grad():
         got = [distill_loss(model, drafter(model, f, anchors), f, anchors, mask, torch.ones(3), 1.0)
-               for f in (drafter_pass(model, drafter, tokens, 8), drafter_pass(model, drafter, tokens, 8, 5))]
-    assert got[1][0].item() == pytest.approx(got[0][0].item(), rel=1e-6)
-    torch.testing.assert_close(got[1][1], got[0][1])
+               for f in (drafter_pass(model, drafter, tokens, 8), drafter_pass(model, drafter, tokens, 8, 5),
+                         drafter_pass(model, drafter, tokens, 8, starts + 1, anchors.shape[1]))]
+    for g in got[1:]:
+        assert g[0].item() == pytest.approx(got[0][0].item(), rel=1e-6)
+        torch.testing.assert_close(g[1], got[0][1])
+    assert drafter_pass(model, drafter, tokens, 8, starts + 1, anchors.shape[1]).teacher_p.shape[1] == anchors.shape[1]
     assert drafter_pass(model, drafter, tokens, 8, 5).teacher_p.shape[1] == tokens.shape[1] - 5

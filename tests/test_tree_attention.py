@@ -270,6 +270,28 @@ def test_named_backend_that_cannot_run_raises(monkeypatch):
         ht_kernels.tree_attention(*case, backend="flash")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T", [(2, 0), (0, 3), (0, 0)])
+def test_empty_tree_or_batch(backend, B, T):
+    """An empty tree or batch returns empty outputs on every backend and leaves the cache as it was."""
+    q, k_cache, v_cache, seqlens, _, k, v = make_case(max(B, 1), max(T, 1), 2, 1, 32, torch.float32, [3, 5][:max(B, 1)])
+    q, k, v, seqlens = q[:B, :T], k[:B, :T], v[:B, :T], seqlens[:B]
+    k_cache, v_cache = k_cache[:B], v_cache[:B]
+    before = k_cache.clone()
+    out, lse = ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, torch.ones(T, T, dtype=torch.bool), k=k, v=v,
+                                         return_lse=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (B, q.shape[2], T) and lse.dtype == torch.float32
+    assert torch.equal(k_cache.view(torch.int32), before.view(torch.int32))  # bitwise: the poison is NaN
+
+
+def test_unsupported_head_dim_raises_backend_unavailable():
+    case = [t.cpu() for t in make_case(1, 3, 2, 1, 512, torch.float32, [5], with_kv=False)[:5]]
+    with pytest.raises(ht_kernels.BackendUnavailableError, match="triton.*head dims up to 256"):
+        ht_kernels.tree_attention(*case, backend="triton")
+    with pytest.raises(ht_kernels.BackendUnavailableError, match="cuda"):
+        ht_kernels.tree_attention(*case, backend="cuda")
+
+
 def _bad_inputs():
     B, T, Hq, Hkv, D, S = 2, 4, 4, 2, 32, 16
     q = torch.randn(B, T, Hq, D)

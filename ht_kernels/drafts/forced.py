@@ -26,10 +26,10 @@ class FrozenPass:
     """What one frozen forward over tokens [B, N] leaves for the drafters (no gradient anywhere).
 
     hidden: [B, N, dim] after `layer` layers; keys, values: per layer l >= layer, [B, N, Hkv, Dh] (RoPE
-    applied); last: [B, N, dim] after all layers; teacher_p, teacher_idx: [B, N - teacher_from, k] the k
-    most likely next tokens at positions teacher_from.. (fp32 probabilities renormalised over them, int64
-    ids; `teacher` indexes them by position); extra: [B, N, dim] after extra_layer < layer layers (None:
-    not asked for).
+    applied); last: [B, N, dim] after all layers; teacher_p, teacher_idx: [B, W, k] the k most likely
+    next tokens at positions teacher_from[b] + 0..W-1 of row b (fp32 probabilities renormalised over them,
+    int64 ids; `teacher` indexes them by position); teacher_from: [B] int64; extra: [B, N, dim] after
+    extra_layer < layer layers (None: not asked for).
     """
 
     layer: int
@@ -39,22 +39,23 @@ class FrozenPass:
     last: torch.Tensor
     teacher_p: torch.Tensor
     teacher_idx: torch.Tensor
+    teacher_from: torch.Tensor
     extra: torch.Tensor | None = None
-    teacher_from: int = 0
 
     def teacher(self, rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's (p, idx) [..., k] at positions pos (>= teacher_from) of rows (broadcast together)."""
-        at = (pos - self.teacher_from).clamp(0, self.teacher_p.shape[1] - 1)
+        at = (pos - self.teacher_from[rows]).clamp(0, self.teacher_p.shape[1] - 1)
         return self.teacher_p[rows, at], self.teacher_idx[rows, at]
 
 
 @torch.no_grad()
 def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32, extra_layer: int | None = None,
-                teacher_from: int = 0) -> FrozenPass:
+                teacher_from: int | torch.Tensor = 0, teacher_len: int | None = None) -> FrozenPass:
     """tokens: [B, N] int64 (rows right-padded; pads only influence positions after them); extra_layer:
-    also keep the hidden states after that many layers (< layer); teacher_from: the first position whose
-    teacher distribution is kept (the LM head and its top-k run on positions teacher_from.. only: a
-    batch's prompts before its first trained target need none)."""
+    also keep the hidden states after that many layers (< layer); teacher_from: int or [B], the first
+    position of each row whose teacher distribution is kept, and teacher_len the positions kept per row
+    (None: up to N for the row that starts first). The LM head and its top-k run on those positions only:
+    the prompts before a row's first trained target need none."""
     B, N = tokens.shape
     L = model.config.n_layers
     cache = model.new_cache(B, N)
@@ -65,16 +66,20 @@ def frozen_pass(model, tokens: torch.Tensor, layer: int, top_k: int = 32, extra_
     if cut < layer:
         h_t = model.run_layers(h_e, positions, cache, causal, range(cut, layer))
     h_L = model.run_layers(h_t, positions, cache, causal, range(layer, L))
-    teacher_from = min(max(0, teacher_from), N - 1)
-    logits, idx = model.logits(h_L[:, teacher_from:]).topk(top_k, dim=-1)
+    start = torch.as_tensor(teacher_from, device=tokens.device).long().clamp(0, N - 1).expand(B)
+    W = max(1, N - int(start.min()) if teacher_len is None else teacher_len)
+    at = (start[:, None] + torch.arange(W, device=tokens.device)).clamp_max(N - 1)          # [B, W]
+    # top-k of the model-dtype logits: the fp32 copy of all [B, W, vocab] logits would cost more than the head
+    logits, idx = model.head(h_L.gather(1, at[..., None].expand(B, W, h_L.shape[-1]))).topk(top_k, dim=-1)
     return FrozenPass(layer, h_t, [cache.k[l] for l in range(layer, L)], [cache.v[l] for l in range(layer, L)],
-                      h_L, logits.softmax(-1), idx, None if extra_layer is None else h_e, teacher_from)
+                      h_L, logits.float().softmax(-1), idx, start, None if extra_layer is None else h_e)
 
 
-def drafter_pass(model, drafter, tokens: torch.Tensor, top_k: int = 32, teacher_from: int = 0) -> FrozenPass:
+def drafter_pass(model, drafter, tokens: torch.Tensor, top_k: int = 32, teacher_from: int | torch.Tensor = 0,
+                 teacher_len: int | None = None) -> FrozenPass:
     """`frozen_pass` with what the drafter reads: its layer (the last for Medusa) and extra layer."""
     return frozen_pass(model, tokens, getattr(drafter, "layer", model.config.n_layers), top_k,
-                       getattr(drafter, "extra_layer", None), teacher_from)
+                       getattr(drafter, "extra_layer", None), teacher_from, teacher_len)
 
 
 def anchor_positions(lengths: torch.Tensor, starts: torch.Tensor, N: int) -> torch.Tensor:
@@ -95,19 +100,20 @@ def pseudo_attention(q, k, v, k_real, v_real, anchors: torch.Tensor, chain: bool
     B, A, K, Hq, Dh = q.shape
     Hkv = k.shape[3]
     G = Hq // Hkv
-    qg = q.view(B, A, K, Hkv, G, Dh).permute(0, 3, 4, 1, 2, 5)              # [B, Hkv, G, A, K, Dh]
+    # scores in q's dtype, masked in place, one softmax over [real | chain] (it accumulates in fp32 inside):
+    # no fp32 copy of the [B, Hkv, G, A, K, S] scores, which dominate the pass
+    qg = (q * (1.0 / math.sqrt(Dh))).view(B, A, K, Hkv, G, Dh).permute(0, 3, 4, 1, 2, 5)   # [B, Hkv, G, A, K, Dh]
     kc, vc = (x.permute(0, 3, 1, 2, 4) for x in (k, v))                     # [B, Hkv, A, K, Dh]
     kr, vr = (x.permute(0, 2, 1, 3) for x in (k_real, v_real))              # [B, Hkv, S, Dh]
-    scale = 1.0 / math.sqrt(Dh)
     S = kr.shape[2]
-    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr) * scale            # [B, Hkv, G, A, K, S]
-    s_chain = torch.einsum("bhgnid,bhnjd->bhgnij", qg, kc) * scale          # [B, Hkv, G, A, K, K]
+    s_real = torch.einsum("bhgnid,bhmd->bhgnim", qg, kr)                    # [B, Hkv, G, A, K, S]
+    s_chain = torch.einsum("bhgnid,bhnjd->bhgnij", qg, kc)                  # [B, Hkv, G, A, K, K]
     sees_real = torch.arange(S, device=q.device) <= anchors[..., None]      # [B, A, S]
     depth = torch.arange(K, device=q.device)
     sees_chain = depth[None, :] <= depth[:, None] if chain else depth[None, :] == depth[:, None]
-    s_real = s_real.masked_fill(~sees_real[:, None, None, :, None, :], -math.inf)
-    s_chain = s_chain.masked_fill(~sees_chain, -math.inf)
-    p = torch.cat([s_real, s_chain], -1).float().softmax(-1).to(q.dtype)
+    s_real.masked_fill_(~sees_real[:, None, None, :, None, :], -math.inf)
+    s_chain.masked_fill_(~sees_chain, -math.inf)
+    p = torch.cat([s_real, s_chain], -1).softmax(-1)
     out = torch.einsum("bhgnim,bhmd->bhgnid", p[..., :S], vr) + torch.einsum("bhgnij,bhnjd->bhgnid", p[..., S:], vc)
     return out.permute(0, 3, 4, 1, 2, 5).reshape(B, A, K, Hq, Dh)
 

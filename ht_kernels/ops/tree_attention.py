@@ -55,7 +55,7 @@ def tree_attention(
         if why:
             raise BackendUnavailableError(f"tree_attention: backend='cuda' cannot run these inputs: {why}")
     if name == "triton" and q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        raise ValueError(
+        raise BackendUnavailableError(
             f"tree_attention: backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, "
             f"got q of shape {tuple(q.shape)}"
         )
@@ -153,6 +153,9 @@ def _tree_attention_impl(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
+    B, T, Hq, _ = q.shape
+    if B == 0 or T == 0:  # an empty tree (or batch): nothing to write or attend; no kernel runs on zero queries
+        return q.new_zeros(q.shape), q.new_empty((B, Hq, T), dtype=torch.float32)
     if backend in ("cuda", "triton"):
         if backend == "cuda":
             from ..cuda.tree_attention import tree_attention_fwd

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer", type=int, help="transfer layer t (default: n_layers // 2)")
     p.add_argument("--no-chain", action="store_true", help="ablation: pseudo i does not attend pseudo 1..i-1")
     p.add_argument("--init", choices=["lstsq", "identity"], default="lstsq")
+    p.add_argument("--init-from", help="start from these trained weights (a transfer or medusa .safetensors of "
+                   "the same method, layer and shapes) instead of --init")
     p.add_argument("--mlp-rank", type=int, default=0, help="a residual low-rank SiLU block after the maps (0: none)")
     p.add_argument("--extra-layer", type=int, help="maps of the hidden state after this many layers too (< --layer)")
     p.add_argument("--recall-k", type=int, default=0, help="add a top-k recall term to the loss (0: none)")
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(method=args.method, K=args.K, layer=args.layer, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, chain=not args.no_chain, init=args.init, seed=args.seed, save_every=args.save_every,
                       mlp_rank=args.mlp_rank, extra_layer=args.extra_layer, recall_k=args.recall_k,
-                      recall_weight=args.recall_weight)
+                      recall_weight=args.recall_weight, init_from=args.init_from)
     meta = {"model": str(args.model), "method": args.method,
             "recipe": recipe(args),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}

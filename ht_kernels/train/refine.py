@@ -39,8 +39,8 @@ def refiner_features(model, drafter, examples: list[Example], top: int = 32, tea
     out = {k: [] for k in ("states", "root", "cand", "target", "teacher_best")}
     for s in range(0, len(examples), batch_size):
         tokens, lengths, starts = collate(examples[s:s + batch_size], model.device)
-        frozen = drafter_pass(model, drafter, tokens, teacher_top_k, int(starts.min()) + 1)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])                     # [B, A]
+        frozen = drafter_pass(model, drafter, tokens, teacher_top_k, starts + 1, anchors.shape[1])
         B, A = anchors.shape
         K = drafter.weight.shape[0]
         keep = anchor_mask(lengths, starts, anchors, 1)[..., 0]                         # [B, A]: root inside

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..drafts.drafters import MedusaDrafter, TransferDrafter
+from ..drafts.drafters import MedusaDrafter, TransferDrafter, drafter_from_weights
 from ..drafts.examples import Example, collate
 from ..drafts.forced import anchor_positions, drafter_pass, frozen_pass
 from .objective import anchor_mask, distill_loss
@@ -31,7 +31,8 @@ class TrainConfig:
     chain: pseudo i attends pseudo 1..i-1 of its chain (False: the ablation); mlp_rank: the rank of a
     residual SiLU block after the transfer maps (0: none); extra_layer: maps of the hidden state after
     that many layers too (< layer; None: none); recall_k, recall_weight: the top-k recall term
-    of the loss (`objective.distill_loss`; 0: none)."""
+    of the loss (`objective.distill_loss`; 0: none); init_from: a transfer.safetensors or
+    medusa.safetensors file of the same method and shapes to start from (instead of `init`)."""
 
     method: str = "transfer"
     K: int = 3
@@ -51,6 +52,7 @@ class TrainConfig:
     extra_layer: int | None = None
     recall_k: int = 0
     recall_weight: float = 0.5
+    init_from: str | None = None
 
     def check(self, n_layers: int) -> None:
         if self.method not in ("transfer", "medusa"):
@@ -154,6 +156,25 @@ def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, di
     return xtx, xty
 
 
+@torch.no_grad()
+def init_from_weights(drafter, path: str) -> None:
+    """Start from trained weights (`TransferWeights` / `MedusaWeights` file) of the drafter's own method and
+    shapes: a later run continues an earlier recipe's heads on other data."""
+    from ..baselines.medusa import MedusaWeights
+    from ..decode.transfer import TransferWeights
+
+    weights = (TransferWeights if drafter.kind == "transfer" else MedusaWeights).load(path)
+    start = drafter_from_weights(weights, getattr(drafter, "chain", True))
+    if getattr(start, "layer", None) != getattr(drafter, "layer", None):
+        raise ValueError(f"init_from: {path} maps layer {start.layer}, this run trains layer {drafter.layer}")
+    ours, theirs = dict(drafter.named_parameters()), dict(start.named_parameters())
+    if {n: list(p.shape) for n, p in ours.items()} != {n: list(p.shape) for n, p in theirs.items()}:
+        raise ValueError(f"init_from: {path} holds {({n: list(p.shape) for n, p in theirs.items()})}, this run "
+                         f"trains {({n: list(p.shape) for n, p in ours.items()})}")
+    for name, p in ours.items():
+        p.copy_(theirs[name])
+
+
 def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -205,8 +226,8 @@ def evaluate(model, drafter, examples: list[Example], cfg: TrainConfig, rank: in
     mine = examples[rank::world]
     for s in range(0, len(mine), cfg.batch_size):
         tokens, lengths, starts = collate(mine[s:s + cfg.batch_size], model.device)
-        frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k, int(starts.min()) + 1)
         anchors = anchor_positions(lengths, starts, tokens.shape[1])
+        frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k, starts + 1, anchors.shape[1])
         mask = anchor_mask(lengths, starts, anchors, cfg.K)
         total += distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w, 1.0)[1].cpu()
     if dist is not None:
@@ -250,6 +271,8 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         if not ckpt.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt}")
         start, saved = load_checkpoint(ckpt, drafter, opt, cfg)
+    elif cfg.init_from:
+        init_from_weights(drafter, cfg.init_from)
     elif cfg.method == "transfer" and cfg.init == "lstsq":
         drafter.init_lstsq(*_lstsq_stats(model, drafter, examples, cfg, rank, world, dist))
     depth_w = torch.tensor([cfg.depth_decay ** i for i in range(cfg.K)], device=model.device)
@@ -288,8 +311,8 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         stats = torch.zeros(4, cfg.K)
         if mine:
             tokens, lengths, starts = collate(mine, model.device)
-            frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k, int(starts.min()) + 1)
             anchors = anchor_positions(lengths, starts, tokens.shape[1])
+            frozen = drafter_pass(model, drafter, tokens, cfg.teacher_top_k, starts + 1, anchors.shape[1])
             mask = anchor_mask(lengths, starts, anchors, cfg.K)
             loss, stats = distill_loss(model, drafter(model, frozen, anchors), frozen, anchors, mask, depth_w,
                                        normalizer, recall=(cfg.recall_k, cfg.recall_weight))
