@@ -56,6 +56,17 @@ def test_choice_is_the_best_measured_candidate(cache_root):
     assert dec.tree.budget == 16 and dec.n_chains is None and dec.transfer.K == 3 and dec.weight.shape[0] == 3
 
 
+def test_larger_trees_are_timed_only_when_their_tau_pays():
+    """Per chain setting and depth, a budget is kept while its replayed tau beats the last kept one's by
+    min_gain; chains under every node count as one setting whatever the budget."""
+    taus = {(2, 1, 3): 1.5, (4, 1, 3): 1.6, (8, 1, 3): 1.61, (16, 1, 3): 1.7,
+            (2, 2, 3): 1.5, (4, 4, 3): 1.8, (8, 8, 3): 1.9, (16, 16, 3): 1.9,
+            (4, 2, 3): 1.7, (8, 2, 3): 1.7, (16, 2, 3): 1.72}
+    kept = autotree.justified(list(taus), taus, 0.01)
+    assert kept == [(2, 1, 3), (2, 2, 3), (4, 1, 3), (4, 2, 3), (4, 4, 3), (8, 8, 3), (16, 1, 3), (16, 2, 3)]
+    assert autotree.justified(list(taus), taus, 0.25) == [(2, 1, 3), (2, 2, 3), (4, 2, 3), (8, 8, 3)]
+
+
 def test_choice_is_cached_per_weights(cache_root, monkeypatch):
     _, dec = setup()
     first = tune_tree(dec, PROMPTS, **GRID)

@@ -29,10 +29,11 @@ from .replay import Replay, answers
 from .sampling import greedy
 from .trees import TreePolicy
 
-BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
-CHAINS = (1, 2, 3, 4, 6, 8, 32)  # capped at the budget: chains under every node
+BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CHAINS = (1, 2, 3, 4, 6, 8, 32, 64)  # capped at the budget: chains under every node
+MIN_GAIN = 0.01  # a budget is timed only if its replayed tau beats the next smaller one's by this much
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 8  # bump when the measurement or the cost of a step changes, so cached choices are remade
+VERSION = 9  # bump when the measurement or the cost of a step changes, so cached choices are remade
 
 
 @dataclass
@@ -63,8 +64,8 @@ class TreeChoice:
 
 
 def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None, depths=None,
-              gen_tokens: int = 128, context: int | None = None, reps: int = 15, cache: bool = True,
-              log=None) -> TreeChoice:
+              gen_tokens: int = 128, context: int | None = None, reps: int = 15, min_gain: float = MIN_GAIN,
+              cache: bool = True, log=None) -> TreeChoice:
     """Measure every (budget, n_chains, depth) candidate for `decoder`'s model and maps (`decoder.maps`);
     return the best.
 
@@ -75,7 +76,8 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     `$HT_KERNELS_CACHE/trees` (default ~/.cache/ht_kernels/trees) for this machine, model and weights.
     budgets, chains: the candidates (default BUDGETS, CHAINS; chains beyond a budget mean every node).
     depths: draft depths tried (default K - 1 and K: on a 2-core CPU a chain one shorter paid more in step
-    time than its drafts lost, benchmarks/RESULTS.md).
+    time than its drafts lost, benchmarks/RESULTS.md). min_gain: larger trees are timed only while the
+    drafts justify them (`justified`); None times every candidate.
     log: a print-like callable for progress and the table (None: silent).
     """
     K = decoder.maps.K
@@ -92,13 +94,15 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
                          f"{decoder.model.config.max_seq_len} positions, got context {context}")
     if prompts is None:
         prompts = builtin_calibration(decoder.model)
-    path = _cache_path(decoder, prompts, cands, gen_tokens, context)
+    path = _cache_path(decoder, prompts, cands, gen_tokens, context, min_gain)
     if cache and path.exists():
         return TreeChoice(**json.loads(path.read_text()))
     say = log or (lambda *_: None)
     say(f"tree auto: replaying {len(cands)} trees on {len(prompts)} calibration answers")
     taus = _replayed_taus(decoder, prompts, cands, gen_tokens)
-    say("tree auto: timing the steps")
+    if min_gain is not None:
+        cands = justified(cands, taus, min_gain)
+    say(f"tree auto: timing the steps of {len(cands)} trees")
     once = _head_once(decoder, cands, reps)
     # A short pass over every candidate, then a long one over the best few and a plain step: a step
     # takes tens of milliseconds and the machine's speed drifts by more than the candidates differ.
@@ -120,6 +124,21 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
         tmp.write_text(json.dumps(asdict(choice)))
         tmp.replace(path)
     return choice
+
+
+def justified(cands: list[tuple[int, int, int]], taus: dict, min_gain: float) -> list[tuple[int, int, int]]:
+    """The (budget, n_chains, depth) candidates whose budget the drafts justify: per chain count (chains
+    under every node counting as one setting) and depth, budgets in ascending order, each kept only if its
+    replayed tau exceeds that of the last budget kept by the relative min_gain. A larger tree's step costs at
+    least a smaller one's, so a budget that adds no tau cannot be faster; this keeps deep and wide trees
+    (64 nodes) among the candidates without timing those that good drafts alone would make worth it."""
+    kept, last = [], {}
+    for b, c, d in sorted(cands):
+        key = ("all" if c == b else c, d)
+        if key not in last or taus[b, c, d] > last[key] * (1 + min_gain):
+            kept.append((b, c, d))
+            last[key] = taus[b, c, d]
+    return kept
 
 
 def format_table(choice: TreeChoice) -> str:
@@ -234,7 +253,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
+def _cache_path(decoder, prompts, cands, gen_tokens, context, min_gain) -> Path:
     """One file per machine, threads, torch, model, dtype, execution (prepacked weights, row-exact, CUDA graphs),
     weights, calibration and candidates."""
     model, w = decoder.model, decoder.maps
@@ -245,7 +264,7 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context) -> Path:
     h = hashlib.sha256()
     for part in (VERSION, machine, platform.machine(), torch.__version__, repr(model.config), model.dtype,
                  model.prepacked, model.row_exact, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands,
-                 gen_tokens, context):
+                 gen_tokens, context, min_gain):
         h.update(repr(part).encode())
     extra = [*(w.mlp or ()), *(w.extra[1:] if w.extra else ()), *(w.refine[:2] if w.refine else ())]
     h.update(repr((None if w.extra is None else w.extra[0], None if w.refine is None else w.refine[2])).encode())
