@@ -11,9 +11,12 @@ DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (64, 128)
 
 
-def unsupported(q, k_cache, v_cache) -> str | None:
+def unsupported(q, k_cache, v_cache, block_table=None) -> str | None:
     """Why the CUDA kernel cannot take these inputs (None when it can): fp16/bf16, head dim 64 or 128,
-    caches with a contiguous last dim, 16-byte aligned rows and the same strides for k and v."""
+    contiguous (not paged) caches with a contiguous last dim, 16-byte aligned rows and the same strides
+    for k and v."""
+    if block_table is not None:
+        return "paged caches (block_table) are not supported by backend='cuda' yet"
     if q.dtype not in DTYPE_CODES:
         return f"it takes fp16 and bf16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:

@@ -25,6 +25,7 @@ def tree_attention(
     v: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    block_table: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Attention of T new (tree) tokens over a KV cache prefix plus the tree itself.
@@ -39,19 +40,24 @@ def tree_attention(
     softmax_scale: defaults to 1 / sqrt(D).
     Returns out [B, T, Hq, D] in q's dtype, and with return_lse also lse [B, Hq, T] fp32 (natural
     log). A query that sees nothing gets out 0 and lse -inf.
+    block_table: [B, max_blocks] int32 or None: a paged cache (flash-attn's convention). k_cache, v_cache
+    are then [num_blocks, block_size, Hkv, D] and logical position p of row b lives at
+    k_cache[block_table[b, p // block_size], p % block_size]; results equal the contiguous call's.
     backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" (fp16/bf16, head dims 64 and 128,
-    16-byte aligned cache rows; other inputs raise BackendUnavailableError) | "triton" | "torch".
+    16-byte aligned cache rows, no block_table; other inputs raise BackendUnavailableError) | "triton" |
+    "torch".
 
-    The cache bound cache_seqlens + T <= S is checked against the values of cache_seqlens, which
-    costs one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured and
-    inside `cache_bounds_known()` (for callers that size the cache themselves, like the decoder).
+    The cache bound cache_seqlens + T <= S (max_blocks * block_size when paged) is checked against the
+    values of cache_seqlens, and so are the block ids each row uses (in [0, num_blocks)), which costs
+    one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured and inside
+    `cache_bounds_known()` (for callers that size the cache themselves, like the decoder).
     """
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_table)
     name = resolve_backend("tree_attention", backend, q.device)
     if name == "cuda":
         from ..cuda.tree_attention import unsupported
 
-        why = unsupported(q, k_cache, v_cache)
+        why = unsupported(q, k_cache, v_cache, block_table)
         if why:
             raise BackendUnavailableError(f"tree_attention: backend='cuda' cannot run these inputs: {why}")
     if name == "triton" and q.shape[-1] > MAX_TRITON_HEAD_DIM:
@@ -63,11 +69,11 @@ def tree_attention(
     # Eager calls run the op's body directly: the custom-op dispatch costs tens of microseconds a call,
     # once per layer. torch.compile sees the registered op.
     op = torch.ops.ht_kernels.tree_attention if torch.compiler.is_compiling() else _tree_attention_impl
-    out, lse = op(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, scale, name)
+    out, lse = op(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, scale, name, block_table)
     return (out, lse) if return_lse else out
 
 
-def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v) -> None:
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_table=None) -> None:
     def fail(msg: str):
         raise ValueError(f"tree_attention: {msg}")
 
@@ -80,8 +86,17 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v) -> None:
     if k_cache.shape != v_cache.shape:
         fail(f"k_cache and v_cache must have the same shape, got {shape_of(k_cache)} and {shape_of(v_cache)}")
     Bc, S, Hkv, Dc = k_cache.shape
-    if Bc != B or Dc != D:
-        fail(f"k_cache must be [B={B}, S, Hkv, D={D}] for q of shape {shape_of(q)}, got {shape_of(k_cache)}")
+    if block_table is None:
+        if Bc != B or Dc != D:
+            fail(f"k_cache must be [B={B}, S, Hkv, D={D}] for q of shape {shape_of(q)}, got {shape_of(k_cache)}")
+    else:
+        if Dc != D or S == 0:
+            fail(f"k_cache must be [num_blocks, block_size >= 1, Hkv, D={D}] with a block_table for q of "
+                 f"shape {shape_of(q)}, got {shape_of(k_cache)}")
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B:
+            fail(f"block_table must be [B={B}, max_blocks] for q of shape {shape_of(q)}, got {shape_of(block_table)}")
+        if block_table.dtype != torch.int32:
+            fail(f"block_table must be int32, got {block_table.dtype}")
     if Hkv == 0 or Hq % Hkv != 0:
         fail(f"the query heads Hq={Hq} of q {shape_of(q)} must be a multiple of the KV heads Hkv={Hkv} "
              f"of k_cache {shape_of(k_cache)}")
@@ -104,10 +119,13 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v) -> None:
         fail(f"tree_mask must be a bool tensor, got {getattr(tree_mask, 'dtype', type(tree_mask))}")
     if tuple(tree_mask.shape) not in ((T, T), (B, T, T)):
         fail(f"tree_mask must be [T, T] or [B, T, T] with B={B}, T={T}, got {shape_of(tree_mask)}")
-    if S < T:
+    if block_table is None and S < T:
         fail(f"the cache of k_cache {shape_of(k_cache)} is shorter than the T={T} tree tokens")
+    if block_table is not None and block_table.shape[1] * S < T:
+        fail(f"block_table {shape_of(block_table)} of blocks of {S} positions (k_cache {shape_of(k_cache)}) "
+             f"holds fewer than the T={T} tree tokens")
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens,
-               "tree_mask": tree_mask, "k": k, "v": v}
+               "tree_mask": tree_mask, "k": k, "v": v, "block_table": block_table}
     for name, t in tensors.items():
         if t is not None and t.device != q.device:
             fail(f"{name} is on {t.device} but q is on {q.device}")
@@ -128,16 +146,47 @@ def cache_bounds_known():
         _BOUNDS_KNOWN.reset(token)
 
 
+def _skip_host_checks(cache_seqlens: torch.Tensor) -> bool:
+    return cache_seqlens.numel() == 0 or _BOUNDS_KNOWN.get() or (
+        cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_cache_bounds(cache_seqlens: torch.Tensor, T: int, S: int) -> None:
     """cache_seqlens + T must fit in the cache of capacity S (reads the lengths on the host)."""
-    if cache_seqlens.numel() == 0 or _BOUNDS_KNOWN.get() or (
-            cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if _skip_host_checks(cache_seqlens):
         return
     lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
     if lo < 0 or hi + T > S:
         raise ValueError(
             f"tree_attention: cache_seqlens must lie in [0, S - T] = [0, {S - T}] for a cache of S={S} "
             f"positions and T={T} tree tokens, got values in [{lo}, {hi}]"
+        )
+
+
+def check_block_table(cache_seqlens: torch.Tensor, T: int, block_table: torch.Tensor, num_blocks: int,
+                      block_size: int) -> None:
+    """cache_seqlens + T must fit in the max_blocks * block_size positions of block_table [B, max_blocks],
+    and the ids of the ceil((cache_seqlens[b] + T) / block_size) blocks each row uses must lie in
+    [0, num_blocks) (reads the lengths and one flag on the host)."""
+    if _skip_host_checks(cache_seqlens):
+        return
+    capacity = block_table.shape[1] * block_size
+    lens = cache_seqlens.long()
+    n_used = (lens + T + block_size - 1) // block_size                                # [B] blocks per row
+    used = torch.arange(block_table.shape[1], device=lens.device) < n_used[:, None]   # [B, max_blocks]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    lo, hi, n_bad = torch.stack([lens.min(), lens.max(), bad.sum()]).tolist()
+    if lo < 0 or hi + T > capacity:
+        raise ValueError(
+            f"tree_attention: cache_seqlens must lie in [0, capacity - T] = [0, {capacity - T}] for T={T} tree "
+            f"tokens and block_table {shape_of(block_table)} of blocks of {block_size} positions "
+            f"(capacity {capacity}), got values in [{lo}, {hi}]"
+        )
+    if n_bad:
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"tree_attention: block_table {shape_of(block_table)} must hold block ids in [0, num_blocks) = "
+            f"[0, {num_blocks}) where rows use them, got block_table[{b}, {i}] = {int(block_table[b, i])}"
         )
 
 
@@ -151,20 +200,27 @@ def _tree_attention_impl(
     v: Optional[torch.Tensor],
     softmax_scale: Optional[float],
     backend: str,
+    block_table: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
+    if block_table is None:
+        check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
+    else:
+        check_block_table(cache_seqlens, q.shape[1], block_table, *k_cache.shape[:2])
     B, T, Hq, _ = q.shape
     if B == 0 or T == 0:  # an empty tree (or batch): nothing to write or attend; no kernel runs on zero queries
         return q.new_zeros(q.shape), q.new_empty((B, Hq, T), dtype=torch.float32)
-    if backend in ("cuda", "triton"):
-        if backend == "cuda":
-            from ..cuda.tree_attention import tree_attention_fwd
-        else:
-            from ..triton.tree_attention import tree_attention_fwd
+    if backend == "cuda":
+        from ..cuda.tree_attention import tree_attention_fwd
 
         with device_guard(q.device):
             return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
-    out, lse = tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
+    if backend == "triton":
+        from ..triton.tree_attention import tree_attention_fwd
+
+        with device_guard(q.device):
+            return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale,
+                                      block_table=block_table)
+    out, lse = tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, block_table)
     return out, lse.float()
 
 
@@ -173,6 +229,6 @@ _tree_attention_op = torch.library.custom_op("ht_kernels::tree_attention", _tree
 
 
 @_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, backend):
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, backend, block_table=None):
     B, T, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, T), dtype=torch.float32)

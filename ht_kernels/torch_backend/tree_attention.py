@@ -15,7 +15,8 @@ KERNEL_ROWS = 4
 EXACT_BLOCK, EXACT_WINDOW = 32, 64
 
 
-def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=None, softmax_scale=None):
+def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=None, softmax_scale=None,
+                         block_table=None):
     """Same contract as `reference.tree_attention_ref`, without a loop over rows or heads.
 
     q: [B, T, Hq, D]; k_cache, v_cache: [B, S, Hkv, D]; cache_seqlens: [B] int; tree_mask: bool [T, T]
@@ -23,8 +24,11 @@ def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, 
     positions of every row at once (each row masked to its own prefix and tree), accumulating in fp32
     (fp64 for fp64). On CPU, fp16/bf16/fp32 go through PyTorch's fused CPU flash-attention kernel with an
     additive mask (`FlashCPUPlan`); elsewhere (and for fp64) scores and softmax are materialized.
-    Returns out [B, T, Hq, D] in q's dtype and lse [B, Hq, T] fp32 (fp64 for fp64).
+    block_table: [B, max_blocks] int or None; with it the caches are paged, [num_blocks, block_size, Hkv, D]
+    (see `_paged`). Returns out [B, T, Hq, D] in q's dtype and lse [B, Hq, T] fp32 (fp64 for fp64).
     """
+    if block_table is not None:
+        return _paged(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, block_table)
     B, T, Hq, D = q.shape
     if FlashCPUPlan.runs(q):
         plan = FlashCPUPlan(cache_seqlens, tree_mask, T, Hq // k_cache.shape[2], q.dtype)
@@ -36,6 +40,26 @@ def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, 
         k_cache[rows, pos] = k
         v_cache[rows, pos] = v
     return _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale)
+
+
+def _paged(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, block_table):
+    """Tree attention over paged caches [num_blocks, block_size, Hkv, D]: k, v are written through
+    block_table [B, max_blocks] (position p of row b at block_table[b, p // block_size], p % block_size),
+    then the first ceil((max(cache_seqlens) + T) / block_size) blocks of every row are gathered into
+    contiguous caches [B, S, Hkv, D]. Table entries past a row's own blocks may hold any id (padding
+    such as -1): they are clamped into the pool, and their slots lie past the row's keys, which are masked."""
+    B, T = q.shape[:2]
+    num_blocks, block_size = k_cache.shape[:2]
+    lens = cache_seqlens.long()
+    if k is not None:
+        pos = lens[:, None] + torch.arange(T, device=q.device)                          # [B, T]
+        blocks, slots = block_table.long().gather(1, pos // block_size), pos % block_size
+        k_cache[blocks, slots] = k
+        v_cache[blocks, slots] = v
+    n_blocks = (int(lens.max()) + T + block_size - 1) // block_size if B else 0
+    ids = block_table[:, :n_blocks].long().clamp(0, num_blocks - 1)                      # [B, n_blocks]
+    return tree_attention_torch(q, k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2), cache_seqlens,
+                                tree_mask, softmax_scale=softmax_scale)
 
 
 def _visible(lens: torch.Tensor, tree_mask: torch.Tensor, T: int, S: int):

@@ -15,6 +15,10 @@ several splits each writes a normalised partial output and its log-sum-exp, and 
 merges them deterministically (no atomics). When `k`/`v` are given, the tree stage reads the tree's
 keys/values from them and the (query tile 0, last split) program of each (b, h) writes them into the
 cache, so nothing in the launch reads a cache slot that it writes.
+
+Paged caches (PAGED): k_cache, v_cache are [num_blocks, PAGE, Hkv, D] and a row's logical position p
+lives in block BLOCK_TABLE[b, p // PAGE] at offset p % PAGE. Every key tile looks its rows' blocks up,
+so tiles may cross block boundaries and any block size works; the contiguous path is compiled without it.
 """
 from __future__ import annotations
 
@@ -45,19 +49,29 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _paged_rows(BLOCK_TABLE, pos, m_pos, sbtn, PAGE, skb, sks, svb, svs):
+    """Offsets in k_cache and v_cache of the rows of logical positions pos [N] of a paged cache, whose
+    block table row starts at BLOCK_TABLE (blocks are looked up only where m_pos)."""
+    block = tl.load(BLOCK_TABLE + (pos // PAGE) * sbtn, mask=m_pos, other=0).to(tl.int64)
+    slot = pos % PAGE
+    return block * skb + slot * sks, block * svb + slot * svs
+
+
+@triton.jit
 def _tree_attention_fwd_kernel(
-    Q, KC, VC, KN, VN, SEQLENS, BITS, O, LSE,
+    Q, KC, VC, KN, VN, SEQLENS, BITS, BLOCK_TABLE, O, LSE,
     s_len, sqb, sqt, sqh, sqd,
     skb, sks, skh, skd,
     svb, svs, svh, svd,
     snb, snt, snh, snd,
     swb, swt, swh, swd,
     sbb, sbt,
+    sbtb, sbtn,
     sos, sob, sot, soh, sod,
     sls, slb, slh, slt,
-    T, HKV, D, qk_scale,
+    T, HKV, D, PAGE, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_KV: tl.constexpr, EVEN_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_KV: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -77,8 +91,13 @@ def _tree_attention_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_n = tl.arange(0, BLOCK_N)
-    KC += b * skb + h * skh
-    VC += b * svb + h * svh
+    if PAGED:
+        BLOCK_TABLE += b * sbtb
+    else:
+        KC += b * skb
+        VC += b * svb
+    KC += h * skh
+    VC += h * svh
     KN += b * snb + h * snh
     VN += b * swb + h * swh
     off_k = o_d[:, None] * skd + o_n[None, :] * sks  # K is loaded transposed: [BLOCK_D, BLOCK_N]
@@ -88,12 +107,18 @@ def _tree_attention_fwd_kernel(
     if HAS_KV:
         n_copy = tl.where((pid_m == 0) & last_split, T, 0)
         for j0 in range(0, n_copy, BLOCK_N):
-            m_copy = ((j0 + o_n) < T)[:, None] & m_d[None, :]
+            m_j = (j0 + o_n) < T
+            m_copy = m_j[:, None] & m_d[None, :]
             b_k = tl.load(KN + (j0 + o_n)[:, None] * snt + o_d[None, :] * snd, mask=m_copy)
             b_v = tl.load(VN + (j0 + o_n)[:, None] * swt + o_d[None, :] * swd, mask=m_copy)
-            pos = (seqlen + j0).to(tl.int64)
-            tl.store(KC + pos * sks + o_n[:, None] * sks + o_d[None, :] * skd, b_k, mask=m_copy)
-            tl.store(VC + pos * svs + off_v, b_v, mask=m_copy)
+            if PAGED:
+                r_k, r_v = _paged_rows(BLOCK_TABLE, seqlen + j0 + o_n, m_j, sbtn, PAGE, skb, sks, svb, svs)
+                tl.store(KC + r_k[:, None] + o_d[None, :] * skd, b_k, mask=m_copy)
+                tl.store(VC + r_v[:, None] + o_d[None, :] * svd, b_v, mask=m_copy)
+            else:
+                pos = (seqlen + j0).to(tl.int64)
+                tl.store(KC + pos * sks + o_n[:, None] * sks + o_d[None, :] * skd, b_k, mask=m_copy)
+                tl.store(VC + pos * svs + off_v, b_v, mask=m_copy)
 
     p_q = Q + b * sqb + o_t[:, None] * sqt + o_hq[:, None] * sqh + o_d[None, :] * sqd
     b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
@@ -111,15 +136,23 @@ def _tree_attention_fwd_kernel(
     hi = tl.minimum(lo + per_split, n_full)
     p_k = KC + (lo * BLOCK_N).to(tl.int64) * sks
     p_v = VC + (lo * BLOCK_N).to(tl.int64) * svs
-    for _ in range(lo, hi):
-        if EVEN_D:
-            b_k = tl.load(p_k + off_k)
-            b_v = tl.load(p_v + off_v)
+    for i in range(lo, hi):
+        if PAGED:
+            o_key = i * BLOCK_N + o_n
+            r_k, r_v = _paged_rows(BLOCK_TABLE, o_key, o_key < seqlen, sbtn, PAGE, skb, sks, svb, svs)
+            t_k = KC + r_k[None, :] + o_d[:, None] * skd
+            t_v = VC + r_v[:, None] + o_d[None, :] * svd
         else:
-            b_k = tl.load(p_k + off_k, mask=m_d[:, None], other=0.0)
-            b_v = tl.load(p_v + off_v, mask=m_d[None, :], other=0.0)
-        p_k += BLOCK_N * sks
-        p_v += BLOCK_N * svs
+            t_k = p_k + off_k
+            t_v = p_v + off_v
+            p_k += BLOCK_N * sks
+            p_v += BLOCK_N * svs
+        if EVEN_D:
+            b_k = tl.load(t_k)
+            b_v = tl.load(t_v)
+        else:
+            b_k = tl.load(t_k, mask=m_d[:, None], other=0.0)
+            b_v = tl.load(t_v, mask=m_d[None, :], other=0.0)
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -140,17 +173,26 @@ def _tree_attention_fwd_kernel(
         o_j = start + o_n - seqlen  # tree token index
         m_tree = (o_j >= 0) & (o_j < T)
         o_j = tl.where(m_tree, o_j, 0)
+        m_live = m_pre | m_tree
+        if PAGED:
+            r_k, r_v = _paged_rows(BLOCK_TABLE, start + o_n, m_live, sbtn, PAGE, skb, sks, svb, svs)
+            t_k = KC + r_k[None, :] + o_d[:, None] * skd
+            t_v = VC + r_v[:, None] + o_d[None, :] * svd
+        else:
+            t_k = p_k + off_k
+            t_v = p_v + off_v
+            p_k += BLOCK_T * sks
+            p_v += BLOCK_T * svs
         if HAS_KV:  # prefix tail from the cache, tree tokens from k / v
-            b_k = tl.load(p_k + off_k, mask=m_pre[None, :] & m_d[:, None], other=0.0)
+            b_k = tl.load(t_k, mask=m_pre[None, :] & m_d[:, None], other=0.0)
             b_k += tl.load(KN + o_j[None, :] * snt + o_d[:, None] * snd,
                            mask=m_tree[None, :] & m_d[:, None], other=0.0)
-            b_v = tl.load(p_v + off_v, mask=m_pre[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(t_v, mask=m_pre[:, None] & m_d[None, :], other=0.0)
             b_v += tl.load(VN + o_j[:, None] * swt + o_d[None, :] * swd,
                            mask=m_tree[:, None] & m_d[None, :], other=0.0)
         else:
-            m_live = m_pre | m_tree
-            b_k = tl.load(p_k + off_k, mask=m_live[None, :] & m_d[:, None], other=0.0)
-            b_v = tl.load(p_v + off_v, mask=m_live[:, None] & m_d[None, :], other=0.0)
+            b_k = tl.load(t_k, mask=m_live[None, :] & m_d[:, None], other=0.0)
+            b_v = tl.load(t_v, mask=m_live[:, None] & m_d[None, :], other=0.0)
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -161,8 +203,6 @@ def _tree_attention_fwd_kernel(
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
-        p_k += BLOCK_T * sks
-        p_v += BLOCK_T * svs
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -259,8 +299,10 @@ def tree_attention_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: dict | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch tree attention; inputs as in `ht_kernels.tree_attention` (already validated).
+    """Launch tree attention; inputs as in `ht_kernels.tree_attention` (already validated), paged caches
+    [num_blocks, block_size, Hkv, D] with block_table [B, max_blocks] int32 included.
 
     Returns out [B, T, Hq, D] in q's dtype and lse [B, Hq, T] fp32, written into `out` / `lse` when
     given (any strides). `num_splits` overrides the split-KV heuristic, and `config` the tiles and
@@ -268,6 +310,9 @@ def tree_attention_fwd(
     """
     B, T, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    paged = block_table is not None
+    page = S if paged else 1                      # positions per block of a paged cache
+    S = block_table.shape[1] * page if paged else S  # a row's logical capacity
     G = Hq // Hkv
     out = q.new_empty(B, T, Hq, D) if out is None else out
     lse = q.new_empty(B, Hq, T, dtype=torch.float32) if lse is None else lse
@@ -296,12 +341,14 @@ def tree_attention_fwd(
         o_buf, l_buf = out.unsqueeze(0), lse.unsqueeze(0)
     has_kv = k is not None
     kn, vn = (k, v) if has_kv else (k_cache, v_cache)  # placeholders, never read without HAS_KV
+    # Without PAGED the table is a placeholder, never read
+    table, table_strides = (block_table, block_table.stride()) if paged else (cache_seqlens, (0, 0))
     _tree_attention_fwd_kernel[(B * Hkv, m_tiles, splits)](
-        q, k_cache, v_cache, kn, vn, cache_seqlens, bits, o_buf, l_buf,
+        q, k_cache, v_cache, kn, vn, cache_seqlens, bits, table, o_buf, l_buf,
         cache_seqlens.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
-        bits_b, bits.stride(1), *o_buf.stride(), *l_buf.stride(),
-        T, Hkv, D, scale * LOG2E,
-        G=G, NUM_SPLITS=splits, HAS_KV=has_kv, **cfg,
+        bits_b, bits.stride(1), *table_strides, *o_buf.stride(), *l_buf.stride(),
+        T, Hkv, D, page, scale * LOG2E,
+        G=G, NUM_SPLITS=splits, HAS_KV=has_kv, PAGED=paged, **cfg,
     )
     if splits > 1:
         _tree_attention_merge_kernel[(B * T * Hq,)](
