@@ -92,7 +92,11 @@ struct TreeAttentionParams {
   float scale;  // softmax scale (natural units)
   DType dtype;
 };
-// The split count run_tree_attention wants: about two waves of blocks on the current device.
+// Keys of a row's live prefix that one split takes at least: with more splits than a row needs, the
+// rest end at once, so the work follows the live prefix while the split count is fixed at launch.
+constexpr int kMinSplitKeys = 256;
+// The split count run_tree_attention wants: about two waves of blocks on the current device, at most
+// one per kMinSplitKeys positions of capacity S and 64 (the host never reads cache_seqlens).
 int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S);
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 

@@ -33,8 +33,8 @@ int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S) {
   check_cuda(cudaGetDevice(&device), "tree_attention");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "tree_attention");
   const int tiles = B * Hkv * ((T * (Hq / Hkv) + 63) / 64);
-  const int key_blocks = (S + 63) / 64;
-  return std::max(1, std::min({(2 * sms + tiles - 1) / tiles, key_blocks, 64}));
+  if (tiles >= 2 * sms) return 1;
+  return std::max(1, std::min({(2 * sms + tiles - 1) / tiles, S / kMinSplitKeys, 64}));
 }
 
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {

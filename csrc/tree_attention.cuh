@@ -38,7 +38,9 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
   const int n = p.cache_seqlens[b];
   const int keys = n + p.T;
   const int nblocks = (keys + BN - 1) / BN;
-  const int per_split = (nblocks + p.num_splits - 1) / p.num_splits;
+  // A split takes at least kMinSplitKeys of the row's live keys: a short row runs on fewer splits, the
+  // others end at once (l = 0, lse -inf, weighed 0 by the merge).
+  const int per_split = max((nblocks + p.num_splits - 1) / p.num_splits, max(1, kMinSplitKeys / BN));
   const int kb_begin = blockIdx.z * per_split, kb_end = min(nblocks, kb_begin + per_split);
   const int row[2] = {static_cast<int>(blockIdx.y) * 64 + warp * 16 + g, static_cast<int>(blockIdx.y) * 64 + warp * 16 + g + 8};
   const float scale_log2 = p.scale * 1.4426950408889634f;

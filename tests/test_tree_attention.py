@@ -156,6 +156,41 @@ def test_split_kv(num_splits, dtype):
     check("triton", case, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("sms", [108, 132])
+def test_split_heuristic_fills_the_gpu_without_reading_the_lengths(sms):
+    """Splits for B = 1..64 rows and caches of 512..128k positions (Hkv 8, one query tile per (b, h)):
+    about two waves where the cache allows it, one split once the programs alone fill the GPU, never
+    more than one per MIN_SPLIT_KEYS positions of capacity or MAX_SPLITS, fewer as B grows."""
+    from ht_kernels.triton.tree_attention import MAX_SPLITS, MIN_SPLIT_KEYS, split_count
+
+    for L in (512, 4096, 16384, 131072):
+        prev = None
+        for B in (1, 2, 4, 8, 16, 32, 64):
+            programs = B * 8
+            n = split_count(programs, L, sms)
+            assert 1 <= n <= min(MAX_SPLITS, max(1, L // MIN_SPLIT_KEYS))
+            if programs >= 2 * sms:
+                assert n == 1
+            elif L // MIN_SPLIT_KEYS >= MAX_SPLITS:  # the cache allows it: two waves, at most one more split
+                assert programs * n >= min(2 * sms, programs * MAX_SPLITS) and programs * (n - 1) < 2 * sms
+            assert prev is None or n <= prev
+            prev = n
+    assert split_count(8, 131072, sms) == min(MAX_SPLITS, -(-2 * sms // 8))
+    assert split_count(8, 512, sms) == 2
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
+@pytest.mark.parametrize("splits", [3, 8])
+def test_heuristic_splits_follow_the_live_prefix(monkeypatch, splits):
+    """With heuristic splits a split takes at least MIN_SPLIT_KEYS of its row's prefix: rows of 0, 100 and
+    700 cached tokens run on 0, 1 and a few splits of a launch of `splits`; all merge to the reference."""
+    import ht_kernels.triton.tree_attention as tri
+
+    monkeypatch.setattr(tri, "_num_splits", lambda *a: splits)
+    case = make_case(3, 9, 4, 2, 32, torch.float32, [0, 100, 700], per_row=True)
+    check("triton", case, config=dict(BLOCK_N=32))
+
+
 # Tiles the tuner (benchmarks/tune_tree_attention.py) tries: prefix blocks wider than tree-stage blocks,
 # narrow query tiles. Prefix lengths put the tail and the tree across several tree-stage blocks.
 TILE_CONFIGS = [dict(BLOCK_N=64, BLOCK_T=16), dict(BLOCK_M=16, BLOCK_N=128, BLOCK_T=16, num_stages=3),

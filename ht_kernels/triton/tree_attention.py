@@ -71,7 +71,8 @@ def _tree_attention_fwd_kernel(
     sls, slb, slh, slt,
     T, HKV, D, PAGE, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_KV: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, HAS_KV: tl.constexpr, PAGED: tl.constexpr,
+    EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -129,9 +130,10 @@ def _tree_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Prefix stage: whole blocks of this split, no masks.
+    # Prefix stage: whole blocks of this split, no masks. A split takes at least MIN_SPLIT_BLOCKS of the
+    # row's live prefix, so a short prefix runs on fewer splits and the others end at once.
     n_full = seqlen // BLOCK_N
-    per_split = tl.cdiv(n_full, NUM_SPLITS)
+    per_split = tl.maximum(tl.cdiv(n_full, NUM_SPLITS), MIN_SPLIT_BLOCKS)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_full)
     p_k = KC + (lo * BLOCK_N).to(tl.int64) * sks
@@ -276,14 +278,25 @@ def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool) -> dic
     )
 
 
+MIN_SPLIT_KEYS = 256  # keys of a row's live prefix that one split takes at least (heuristic splits)
+MAX_SPLITS = 64
+
+
+def split_count(programs: int, capacity: int, sms: int) -> int:
+    """KV splits of a launch of `programs` (b, h, query tile) programs over caches of `capacity` positions,
+    on a GPU of `sms` SMs: about two waves of programs (the GPU full at batch 1), at most one split per
+    MIN_SPLIT_KEYS positions of capacity and MAX_SPLITS. The count is fixed at launch without reading the
+    lengths on the host; the kernel then spreads each row's live prefix over at most live / MIN_SPLIT_KEYS
+    of them (the rest end at once, and the merge weighs them 0), so the work follows the live prefix."""
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
+
+
 def _num_splits(programs: int, capacity: int, device: torch.device) -> int:
-    """Split the prefix over programs when (b, h, tile) programs alone cannot fill the GPU."""
     if device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= target:
-        return 1
-    return max(1, min(triton.cdiv(target, programs), capacity // 512, 64))
+    return split_count(programs, capacity, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def tree_attention_fwd(
@@ -305,7 +318,8 @@ def tree_attention_fwd(
     [num_blocks, block_size, Hkv, D] with block_table [B, max_blocks] int32 included.
 
     Returns out [B, T, Hq, D] in q's dtype and lse [B, Hq, T] fp32, written into `out` / `lse` when
-    given (any strides). `num_splits` overrides the split-KV heuristic, and `config` the tiles and
+    given (any strides). `num_splits` overrides the split-KV heuristic (`split_count`; the live prefix is
+    then divided evenly over exactly that many splits), and `config` the tiles and
     launch options of `kernel_config` (keys in TUNABLE; benchmarks/tune_tree_attention.py).
     """
     B, T, Hq, D = q.shape
@@ -348,7 +362,8 @@ def tree_attention_fwd(
         cache_seqlens.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
         bits_b, bits.stride(1), *table_strides, *o_buf.stride(), *l_buf.stride(),
         T, Hkv, D, page, scale * LOG2E,
-        G=G, NUM_SPLITS=splits, HAS_KV=has_kv, PAGED=paged, **cfg,
+        G=G, NUM_SPLITS=splits, MIN_SPLIT_BLOCKS=1 if num_splits else max(1, MIN_SPLIT_KEYS // cfg["BLOCK_N"]),
+        HAS_KV=has_kv, PAGED=paged, **cfg,
     )
     if splits > 1:
         _tree_attention_merge_kernel[(B * T * Hq,)](
