@@ -142,6 +142,24 @@ def copy_gb_per_s(device: torch.device) -> float:
     return gbs
 
 
+# Dense (no sparsity) 16-bit tensor-core peaks from the vendors' data sheets, TFLOP/s, by device name.
+DENSE_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+                     "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def dense_peak_tflops(device: torch.device) -> float:
+    """The card's dense bf16 peak: the data-sheet figure for known names (the longest matching key), else
+    the rate of an 8192^3 bf16 matmul measured here (printed, so a table says which it used)."""
+    name = torch.cuda.get_device_name(device)
+    known = [k for k in DENSE_PEAK_TFLOPS if k in name]
+    if known:
+        return DENSE_PEAK_TFLOPS[max(known, key=len)]
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    tflops = 2 * 8192**3 / time_fn(lambda: a @ a, device=device)[0] / 1e6
+    print(f"{name}: no data-sheet peak known, measured bf16 matmul {tflops:.0f} TFLOP/s used as the peak")
+    return tflops
+
+
 def run(args, cases: list[dict], setup, providers: dict, *, reference: str, baseline: str, metrics: dict) -> None:
     """Checks and times every provider on every case; prints the table, then the skips; maybe JSON.
 

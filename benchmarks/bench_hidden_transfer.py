@@ -60,7 +60,7 @@ def main() -> None:
     if dev.type == "cuda":  # the target: reading W at a fraction of what a device-to-device copy achieves
         copy_gbs = copy_gb_per_s(dev)
         metrics["% copy"] = lambda case, us: 100 * gb_per_s(case, us) / copy_gbs
-    providers = {"torch": backend("torch"), "matmul": matmul,
+    providers = {"torch": backend("torch"), "matmul": matmul, "auto": backend("auto"),
                  "triton": backend("triton", cuda_only=True), "cuda": backend("cuda")}
     run(args, cases(args.quick), setup, providers, reference="torch", baseline="matmul",
         metrics=metrics)

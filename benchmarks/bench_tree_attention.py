@@ -1,9 +1,11 @@
-"""Benchmark ht_kernels.tree_attention against PyTorch's SDPA and FlexAttention.
+"""Benchmark ht_kernels.tree_attention against PyTorch's SDPA, FlexAttention and FlashInfer.
 
 One decoding step's tree attention: T tree queries per row over an unmasked prefix of L cached
 positions plus the T tree tokens under a random tree's ancestor mask. The tree's keys/values already
 sit in the cache (no k/v arguments), so no provider writes into the cache inside the timed region.
 Cases whose estimated footprint exceeds 90% of the device's memory are skipped, and say so.
+On a GPU, "% roof" is the roofline time max(bytes / measured copy bandwidth, flops / the card's dense
+bf16 peak) as a percentage of the measured time.
 
     python benchmarks/bench_tree_attention.py [--quick] [--json PATH] [--device D] [--dtype T]
 """
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import ht_kernels as ht
-from _harness import Skip, copy_gb_per_s, parse_args, run
+from _harness import Skip, copy_gb_per_s, dense_peak_tflops, parse_args, run
 
 QUICK_HELP = ("small CPU-friendly set: B in {1, 2}, L in {256, 1024}, T in {16, 64}, Hq/Hkv 8/2, D 64 "
               "(fp32 on CPU unless --dtype); well under a minute on a 2-core CPU")
@@ -53,6 +55,12 @@ def gb_per_s(case: dict, us: float, itemsize: int) -> float:
     kv = 2 * case["B"] * (case["L"] + case["T"]) * case["Hkv"] * case["D"]
     q_out = 2 * case["B"] * case["T"] * case["Hq"] * case["D"]
     return (kv + q_out) * itemsize / us / 1e3
+
+
+def flops(case: dict) -> float:
+    """Q K^T and P V over the L + T keys of every query head: 4 B T Hq D (L + T) (masked keys included,
+    as a dense kernel computes them)."""
+    return 4.0 * case["B"] * case["T"] * case["Hq"] * case["D"] * (case["L"] + case["T"])
 
 
 def footprint(case: dict, itemsize: int) -> int:
@@ -115,12 +123,38 @@ def main() -> None:
         compiled = torch.compile(flex_attention)
         return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
 
-    metrics = {"GB/s": lambda case, us: gb_per_s(case, us, itemsize)}
-    if dev.type == "cuda":  # the target is a fraction of what a plain device-to-device copy achieves
-        copy_gbs = copy_gb_per_s(dev)
-        metrics["% copy"] = lambda case, us: 100 * gb_per_s(case, us, itemsize) / copy_gbs
+    def flashinfer(x: dict):
+        # FlashInfer's batch prefill ("append") attention over a paged cache with a custom mask [T, L + T]
+        # per row: the cache is viewed as pages of 16 positions in place (row b owns pages b*P..b*P+P-1),
+        # the mask is packed and the work planned outside the timed region.
+        if dev.type != "cuda":
+            raise Skip("CUDA only")
+        try:
+            import flashinfer as fi
+        except ImportError as e:
+            raise Skip(f"flashinfer-python is not installed ({e})") from e
+        B, T, Hq, D = x["q"].shape
+        L, Hkv = x["L"], x["k_cache"].shape[2]
+        page = 16 if (L + T) % 16 == 0 else 1
+        pages = (L + T) // page
+        i32 = dict(dtype=torch.int32, device=dev)
+        mask = torch.cat([torch.ones(T, L, dtype=torch.bool, device=dev), x["tree_mask"]], dim=-1)
+        wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev), "NHD")
+        wrapper.plan(torch.arange(B + 1, **i32) * T, torch.arange(B + 1, **i32) * pages, torch.arange(B * pages, **i32),
+                     torch.full((B,), page, **i32), Hq, Hkv, D, page, custom_mask=mask.expand(B, T, L + T).reshape(-1),
+                     q_data_type=dtype, kv_data_type=dtype)
+        q = x["q"].reshape(B * T, Hq, D)
+        kv = tuple(c.view(B * pages, page, Hkv, D) for c in (x["k_cache"], x["v_cache"]))
+        return lambda: wrapper.run(q, kv).view(B, T, Hq, D)
 
-    providers = {"torch": backend("torch"), "sdpa": sdpa, "flex": flex,
+    metrics = {"GB/s": lambda case, us: gb_per_s(case, us, itemsize)}
+    if dev.type == "cuda":  # the targets: fractions of a plain device-to-device copy and of the roofline
+        copy_gbs, peak = copy_gb_per_s(dev), dense_peak_tflops(dev)
+        metrics["% copy"] = lambda case, us: 100 * gb_per_s(case, us, itemsize) / copy_gbs
+        metrics["% roof"] = lambda case, us: 100 * max(gb_per_s(case, us, itemsize) * us / copy_gbs,
+                                                        flops(case) / peak / 1e6) / us
+
+    providers = {"torch": backend("torch"), "sdpa": sdpa, "flex": flex, "flashinfer": flashinfer,
                  "triton": backend("triton", cuda_only=True), "cuda": backend("cuda")}
     run(args, cases(args.quick), setup, providers, reference="torch", baseline="sdpa", metrics=metrics)
 

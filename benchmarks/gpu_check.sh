@@ -20,9 +20,9 @@ TAIL=4 step timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 pyth
     tests/test_cuda_ext.py -k small_case
 step timeout 120 python3 benchmarks/tune_tree_attention.py --json "$out/tune_tree_attention.json"
 step timeout 150 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
-step timeout 60 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,triton,cuda \
+step timeout 60 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_flex.json"
-step timeout 60 python3 benchmarks/bench_hidden_transfer.py --providers matmul,triton,cuda --json "$out/hidden_transfer.json"
+step timeout 60 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"
 step timeout 40 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json"
 TAIL=15 step timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_tree_attention.py \
     tests/test_hidden_transfer.py tests/test_compact_kv.py tests/test_verify_tree.py tests/test_decode_graphs.py
