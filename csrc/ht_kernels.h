@@ -71,6 +71,8 @@ void run_hidden_transfer(const HiddenTransferParams& p, cudaStream_t stream);
 // (natural log). fp16/bf16, D 64 or 128, every last dim contiguous and rows 16-byte aligned. With
 // num_splits > 1 the key range is split over that many blocks, which write fp32 partials to
 // out_partial [splits, B, T, Hq, D] and lse_partial [splits, B, Hq, T], merged in a fixed order.
+// cache_seqlens is read on the device only: a row with n outside [0, S - T] gets NaN out and lse, and
+// none of its cache slots is read or written.
 struct TreeAttentionParams {
   const void* q;
   int64_t q_stride_b, q_stride_t, q_stride_h;

@@ -7,6 +7,12 @@
 
 namespace ht {
 
+// Row b's cache length lies outside [0, S - T]: the kernels touch none of its cache and write NaN.
+__device__ __forceinline__ bool bad_length(const TreeAttentionParams& p, int b) {
+  const int n = p.cache_seqlens[b];
+  return n < 0 || n > p.S - p.T;
+}
+
 template <int D_, typename T_>
 struct TreeAttentionTraits {
   using T = T_;
@@ -26,7 +32,8 @@ struct TreeAttentionTraits {
 // tiles stream through shared memory with cp.async, the next block loading while this one computes;
 // tiles are XOR-swizzled by 16-byte chunk so ldmatrix reads are free of bank conflicts. Keys at or
 // past n + T are zero-filled, never read. Online softmax in base 2 with fp32 accumulators; a row that
-// sees nothing ends with l = 0: out 0, lse -inf.
+// sees nothing ends with l = 0: out 0, lse -inf. A row whose length n lies outside [0, S - T] reads no
+// cache slot and gets NaN outputs and lse (the host never reads the lengths).
 template <typename Traits, bool SPLIT>
 __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams p) {
   using T = typename Traits::T;
@@ -35,7 +42,8 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
   const int b = blockIdx.x / p.Hkv, h = blockIdx.x % p.Hkv;
   const int G = p.Hq / p.Hkv, rows = p.T * G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int n = p.cache_seqlens[b];
+  const bool bad = bad_length(p, b);
+  const int n = bad ? 0 : p.cache_seqlens[b];
   const int keys = n + p.T;
   const int nblocks = (keys + BN - 1) / BN;
   // A split takes at least kMinSplitKeys of the row's live keys: a short row runs on fewer splits, the
@@ -181,8 +189,8 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
     const int r = row[half];
     if (r >= rows) continue;
     const int i = r / G, hq = h * G + r % G;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    const float lse = total > 0.f ? (m[half] + log2f(total)) * 0.6931471805599453f : -INFINITY;
+    const float inv = bad ? NAN : total > 0.f ? 1.f / total : 0.f;
+    const float lse = bad ? NAN : total > 0.f ? (m[half] + log2f(total)) * 0.6931471805599453f : -INFINITY;
     if (SPLIT) {
       const int64_t at = ((static_cast<int64_t>(blockIdx.z) * p.B + b) * p.T + i) * p.Hq + hq;
       float* out = p.out_partial + at * D;
@@ -219,14 +227,17 @@ __global__ void tree_attention_merge_kernel(TreeAttentionParams p) {
       sum += w * out[s * per_split * p.D];
     }
   }
+  const bool bad = bad_length(p, b);
   T* dst = static_cast<T*>(p.out) + b * p.out_stride_b + i * p.out_stride_t + hq * p.out_stride_h + threadIdx.x;
-  *dst = from_float<T>(total > 0.f ? sum / total : 0.f);
-  if (threadIdx.x == 0) p.lse[(static_cast<int64_t>(b) * p.Hq + hq) * p.T + i] = total > 0.f ? mx + logf(total) : -INFINITY;
+  *dst = from_float<T>(bad ? NAN : total > 0.f ? sum / total : 0.f);
+  if (threadIdx.x == 0)
+    p.lse[(static_cast<int64_t>(b) * p.Hq + hq) * p.T + i] = bad ? NAN : total > 0.f ? mx + logf(total) : -INFINITY;
 }
 
 // k_new, v_new -> the tree slots n .. n + T - 1 of the caches; grid (T, B), 16-byte chunks.
 __global__ void tree_attention_write_kv_kernel(TreeAttentionParams p) {
   const int j = blockIdx.x, b = blockIdx.y, chunks = p.D / 8;
+  if (bad_length(p, b)) return;  // a length outside [0, S - T]: no slot of the row is written
   const int64_t slot = p.cache_seqlens[b] + j;
   for (int c = threadIdx.x; c < p.Hkv * chunks; c += blockDim.x) {
     const int h = c / chunks, ch = c % chunks;

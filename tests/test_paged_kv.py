@@ -124,6 +124,40 @@ def test_triton_tiles_and_splits(config, splits, block_size):
     check_paged("triton", case, block_size, num_splits=splits, config=config)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("where", ["prefix", "tree", "length"])
+def test_triton_checks_block_ids_and_lengths_on_the_device(splits, where):
+    """A row that uses a block id outside [0, num_blocks), in its prefix or its tree slots, or whose length
+    breaks the capacity, gets NaN outputs and lse; nothing is read or written through a bad id, and a bad
+    length writes nothing. The other row is exact. Entries past a row's used blocks are never looked at."""
+    from ht_kernels.triton.tree_attention import tree_attention_fwd
+
+    T, bs = 6, 16
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, T, 4, 2, 32, torch.float32, [40, 300])
+    table, used, num_blocks = paged_layout(seqlens.tolist(), T, bs, pad=-7)
+    k_pool, v_pool = (to_pool(c, table, used, num_blocks, bs) for c in (k_cache, v_cache))
+    ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens, mask, k, v)[:2]
+    lens = seqlens.clone()
+    if where == "length":
+        lens[1] = table.shape[1] * bs - T + 1
+    else:  # block 3 of row 1 holds prefix positions 48..63; its last used block, tree slots 304 and 305
+        table[1, 3 if where == "prefix" else used[1] - 1] = num_blocks
+    expected = k_pool.clone(), v_pool.clone()
+    for b in range(2):  # the tree slots written through good ids (none for a bad length)
+        for j in range(T if lens[b] == seqlens[b] else 0):
+            block, slot = int(table[b, (seqlens[b] + j) // bs]), int(seqlens[b] + j) % bs
+            if block < num_blocks:
+                expected[0][block, slot], expected[1][block, slot] = k[b, j], v[b, j]
+    out = torch.full_like(q, 12345.0)
+    lse = torch.full(ref_lse.shape, 12345.0, device=q.device)
+    tree_attention_fwd(q, k_pool, v_pool, lens, mask, k, v, block_table=table, out=out, lse=lse, num_splits=splits)
+    assert_close(out[:1], ref_out[:1], torch.float32, "out")
+    assert_close(lse[:1], ref_lse[:1], torch.float32, "lse")
+    assert out[1].isnan().all() and lse[1].isnan().all()
+    assert torch.equal(bits(k_pool), bits(expected[0])) and torch.equal(bits(v_pool), bits(expected[1]))
+
+
 def test_reference_on_the_paged_layout():
     """tree_attention_ref reads and writes through the table like the contiguous reference."""
     case = make_case(3, 12, 4, 2, 32, torch.float32, [5, 0, 70], per_row=True)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ht_kernels
-from helpers import BACKENDS, DEVICE, DTYPES, POISON, assert_close
+from helpers import BACKENDS, CUDA_BACKEND, DEVICE, DTYPES, POISON, assert_close
 from ht_kernels.reference.tree_attention import tree_attention_ref
 
 
@@ -317,6 +317,42 @@ def test_empty_tree_or_batch(backend, B, T):
                                          return_lse=True, backend=backend)
     assert out.shape == q.shape and lse.shape == (B, q.shape[2], T) and lse.dtype == torch.float32
     assert torch.equal(k_cache.view(torch.int32), before.view(torch.int32))  # bitwise: the poison is NaN
+
+
+KERNELS = (["triton"] if "triton" in BACKENDS else []) + CUDA_BACKEND
+SENTINEL = 12345.0  # the poison of outputs that should become NaN
+
+
+def launcher(backend):
+    if backend == "cuda":
+        from ht_kernels.cuda.tree_attention import tree_attention_fwd
+    else:
+        from ht_kernels.triton.tree_attention import tree_attention_fwd
+    return tree_attention_fwd
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("with_kv", [True, False])
+def test_kernels_check_the_lengths_on_the_device(backend, num_splits, with_kv):
+    """The kernels read cache_seqlens on the device only: a row whose length breaks 0 <= n <= S - T
+    reads and writes none of its cache and gets NaN in every output and lse; the other rows are exact."""
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    T = 5
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(4, T, 4, 2, 64, dtype, [5, 7, 9, 2], with_kv=with_kv)
+    S = k_cache.shape[1]
+    ref_out, ref_lse, ref_kc, ref_vc = reference(q, k_cache, v_cache, seqlens, mask, k, v)
+    bad_lens = torch.tensor([5, -1, S - T + 1, 2**31 - 1], dtype=torch.int32, device=DEVICE)
+    before = k_cache.clone(), v_cache.clone()
+    out = torch.full_like(q, SENTINEL)
+    lse = torch.full(ref_lse.shape, SENTINEL, device=q.device)
+    launcher(backend)(q, k_cache, v_cache, bad_lens, mask, k, v, out=out, lse=lse, num_splits=num_splits)
+    assert_close(out[:1], ref_out[:1], dtype, "out")
+    assert_close(lse[:1], ref_lse[:1], torch.float32 if dtype == torch.float32 else dtype, "lse")
+    assert out[1:].isnan().all() and lse[1:].isnan().all()
+    for cache, ref, old in ((k_cache, ref_kc, before[0]), (v_cache, ref_vc, before[1])):
+        assert torch.equal(cache[:1].double().nan_to_num(7.0), ref[:1].nan_to_num(7.0))
+        assert torch.equal(cache[1:].view(torch.int16), old[1:].view(torch.int16))  # bitwise: poison is NaN
 
 
 def test_unsupported_head_dim_raises_backend_unavailable():

@@ -3,7 +3,7 @@
 tests/triton_aot.py compiles every launch configuration the launchers produce (run in a subprocess
 without TRITON_INTERPRET, since interpreted kernels cannot be compiled). The limits checked are those
 that make a launch fail or crawl on the GPU: shared memory per block, and register spills of the
-16-bit attention kernels on Hopper.
+16-bit attention kernels on Hopper, whose query tiles of 64 rows or more must use wgmma.
 """
 import json
 import os
@@ -30,3 +30,5 @@ def test_kernels_compile_within_limits(arch):
         assert r["shared"] <= SHARED_LIMIT[arch], f"needs {r['shared']} B of shared memory: {r}"
         if arch == 90 and r["kernel"] == "_tree_attention_fwd_kernel" and r["config"]["DOT_PREC"] != "ieee":
             assert r["stack"] == 0, f"spills registers: {r}"
+            if r["config"]["BLOCK_M"] >= 64:  # a warpgroup's 64 rows: Hopper's asynchronous warpgroup MMA
+                assert r["wgmma"], f"16-bit tiles of >= 64 query rows lower to mma.sync, not wgmma: {r}"

@@ -63,6 +63,7 @@ def compile_launch(fn, args, kwargs, arch: int) -> dict:
     consts = {k: v for k, v in kwargs.items() if k.isupper()}
     return dict(kernel=fn.__name__, arch=arch, regs=int(res["REG"]), stack=int(res["STACK"]),
                 local=int(res["LOCAL"]), shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
+                wgmma="wgmma.mma_async" in kernel.asm["ptx"], dtype=str(kernel.src.signature.get("Q")),
                 config=consts)
 
 

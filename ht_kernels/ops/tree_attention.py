@@ -47,10 +47,13 @@ def tree_attention(
     16-byte aligned cache rows, no block_table; other inputs raise BackendUnavailableError) | "triton" |
     "torch".
 
-    The cache bound cache_seqlens + T <= S (max_blocks * block_size when paged) is checked against the
-    values of cache_seqlens, and so are the block ids each row uses (in [0, num_blocks)), which costs
-    one device-to-host copy on CUDA; the check is skipped while a CUDA graph is captured and inside
-    `cache_bounds_known()` (for callers that size the cache themselves, like the decoder).
+    The lengths must satisfy 0 <= cache_seqlens <= S - T (capacity max_blocks * block_size when paged)
+    and the block ids each row uses must lie in [0, num_blocks). On CPU tensors, and with the torch
+    backend, the values are checked on the host (ValueError; skipped inside `cache_bounds_known()`, for
+    callers that size the cache themselves, like the decoder). The Triton and CUDA kernels never read
+    them on the host (no synchronisation, CUDA graphs capture them): they check each row on the device,
+    and a row that breaks the bound, or uses a bad block id, reads and writes none of its cache slots
+    through them and gets NaN in all its outputs and lse.
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_table)
     name = resolve_backend("tree_attention", backend, q.device)
@@ -136,8 +139,8 @@ _BOUNDS_KNOWN = contextvars.ContextVar("ht_kernels_bounds_known", default=False)
 
 @contextlib.contextmanager
 def cache_bounds_known():
-    """Within: tree_attention skips its check of cache_seqlens + T against the cache, which reads the
-    lengths on the host (a device synchronisation per call on CUDA). For callers that sized the cache
+    """Within: tree_attention skips its host check of cache_seqlens + T against the cache (CPU tensors and
+    the torch backend; on CUDA tensors a synchronisation per call). For callers that sized the cache
     themselves, like the decoder."""
     token = _BOUNDS_KNOWN.set(True)
     try:
@@ -202,10 +205,11 @@ def _tree_attention_impl(
     backend: str,
     block_table: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if block_table is None:
-        check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
-    else:
-        check_block_table(cache_seqlens, q.shape[1], block_table, *k_cache.shape[:2])
+    if not (q.is_cuda and backend in ("triton", "cuda")):  # the kernels check the lengths on the device
+        if block_table is None:
+            check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
+        else:
+            check_block_table(cache_seqlens, q.shape[1], block_table, *k_cache.shape[:2])
     B, T, Hq, _ = q.shape
     if B == 0 or T == 0:  # an empty tree (or batch): nothing to write or attend; no kernel runs on zero queries
         return q.new_zeros(q.shape), q.new_empty((B, Hq, T), dtype=torch.float32)

@@ -19,6 +19,10 @@ cache, so nothing in the launch reads a cache slot that it writes.
 Paged caches (PAGED): k_cache, v_cache are [num_blocks, PAGE, Hkv, D] and a row's logical position p
 lives in block BLOCK_TABLE[b, p // PAGE] at offset p % PAGE. Every key tile looks its rows' blocks up,
 so tiles may cross block boundaries and any block size works; the contiguous path is compiled without it.
+
+Bad lengths and block ids are caught on the device, so that no launch reads the lengths on the host: a
+row whose cache_seqlens is outside [0, CAP - T] (CAP: the row's capacity) or that uses a block id
+outside [0, NUM_BLOCKS) reads and writes no cache slot through them, and all its outputs and lse are NaN.
 """
 from __future__ import annotations
 
@@ -49,12 +53,15 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _paged_rows(BLOCK_TABLE, pos, m_pos, sbtn, PAGE, skb, sks, svb, svs):
+def _paged_rows(BLOCK_TABLE, pos, m_pos, sbtn, PAGE, NUM_BLOCKS, skb, sks, svb, svs):
     """Offsets in k_cache and v_cache of the rows of logical positions pos [N] of a paged cache, whose
-    block table row starts at BLOCK_TABLE (blocks are looked up only where m_pos)."""
+    block table row starts at BLOCK_TABLE (blocks are looked up only where m_pos), and a mask of the
+    positions whose block id lies outside [0, NUM_BLOCKS) (their offsets are those of block 0)."""
     block = tl.load(BLOCK_TABLE + (pos // PAGE) * sbtn, mask=m_pos, other=0).to(tl.int64)
+    oob = (block < 0) | (block >= NUM_BLOCKS)
+    block = tl.where(oob, 0, block)
     slot = pos % PAGE
-    return block * skb + slot * sks, block * svb + slot * svs
+    return block * skb + slot * sks, block * svb + slot * svs, oob
 
 
 @triton.jit
@@ -69,7 +76,7 @@ def _tree_attention_fwd_kernel(
     sbtb, sbtn,
     sos, sob, sot, soh, sod,
     sls, slb, slh, slt,
-    T, HKV, D, PAGE, qk_scale,
+    T, HKV, D, PAGE, CAP, NUM_BLOCKS, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, HAS_KV: tl.constexpr, PAGED: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -83,6 +90,9 @@ def _tree_attention_fwd_kernel(
     b = (pid_bh // HKV).to(tl.int64)
     h = pid_bh % HKV
     seqlen = tl.load(SEQLENS + b * s_len)
+    bad = (seqlen < 0) | (seqlen > CAP - T)  # then nothing of the row's cache is touched: outputs NaN
+    seqlen = tl.where(bad, 0, seqlen)
+    bad_block = tl.zeros([BLOCK_N], dtype=tl.int1)  # keys of this program's tiles whose block id is bad
     last_split = split == NUM_SPLITS - 1
 
     o_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed query rows
@@ -106,14 +116,17 @@ def _tree_attention_fwd_kernel(
 
     # Copy the new tree keys/values into the cache (one program per (b, h)).
     if HAS_KV:
-        n_copy = tl.where((pid_m == 0) & last_split, T, 0)
+        n_copy = tl.where((pid_m == 0) & last_split & ~bad, T, 0)
         for j0 in range(0, n_copy, BLOCK_N):
             m_j = (j0 + o_n) < T
             m_copy = m_j[:, None] & m_d[None, :]
             b_k = tl.load(KN + (j0 + o_n)[:, None] * snt + o_d[None, :] * snd, mask=m_copy)
             b_v = tl.load(VN + (j0 + o_n)[:, None] * swt + o_d[None, :] * swd, mask=m_copy)
             if PAGED:
-                r_k, r_v = _paged_rows(BLOCK_TABLE, seqlen + j0 + o_n, m_j, sbtn, PAGE, skb, sks, svb, svs)
+                r_k, r_v, oob = _paged_rows(BLOCK_TABLE, seqlen + j0 + o_n, m_j, sbtn, PAGE, NUM_BLOCKS,
+                                            skb, sks, svb, svs)
+                m_copy = m_copy & ~oob[:, None]
+                bad_block |= oob & m_j
                 tl.store(KC + r_k[:, None] + o_d[None, :] * skd, b_k, mask=m_copy)
                 tl.store(VC + r_v[:, None] + o_d[None, :] * svd, b_v, mask=m_copy)
             else:
@@ -141,7 +154,9 @@ def _tree_attention_fwd_kernel(
     for i in range(lo, hi):
         if PAGED:
             o_key = i * BLOCK_N + o_n
-            r_k, r_v = _paged_rows(BLOCK_TABLE, o_key, o_key < seqlen, sbtn, PAGE, skb, sks, svb, svs)
+            r_k, r_v, oob = _paged_rows(BLOCK_TABLE, o_key, o_key < seqlen, sbtn, PAGE, NUM_BLOCKS,
+                                        skb, sks, svb, svs)
+            bad_block |= oob & (o_key < seqlen)
             t_k = KC + r_k[None, :] + o_d[:, None] * skd
             t_v = VC + r_v[:, None] + o_d[None, :] * svd
         else:
@@ -177,7 +192,9 @@ def _tree_attention_fwd_kernel(
         o_j = tl.where(m_tree, o_j, 0)
         m_live = m_pre | m_tree
         if PAGED:
-            r_k, r_v = _paged_rows(BLOCK_TABLE, start + o_n, m_live, sbtn, PAGE, skb, sks, svb, svs)
+            r_k, r_v, oob = _paged_rows(BLOCK_TABLE, start + o_n, m_live, sbtn, PAGE, NUM_BLOCKS,
+                                        skb, sks, svb, svs)
+            bad = bad | (tl.max((oob & m_live).to(tl.int32), 0) != 0)
             t_k = KC + r_k[None, :] + o_d[:, None] * skd
             t_v = VC + r_v[:, None] + o_d[None, :] * svd
         else:
@@ -209,6 +226,9 @@ def _tree_attention_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    bad = bad | (tl.max(bad_block.to(tl.int32), 0) != 0)
+    out = tl.where(bad, float("nan"), out)
+    lse = tl.where(bad, float("nan"), lse)
     p_o = O + split * sos + b * sob + o_t[:, None] * sot + o_hq[:, None] * soh + o_d[None, :] * sod
     tl.store(p_o, out.to(O.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     tl.store(LSE + split * sls + b * slb + o_hq * slh + o_t * slt, lse, mask=m_r)
@@ -224,7 +244,7 @@ def _tree_attention_merge_kernel(
     T, HQ, D,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the per-split partial outputs of one query row by their log-sum-exp."""
+    """Merge the per-split partial outputs of one query row by their log-sum-exp (NaN if a split's is)."""
     pid = tl.program_id(0)
     b = (pid // (T * HQ)).to(tl.int64)
     t = (pid // HQ) % T
@@ -242,6 +262,9 @@ def _tree_attention_merge_kernel(
     parts = tl.load(p_op, mask=m_sp[:, None] & m_d[None, :], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
     lse = tl.where(w_sum > 0.0, m_base + tl.log(tl.where(w_sum > 0.0, w_sum, 1.0)), float("-inf"))
+    bad = tl.max((lse_sp != lse_sp).to(tl.int32), 0) != 0  # a split saw a bad length or block id
+    out = tl.where(bad, float("nan"), out)
+    lse = tl.where(bad, float("nan"), lse)
     tl.store(O + b * sob + t * sot + hq * soh + o_d * sod, out.to(O.dtype.element_ty), mask=m_d)
     tl.store(LSE + b * slb + hq * slh + t * slt, lse)
 
@@ -361,7 +384,7 @@ def tree_attention_fwd(
         q, k_cache, v_cache, kn, vn, cache_seqlens, bits, table, o_buf, l_buf,
         cache_seqlens.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
         bits_b, bits.stride(1), *table_strides, *o_buf.stride(), *l_buf.stride(),
-        T, Hkv, D, page, scale * LOG2E,
+        T, Hkv, D, page, S, k_cache.shape[0] if paged else 0, scale * LOG2E,
         G=G, NUM_SPLITS=splits, MIN_SPLIT_BLOCKS=1 if num_splits else max(1, MIN_SPLIT_KEYS // cfg["BLOCK_N"]),
         HAS_KV=has_kv, PAGED=paged, **cfg,
     )
