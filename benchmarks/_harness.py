@@ -160,13 +160,13 @@ def dense_peak_tflops(device: torch.device) -> float:
     return tflops
 
 
-def run(args, cases: list[dict], setup, providers: dict, *, reference: str, baseline: str, metrics: dict) -> None:
+def run(args, cases: list[dict], setup, providers: dict, *, reference: str, baseline: str, metrics: dict) -> list:
     """Checks and times every provider on every case; prints the table, then the skips; maybe JSON.
 
     setup(case) -> inputs, or raises Skip. providers: {name: make(inputs) -> fn}, fn() -> output; make
     or the first call raise Skip (or one of SKIPS) when the provider cannot run. Outputs are checked
     against `reference`'s, the ratio column is baseline time / provider time, and metrics maps extra
-    columns to f(case, median_us).
+    columns to f(case, median_us). Returns the rows (one dict per case and provider).
     """
     if args.providers:
         providers = {k: v for k, v in providers.items() if k in args.providers.split(",") or k == reference}
@@ -210,6 +210,7 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
             {"header": head, "rows": rows, "skipped_cases": case_skips, "skipped_providers": skips}, indent=1))
+    return rows
 
 
 def _run_case(args, case, inputs, providers, reference, provider_skips) -> dict:

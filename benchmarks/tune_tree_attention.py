@@ -9,7 +9,9 @@ at the shapes of Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads), batch 1, 
 
     python benchmarks/tune_tree_attention.py [--splits 1,2,4,8,16] [--json PATH] [--case B=1]
 
-Without a GPU it runs a small case under TRITON_INTERPRET=1: a check of every candidate, not a tuning.
+On a GPU it ends with the `TUNED` entries (ht_kernels/triton/tree_attention.py) of the fastest correct
+tiles per case with the split heuristic, to paste into the table. Without a GPU it runs a small case
+under TRITON_INTERPRET=1: a check of every candidate, not a tuning.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def name(config: dict, splits: int | None) -> str:
 def main() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     from ht_kernels import tree_attention
-    from ht_kernels.triton.tree_attention import TUNE_CANDIDATES, tree_attention_fwd
+    from ht_kernels.triton.tree_attention import TUNE_CANDIDATES, table_key, tree_attention_fwd
 
     args = parse_args(__doc__.splitlines()[0], "one small case, every candidate checked under the interpreter",
                       lambda p: p.add_argument("--splits", default="1,2,4,8,16",
@@ -59,13 +61,37 @@ def main() -> None:
         return lambda: tree_attention(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["tree_mask"],
                                       backend="torch")
 
-    providers = {"torch": reference}
+    providers, tiles = {"torch": reference}, {}
     for config in ({}, *TUNE_CANDIDATES):
+        tiles[name(config, None)] = config
         for n in splits:
             providers[name(config, n)] = launch(config, n)
 
-    run(args, QUICK if args.quick else CASES, setup, providers, reference="torch", baseline="default/auto",
-        metrics={"GB/s": lambda case, us: gb_per_s(case, us, dtype.itemsize)})
+    rows = run(args, QUICK if args.quick else CASES, setup, providers, reference="torch", baseline="default/auto",
+               metrics={"GB/s": lambda case, us: gb_per_s(case, us, dtype.itemsize)})
+    if dev.type == "cuda":
+        print_table_entries(rows, tiles, table_key, 10 * torch.cuda.get_device_capability(dev)[0], dtype)
+
+
+def print_table_entries(rows: list, tiles: dict, table_key, arch: int, dtype: torch.dtype) -> None:
+    """The fastest correct tiles with the split heuristic per case, as TUNED entries (a faster rule is
+    said and not entered)."""
+    print("\n# TUNED entries, fastest tiles with the split heuristic per case")
+    key_of = lambda r: tuple(r[k] for k in ("Hq", "Hkv", "B", "L", "T", "D"))  # noqa: E731
+    for case in dict.fromkeys(map(key_of, rows)):
+        timed = [r for r in rows if key_of(r) == case and r["provider"] in tiles and r["status"] == "ok"]
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r["median_us"])
+        rule = next((r["median_us"] for r in timed if r["provider"] == "default/auto"), None)
+        Hq, Hkv, B, L, T, D = case
+        where = f"# Hq {Hq} Hkv {Hkv} B {B} L {L} T {T}: {best['median_us']:.1f} us"
+        if not tiles[best["provider"]]:
+            print(f"{where}, the rule is fastest")
+            continue
+        entry = ", ".join(f"{k}={v}" for k, v in tiles[best["provider"]].items())
+        versus = f", the rule {rule:.1f} us" if rule else ""
+        print(f"TUNED[{table_key(arch, dtype, D, T * Hq // Hkv)}] = dict({entry})  {where}{versus}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ outside [0, NUM_BLOCKS) reads and writes no cache slot through them, and all its
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -278,8 +279,21 @@ TUNE_CANDIDATES = (
 )
 
 
-def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes and launch options of the attention kernel for `rows` = T * G packed query rows.
+# Measured tiles per (arch, dtype, BLOCK_D, packed rows rounded up to a power of two, at most 256): what
+# benchmarks/tune_tree_attention.py prints as the fastest correct candidate on a GPU of that arch (the
+# tiles only; the split count stays the heuristic's). Shapes without an entry take kernel_config's rule.
+TUNED: dict[tuple[int, str, int, int], dict] = {}
+
+
+def table_key(arch: int, dtype: torch.dtype, D: int, rows: int) -> tuple[int, str, int, int]:
+    """The TUNED key of a launch: (compute capability as 80 / 90, dtype name, BLOCK_D, row bucket)."""
+    bucket = min(256, max(16, triton.next_power_of_2(rows)))
+    return arch, str(dtype).removeprefix("torch."), max(16, triton.next_power_of_2(D)), bucket
+
+
+def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool, arch: int | None = None) -> dict:
+    """Tile sizes and launch options of the attention kernel for `rows` = T * G packed query rows on a GPU
+    of compute capability `arch` (80, 90; None under the interpreter): TUNED's entry, else the rule below.
 
     Chosen so that the kernel compiles without register spills and within the shared memory of sm_80
     and sm_90 (tests/triton_aot.py checks it). fp32 dots run at "ieee" precision, without tensor
@@ -294,11 +308,21 @@ def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool) -> dic
     else:
         BLOCK_M, stages = min(128 if BLOCK_D <= 128 else 64, max(16, triton.next_power_of_2(rows))), 2
     dot_f32 = interpret and dtype == torch.bfloat16  # bf16 tl.dot is wrong under the interpreter
-    return dict(
+    cfg = dict(
         BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_T=32, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D,
         DOT_F32=dot_f32, DOT_PREC="ieee" if dtype == torch.float32 or dot_f32 else "tf32",
         num_warps=8 if BLOCK_M >= 128 or BLOCK_M * BLOCK_D >= 128 * 128 else 4, num_stages=stages,
     )
+    if arch is not None and not interpret:
+        cfg.update(TUNED.get(table_key(arch, dtype, D, rows), {}))
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(index: int) -> int:
+    """Compute capability of CUDA device `index` as major * 10 + minor (80, 90)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 MIN_SPLIT_KEYS = 256  # keys of a row's live prefix that one split takes at least (heuristic splits)
@@ -361,7 +385,9 @@ def tree_attention_fwd(
         bits = bits.unsqueeze(0).expand(B, -1, -1)  # stride 0 over rows: one shared mask
     bits_b = bits.stride(0)
 
-    cfg = kernel_config(T * G, D, q.dtype, interpreting())
+    arch = device_arch(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else None
+    cfg = kernel_config(T * G, D, q.dtype, interpreting(), arch)
     for key, value in (config or {}).items():
         tile = key.startswith("BLOCK_")
         if key not in TUNABLE or not isinstance(value, int) or value < (16 if tile else 1) or \
