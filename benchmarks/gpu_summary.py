@@ -21,6 +21,9 @@ def main(folder: str) -> None:
     d = Path(folder)
     big = dict(B=8, L=16384, T=64, Hq=32, Hkv=8, D=128)
     ta = rows(d / "tree_attention.json", **big) or rows(d / "tree_attention_flex.json", **big)
+    sm90 = rows(d / "tree_attention_sm90.json", **big).get("cuda")  # HT_KERNELS_CUDA_SM90=1: the Hopper kernel
+    if sm90:
+        ta = {**ta, "cuda-sm90": sm90}
     flex = rows(d / "tree_attention_flex.json", **big).get("flex", {}).get("median_us")
     small = rows(d / "tree_attention.json", B=1, L=4096, T=64, Hq=32, Hkv=8, D=128)
     ht = rows(d / "hidden_transfer.json", N=64, K=4, D=4096)
@@ -28,7 +31,7 @@ def main(folder: str) -> None:
     cell = lambda r, key, fmt: fmt.format(r[key]) if r and r.get(key) is not None else "-"  # noqa: E731
     print(f"{'target':<66} {'provider':>8} {'median us':>10} {'measured':>12}")
     for name, r in ta.items():
-        if name in ("triton", "cuda"):
+        if name in ("triton", "cuda", "cuda-sm90"):
             vs_flex = f", {flex / r['median_us']:.2f}x flex" if flex else ""
             print(f"{'tree_attention B8 L16384 T64 32/8 D128: >=80% copy, 1.5x flex, 3x sdpa':<66} {name:>8} "
                   f"{cell(r, 'median_us', '{:.1f}'):>10} {cell(r, '% copy', '{:.0f}%')}, {cell(r, 'ratio', '{:.2f}x')} sdpa"
