@@ -134,6 +134,19 @@ def test_layout_math_on_the_host(tmp_path):
     assert run.returncode == 0 and run.stdout.rstrip().endswith("all checks passed"), run.stdout[-2000:]
 
 
+def test_opt_in_needs_the_flag_and_compute_capability_9_0(monkeypatch):
+    from ht_kernels.cuda import tree_attention as cuda_ta
+
+    for flag, capability, expected in [(None, (9, 0), False), ("0", (9, 0), False), ("1", (9, 0), True),
+                                       ("1", (8, 0), False), ("1", (10, 0), False), ("1", (8, 9), False)]:
+        if flag is None:
+            monkeypatch.delenv(cuda_ta.SM90_ENV, raising=False)
+        else:
+            monkeypatch.setenv(cuda_ta.SM90_ENV, flag)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert cuda_ta.use_sm90("cuda") is expected, (flag, capability)
+
+
 # ---- on a Hopper GPU ----------------------------------------------------------------------------------------
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                             reason="needs a compute capability 9.0 GPU")
