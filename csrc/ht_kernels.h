@@ -106,7 +106,8 @@ constexpr int kMinSplitKeys = 256;
 int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S, bool sm90 = false);
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 // The attention launch of the Hopper kernel (no cache write, no merge); false, having launched nothing,
-// when it cannot run here (device not compute capability 9.0, no tensor map for these caches).
+// when it cannot run here (device not compute capability 9.0, no sm_90a code in the module, no tensor map
+// for these caches).
 bool launch_tree_attention_sm90(const TreeAttentionParams& p, cudaStream_t stream);
 
 }  // namespace ht

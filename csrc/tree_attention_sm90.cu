@@ -1,7 +1,8 @@
 // launch_tree_attention_sm90: the TMA tensor maps of the caches, then the Hopper attention launch over
-// (b, KV head) x 128-row query tiles x splits; run_tree_attention (tree_attention.cu) writes the new keys and
-// values before and merges the splits after. The tensor maps are encoded through the driver entry point
-// that the runtime hands out (cudaGetDriverEntryPointByVersion), so libcuda is not linked.
+// (b, KV head) x 128-row query tiles x splits (false, launching nothing, where the device or the module
+// lacks sm_90a code or the driver refuses the tensor maps); run_tree_attention (tree_attention.cu) writes
+// the new keys and values before and merges the splits after. The tensor maps are encoded through the
+// driver entry point that the runtime hands out (cudaGetDriverEntryPointByVersion): libcuda is not linked.
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 
 #include "tree_attention_sm90.cuh"
@@ -48,14 +49,19 @@ bool launch(const TreeAttentionParams& p, cudaStream_t stream) {
   if (!encode_cache_map<Traits>(&k_map, p.k_cache, p) || !encode_cache_map<Traits>(&v_map, p.v_cache, p)) return false;
   const int G = p.Hq / p.Hkv;
   dim3 grid(p.B * p.Hkv, (p.T * G + Traits::kBlockM - 1) / Traits::kBlockM, p.num_splits);
-  HT_BOOL_SWITCH(p.num_splits > 1, SPLIT, [&] {
+  return HT_BOOL_SWITCH(p.num_splits > 1, SPLIT, [&] {
     auto kernel = tree_attention_sm90_kernel<Traits, SPLIT>;
+    // A module built without sm_90a code (e.g. HT_KERNELS_CUDA_ARCHS="90") holds only the stub that traps,
+    // which uses a handful of registers; the real kernel uses well over 100.
+    cudaFuncAttributes attr{};
+    check_cuda(cudaFuncGetAttributes(&attr, kernel), "tree_attention (sm90)");
+    if (attr.numRegs < 32) return false;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
                "tree_attention (sm90)");
     kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, k_map, v_map);
+    check_launch("tree_attention (sm90)");
+    return true;
   });
-  check_launch("tree_attention (sm90)");
-  return true;
 }
 
 }  // namespace
