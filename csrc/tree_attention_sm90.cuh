@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto wait_full = [&](int j) {
     mbar_wait(&full[j % ST], (j / ST) & 1);
     const int kb = kb_begin + j, first = keys - kb * BN;
-    if (first < BN) {  // the row's last tile: zero V rows first.. (keys >= n + T, maybe stale or NaN)
+    if (first < BN) {  // the row's last tile: zero its V rows from `first` on (keys >= n + T: stale, maybe NaN)
       unsigned char* vs = smem + Traits::kConsumers * Traits::kQBytes + (j % ST) * Traits::kStageBytes + Traits::kTileBytes;
       for (int c = tid; c < (BN - first) * CB * 8; c += 128) {
         const int r = first + c / (CB * 8), cb = (c / 8) % CB, ch = c % 8;
