@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (about 8-10 minutes on an H100): builds the CUDA extension, runs
-# compute-sanitizer's memcheck on a small case of each CUDA kernel, tunes the Triton tree attention's
-# tiles and splits, the kernel benchmarks (device times from CUDA-graph replays), then the GPU tests of
-# the kernels (cuda and triton backends against fp64 references) and of the decoding step as a CUDA graph.
+# One prepared run for a lent GPU (about 8 minutes on an H100): builds the CUDA extension; first the opt-in
+# Hopper tree-attention kernel (HT_KERNELS_CUDA_SM90=1; on other GPUs the flag changes nothing): its GPU
+# tests and the cuda backend's tree-attention tests against fp64 references, memcheck of the small case and
+# its time on the target case; then compute-sanitizer's memcheck on a small case of each CUDA kernel, tunes
+# the Triton tree attention's tiles and splits, the kernel benchmarks (device times from CUDA-graph
+# replays), then the GPU tests of the kernels (cuda and triton backends against fp64 references) and of the
+# decoding step as a CUDA graph.
 # Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11:
-#     bash benchmarks/gpu_check.sh        # under $OUT (or benchmarks/results): gpu_check.log and 5 JSON files
+#     bash benchmarks/gpu_check.sh        # under $OUT (or benchmarks/results): gpu_check.log and 6 JSON files
 # Record the figures, with the card's name, the date and the commit, in benchmarks/RESULTS.md.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -16,14 +19,21 @@ step nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --for
 step python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step git log -1 --format=%H
 TAIL=8 step timeout 150 python3 -c "from ht_kernels.cuda.build import load; print('built', load().__file__)"
-TAIL=4 step timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
+TAIL=15 step env HT_KERNELS_CUDA_SM90=1 timeout 90 python3 -m pytest -q --maxfail=3 -p no:cacheprovider \
+    tests/test_cuda_sm90.py::test_sm90_kernel_runs_and_agrees_with_the_default_kernel \
+    tests/test_cuda_sm90.py::test_sm90_kernel_matches_reference tests/test_tree_attention.py -k cuda
+TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py -k small_case
+step env HT_KERNELS_CUDA_SM90=1 timeout 40 python3 benchmarks/bench_tree_attention.py --providers cuda \
+    --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_sm90.json"
+TAIL=4 step timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
     tests/test_cuda_ext.py -k small_case
-step timeout 120 python3 benchmarks/tune_tree_attention.py --json "$out/tune_tree_attention.json"
-step timeout 150 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
-step timeout 60 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
+step timeout 60 python3 benchmarks/tune_tree_attention.py --json "$out/tune_tree_attention.json"
+step timeout 90 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
+step timeout 50 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_flex.json"
-step timeout 60 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"
-step timeout 40 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json"
-TAIL=15 step timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_tree_attention.py \
+step timeout 45 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"
+step timeout 30 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json"
+TAIL=15 step timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_tree_attention.py \
     tests/test_hidden_transfer.py tests/test_compact_kv.py tests/test_verify_tree.py tests/test_decode_graphs.py
 step python3 benchmarks/gpu_summary.py "$out"

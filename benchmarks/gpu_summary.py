@@ -23,13 +23,16 @@ def main(folder: str) -> None:
     ta = rows(d / "tree_attention.json", **big) or rows(d / "tree_attention_flex.json", **big)
     peers = rows(d / "tree_attention_flex.json", **big)
     wide = rows(d / "tree_attention.json", B=8, L=16384, T=16, Hq=32, Hkv=8, D=128)
+    sm90 = rows(d / "tree_attention_sm90.json", **big).get("cuda")  # HT_KERNELS_CUDA_SM90=1: the Hopper kernel
+    if sm90:
+        ta = {**ta, "cuda-sm90": sm90}
     small = rows(d / "tree_attention.json", B=1, L=4096, T=64, Hq=32, Hkv=8, D=128)
     ht = rows(d / "hidden_transfer.json", N=64, K=4, D=4096)
     step = rows(d / "step_ops.json", layers=30, B=8, T=64)
     cell = lambda r, key, fmt: fmt.format(r[key]) if r and r.get(key) is not None else "-"  # noqa: E731
     print(f"{'target':<66} {'provider':>8} {'median us':>10} {'measured':>12}")
     for name, r in ta.items():
-        if name in ("triton", "cuda"):
+        if name in ("triton", "cuda", "cuda-sm90"):
             vs = "".join(f", {peers[p]['median_us'] / r['median_us']:.2f}x {p}"
                          for p in ("flashinfer", "flex") if peers.get(p, {}).get("median_us"))
             print(f"{'tree_attention B8 L16384 T64 32/8 D128: >=60% roof, 1.5x flashinfer, flex':<66} {name:>8} "

@@ -60,7 +60,7 @@ PYBIND11_MODULE(_C, m) {
          int64_t new_stride_b, int64_t new_stride_t, int64_t new_stride_h, uintptr_t cache_seqlens, uintptr_t tree_mask,
          int64_t mask_stride_b, uintptr_t out, int64_t out_stride_b, int64_t out_stride_t, int64_t out_stride_h,
          uintptr_t lse, uintptr_t out_partial, uintptr_t lse_partial, int B, int T, int Hq, int Hkv, int D, int S,
-         int num_splits, float scale, int dtype, uintptr_t stream) {
+         int num_splits, float scale, int dtype, uintptr_t stream, bool sm90) {
         if (dtype != 1 && dtype != 2) throw py::value_error("tree_attention: dtype must be 1 (f16) or 2 (bf16)");
         if (D != 64 && D != 128) throw py::value_error("tree_attention: D must be 64 or 128");
         if (Hkv <= 0 || Hq % Hkv != 0 || num_splits < 1)
@@ -71,13 +71,14 @@ PYBIND11_MODULE(_C, m) {
                                   new_stride_h, ptr<const int32_t>(cache_seqlens), ptr<const bool>(tree_mask),
                                   mask_stride_b, ptr<void>(out), out_stride_b, out_stride_t, out_stride_h,
                                   ptr<float>(lse), ptr<float>(out_partial), ptr<float>(lse_partial), B, T, Hq, Hkv, D,
-                                  S, num_splits, scale, static_cast<DType>(dtype)};
+                                  S, num_splits, scale, static_cast<DType>(dtype), sm90};
         py::gil_scoped_release release;
         ht::run_tree_attention(p, stream_of(stream));
       },
-      "Strides in elements; dtype 1 f16, 2 bf16; see ht_kernels.h.");
-  m.def("tree_attention_num_splits", &ht::tree_attention_num_splits,
-        "The split count for (B, T, Hq, Hkv, S) on the current device.");
+      "Strides in elements; dtype 1 f16, 2 bf16; sm90: the Hopper kernel where it can run; see ht_kernels.h.");
+  m.def("tree_attention_num_splits", &ht::tree_attention_num_splits, py::arg("B"), py::arg("T"), py::arg("Hq"),
+        py::arg("Hkv"), py::arg("S"), py::arg("sm90") = false,
+        "The split count for (B, T, Hq, Hkv, S) on the current device (sm90: for the Hopper kernel).");
 
   auto transfer_params = [](uintptr_t x, int64_t x_stride_n, uintptr_t w, int64_t w_stride_k, int64_t w_stride_o,
                             uintptr_t bias, int64_t bias_stride_k, uintptr_t out, int64_t out_stride_n,

@@ -79,6 +79,12 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Row b's cache length lies outside [0, S - T]: the kernels touch none of its cache and write NaN.
+__device__ __forceinline__ bool bad_length(const TreeAttentionParams& p, int b) {
+  const int n = p.cache_seqlens[b];
+  return n < 0 || n > p.S - p.T;
+}
+
 }  // namespace ht
 
 // BOOL_SWITCH(cond, NAME, [&] { ... NAME ... }): the lambda runs with NAME a constexpr bool.

@@ -73,6 +73,10 @@ void run_hidden_transfer(const HiddenTransferParams& p, cudaStream_t stream);
 // out_partial [splits, B, T, Hq, D] and lse_partial [splits, B, Hq, T], merged in a fixed order.
 // cache_seqlens is read on the device only: a row with n outside [0, S - T] gets NaN out and lse, and
 // none of its cache slots is read or written.
+// sm90: use the Hopper kernel (tree_attention_sm90.cuh: wgmma, TMA, warp specialisation) when the device
+// is compute capability 9.0 and the module holds sm_90a code; else, and when the caches cannot be
+// described by a TMA tensor map, the default kernel runs. Opt-in (HT_KERNELS_CUDA_SM90=1 in Python)
+// until a GPU run has validated it.
 struct TreeAttentionParams {
   const void* q;
   int64_t q_stride_b, q_stride_t, q_stride_h;
@@ -93,13 +97,19 @@ struct TreeAttentionParams {
   int B, T, Hq, Hkv, D, S, num_splits;
   float scale;  // softmax scale (natural units)
   DType dtype;
+  bool sm90;
 };
 // Keys of a row's live prefix that one split takes at least: with more splits than a row needs, the
 // rest end at once, so the work follows the live prefix while the split count is fixed at launch.
 constexpr int kMinSplitKeys = 256;
 // The split count run_tree_attention wants: about two waves of blocks on the current device, at most
-// one per kMinSplitKeys positions of capacity S and 64 (the host never reads cache_seqlens).
-int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S);
+// one per kMinSplitKeys positions of capacity S and 64 (the host never reads cache_seqlens). sm90: for
+// the Hopper kernel (128 query rows per block, one block per SM: one wave).
+int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S, bool sm90 = false);
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
+// The attention launch of the Hopper kernel (no cache write, no merge); false, having launched nothing,
+// when it cannot run here (device not compute capability 9.0, no sm_90a code in the module, no tensor map
+// for these caches).
+bool launch_tree_attention_sm90(const TreeAttentionParams& p, cudaStream_t stream);
 
 }  // namespace ht

@@ -7,12 +7,6 @@
 
 namespace ht {
 
-// Row b's cache length lies outside [0, S - T]: the kernels touch none of its cache and write NaN.
-__device__ __forceinline__ bool bad_length(const TreeAttentionParams& p, int b) {
-  const int n = p.cache_seqlens[b];
-  return n < 0 || n > p.S - p.T;
-}
-
 template <int D_, typename T_>
 struct TreeAttentionTraits {
   using T = T_;

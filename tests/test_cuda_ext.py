@@ -21,9 +21,9 @@ except cuda_build.CudaBuildError as e:
 
 SO = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
 # q, its strides, caches, their strides, new k/v, their strides, lengths, mask, its stride, out, its strides, lse,
-# partials, B, T, Hq, Hkv, D, S, splits, scale, dtype (bf16), stream: one tiny case at address 0.
+# partials, B, T, Hq, Hkv, D, S, splits, scale, dtype (bf16), stream, sm90: one tiny case at address 0.
 TREE_ATTENTION_ARGS = [0, 64, 64, 64, 0, 0, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 64, 64, 0, 0, 0,
-                       1, 1, 1, 1, 64, 4, 1, 0.125, 2, 0]
+                       1, 1, 1, 1, 64, 4, 1, 0.125, 2, 0, False]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,9 @@ def test_launch_without_gpu_raises_runtime_error(built):
         ("verify_tree_greedy", lambda: C.verify_tree_greedy(0, 0, 0, 0, 0, 0, 1, 1, 0)),
         ("hidden_transfer", lambda: C.hidden_transfer(0, 8, 0, 64, 8, 0, 0, 0, 8, 8, 1, 1, 1, 8, 2, 0)),
         ("tree_attention", lambda: C.tree_attention(*TREE_ATTENTION_ARGS)),
+        ("tree_attention", lambda: C.tree_attention(*TREE_ATTENTION_ARGS[:-1], True)),  # the Hopper kernel asked for
         ("tree_attention", lambda: C.tree_attention_num_splits(1, 1, 1, 1, 16)),
+        ("tree_attention", lambda: C.tree_attention_num_splits(1, 1, 1, 1, 16, sm90=True)),
     ]
     for op, launch in launches:
         with pytest.raises(RuntimeError, match=rf"^{op}: CUDA error: "):
@@ -77,7 +79,7 @@ def test_bad_arguments_raise_value_error(built):
     with pytest.raises(ValueError, match="D must be 64 or 128"):
         C.tree_attention(*TREE_ATTENTION_ARGS[:28], 80, *TREE_ATTENTION_ARGS[29:])
     with pytest.raises(ValueError, match="dtype"):
-        C.tree_attention(*TREE_ATTENTION_ARGS[:32], 0, 0)
+        C.tree_attention(*TREE_ATTENTION_ARGS[:32], 0, *TREE_ATTENTION_ARGS[33:])
     with pytest.raises(ValueError, match="elem_bytes"):
         C.compact_kv(0, 0, 0, 0, 0, 0, 3, 1, 1, 1, 8, 3, 0, 0, 1, True, 0, False, 1, 0)
 

@@ -1,7 +1,14 @@
-"""Launcher of the CUDA `tree_attention` kernel (csrc/tree_attention.cu)."""
+"""Launcher of the CUDA `tree_attention` kernel (csrc/tree_attention.cu).
+
+`HT_KERNELS_CUDA_SM90=1` opts in to the Hopper kernel (csrc/tree_attention_sm90.cuh: wgmma, TMA, warp
+specialisation) on compute capability 9.0 devices; it stays off by default until a GPU run has validated
+it, and the sm_80 kernel runs everywhere else (and where the caches cannot be described by a TMA tensor
+map). The variable is read at every call.
+"""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -9,6 +16,12 @@ from .build import load
 
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (64, 128)
+SM90_ENV = "HT_KERNELS_CUDA_SM90"
+
+
+def use_sm90(device) -> bool:
+    """Whether calls on `device` take the Hopper kernel: HT_KERNELS_CUDA_SM90=1 and compute capability 9.0."""
+    return os.environ.get(SM90_ENV, "0") == "1" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def unsupported(q, k_cache, v_cache, block_table=None) -> str | None:
@@ -49,7 +62,8 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     mask = tree_mask.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse is None else lse
-    splits = num_splits or C.tree_attention_num_splits(B, T, Hq, Hkv, S)
+    sm90 = use_sm90(q.device)
+    splits = num_splits or C.tree_attention_num_splits(B, T, Hq, Hkv, S, sm90)
     part_out = part_lse = None
     if splits > 1:
         part_out = _workspace(splits, B, T, Hq, D, device=q.device)
@@ -63,5 +77,5 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
                      T * T if mask.dim() == 3 else 0, out.data_ptr(), *out.stride()[:3], lse.data_ptr(),
                      0 if part_out is None else part_out.data_ptr(), 0 if part_lse is None else part_lse.data_ptr(),
                      B, T, Hq, Hkv, D, S, splits, scale, DTYPE_CODES[q.dtype],
-                     torch.cuda.current_stream(q.device).cuda_stream)
+                     torch.cuda.current_stream(q.device).cuda_stream, sm90)
     return out, lse

@@ -1,0 +1,280 @@
+// tree_attention on Hopper (sm_90a): warpgroup MMA with a TMA producer. Opt-in (TreeAttentionParams::sm90,
+// HT_KERNELS_CUDA_SM90=1 from Python) until a GPU run has validated it; tree_attention.cuh stays the default.
+//
+// One block: 128 GQA-packed query rows of one (row b, KV head h) over the key blocks of its split (the same
+// split rule, partials layout and merge kernel as tree_attention.cuh), 3 warpgroups:
+// - warpgroup 0, the producer: one thread streams K and V tiles of kBlockN keys with TMA (a 4-d tensor map
+//   over the cache, 128-byte swizzle, one box of 64 head-dim values per column block) into a ring of
+//   kStages shared-memory stages. Stage s has a "full" mbarrier (the producer's arrive.expect_tx; the TMA
+//   bytes complete it) and an "empty" one (one arrival per consumer warp once its last wgmma reading the
+//   stage has finished). It gives most of its registers away (setmaxnreg.dec).
+// - warpgroups 1 and 2, the consumers: 64 query rows each (a warpgroup with no live row idles). Q is
+//   staged once in shared memory in the same swizzled layout. Per key tile j:
+//       S_j = Q K_j^T           wgmma m64n128k16, A and B from shared memory (K-major descriptors)
+//       O  += P_{j-1} V_{j-1}   wgmma m64nDk16, A = P from registers, B = V transposed (MN-major)
+//   both issued back to back, then the online softmax of S_j runs while P_{j-1} V_{j-1} is still in the
+//   tensor cores (FlashAttention-3's intra-warpgroup overlap); O is rescaled once that product is done.
+//   Base-2 softmax with the scale folded into log2 units, fp32 accumulators, the tree mask only on tiles
+//   that reach past the prefix, exactly as the sm_80 kernel.
+// Keys at or past n + T: TMA reads them when they share the row's last tile (it zero-fills only past the
+// capacity S), so the consumers zero those V rows in shared memory and the mask sets their scores to -inf;
+// stale (even NaN) slots therefore never reach the output.
+// Index math (fragments, swizzle, descriptors, P -> A) lives in wgmma_layout.h and is checked on the host
+// by tests/test_cuda_sm90.py.
+#pragma once
+
+#include <cfloat>
+
+#include "sm90_ptx.cuh"
+#include "wgmma_layout.h"
+
+namespace ht {
+
+template <int D_, typename T_>
+struct TreeAttentionSm90Traits {
+  using T = T_;
+  static constexpr int D = D_;
+  static constexpr int kConsumers = 2;                      // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = 128;                       // keys per tile
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kColBlocks = D / 64;                 // 128-byte column blocks of a row
+  static constexpr int kQBytes = 64 * D * 2;                // one consumer's Q tile
+  static constexpr int kTileBytes = kBlockN * D * 2;        // one K or V tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kStages = D == 64 ? 4 : 2;           // 128 KB of K/V in flight either way
+  static constexpr int kBarrierOffset = kConsumers * kQBytes + kStages * kStageBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + slack to align to 1024
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block");
+};
+
+template <typename Traits, bool SPLIT>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    tree_attention_sm90_kernel(const __grid_constant__ TreeAttentionParams p, const __grid_constant__ CUtensorMap k_map,
+                               const __grid_constant__ CUtensorMap v_map) {
+#ifdef HT_SM90A
+  using T = typename Traits::T;
+  using namespace sm90;
+  constexpr int D = Traits::D, BN = Traits::kBlockN, ST = Traits::kStages, CB = Traits::kColBlocks;
+  extern __shared__ unsigned char smem_raw[];
+  // 128-byte swizzle atoms must be 1024-byte aligned in the shared address space.
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Traits::kBarrierOffset);
+  uint64_t* empty = full + ST;
+  const uint32_t kv_addr = smem_addr(smem + Traits::kConsumers * Traits::kQBytes);
+
+  const int b = blockIdx.x / p.Hkv, h = blockIdx.x % p.Hkv;
+  const int G = p.Hq / p.Hkv, rows = p.T * G;
+  const bool bad = bad_length(p, b);  // then no cache slot is read, and out and lse are NaN
+  const int n = bad ? 0 : p.cache_seqlens[b];
+  const int keys = n + p.T;
+  const int nblocks = (keys + BN - 1) / BN;
+  const int per_split = max((nblocks + p.num_splits - 1) / p.num_splits, max(1, kMinSplitKeys / BN));
+  const int kb_begin = blockIdx.z * per_split, kb_end = min(nblocks, kb_begin + per_split);
+  const int n_tiles = max(0, kb_end - kb_begin);
+  const int block_row0 = blockIdx.y * Traits::kBlockM;
+  const int active = min(Traits::kConsumers, (rows - block_row0 + 63) / 64);  // consumers with live rows
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ST; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4 * active);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- producer ----
+    regs_dealloc<Traits::kProducerRegs>();
+    if (tid != 0) return;
+    for (int j = 0; j < n_tiles; ++j) {
+      const int stage = j % ST;
+      if (j >= ST) mbar_wait(&empty[stage], ((j / ST) - 1) & 1);  // its previous tile is consumed
+      mbar_arrive_expect_tx(&full[stage], Traits::kStageBytes);
+      unsigned char* ks = smem + Traits::kConsumers * Traits::kQBytes + stage * Traits::kStageBytes;
+      const int key0 = (kb_begin + j) * BN;
+#pragma unroll
+      for (int cb = 0; cb < CB; ++cb) {  // tensor map dims (D, Hkv, S, B)
+        tma_load_4d(ks + cb * BN * 128, &k_map, 64 * cb, h, key0, b, &full[stage]);
+        tma_load_4d(ks + Traits::kTileBytes + cb * BN * 128, &v_map, 64 * cb, h, key0, b, &full[stage]);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  regs_alloc<Traits::kConsumerRegs>();
+  const int cw = wg - 1;
+  if (cw >= active) return;
+  const int tile0 = block_row0 + 64 * cw;  // first packed query row of this warpgroup
+  unsigned char* qs = smem + cw * Traits::kQBytes;
+  const uint32_t q_addr = smem_addr(qs);
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+  // Q -> shared memory (swizzled, zero rows past the last), 4 bytes at a time (q needs 4-byte alignment only).
+  for (int c = tid; c < 64 * D / 2; c += 128) {
+    const int r = c / (D / 2), word = c % (D / 2), row = tile0 + r;
+    uint32_t v = 0u;
+    if (row < rows) {
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + (row / G) * p.q_stride_t + (h * G + row % G) * p.q_stride_h;
+      v = *reinterpret_cast<const uint32_t*>(q + 2 * word);
+    }
+    *reinterpret_cast<uint32_t*>(qs + tile_offset(64, r, word / 4) + 4 * (word % 4)) = v;
+  }
+  fence_proxy_async();  // written by ordinary stores, read by wgmma
+  named_barrier(1 + cw, 128);
+
+  float o[D / 2];        // O accumulator, acc_row / acc_col layout (64 x D)
+  float s[BN / 2];       // S, then P in fp32 (64 x BN)
+  uint32_t pa[BN / 16][4];  // P as A fragments, one group of 4 per 16 keys
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, corr[2];
+
+  auto wait_full = [&](int j) {
+    mbar_wait(&full[j % ST], (j / ST) & 1);
+    const int kb = kb_begin + j, first = keys - kb * BN;
+    if (first < BN) {  // the row's last tile: zero its V rows from `first` on (keys >= n + T: stale, maybe NaN)
+      unsigned char* vs = smem + Traits::kConsumers * Traits::kQBytes + (j % ST) * Traits::kStageBytes + Traits::kTileBytes;
+      for (int c = tid; c < (BN - first) * CB * 8; c += 128) {
+        const int r = first + c / (CB * 8), cb = (c / 8) % CB, ch = c % 8;
+        *reinterpret_cast<uint4*>(vs + cb * BN * 128 + r * 128 + ch * 16) = make_uint4(0u, 0u, 0u, 0u);
+      }
+      fence_proxy_async();
+      named_barrier(1 + cw, 128);
+    }
+  };
+  auto release = [&](int j) {
+    if (lane == 0) mbar_arrive(&empty[j % ST]);
+  };
+  auto issue_qk = [&](int j) {
+    const uint32_t k_addr = kv_addr + (j % ST) * Traits::kStageBytes;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      Wgmma<T, BN>::ss(s, desc_k_major(q_addr, 64, kk), desc_k_major(k_addr, BN, kk), kk > 0);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int j) {
+    const uint32_t v_addr = kv_addr + (j % ST) * Traits::kStageBytes + Traits::kTileBytes;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], desc_mn_major(v_addr, BN, kk), 1);
+    wgmma_commit();
+  };
+  // Scale, mask and exponentiate S of key block kb in place; corr: the factor of each row's old O and l.
+  auto softmax = [&](int kb) {
+    const bool prefix_only = (kb + 1) * BN <= n;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      float x = s[i] * scale_log2;
+      if (!prefix_only) {
+        const int key = kb * BN + acc_col(lane, i), r = tile0 + acc_row(warp, lane, i);
+        const bool visible = key < n || (key < keys && r < rows &&
+                                         p.tree_mask[b * p.mask_stride_b + static_cast<int64_t>(r / G) * p.T + key - n]);
+        if (!visible) x = -INFINITY;
+      }
+      s[i] = x;
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = m[half];
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i)
+        if (acc_half(i) == half) mx = fmaxf(mx, s[i]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.f : mx;       // nothing visible yet: keep everything at 0
+      corr[half] = exp2f(m[half] - base);
+      m[half] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i)
+        if (acc_half(i) == half) {
+          s[i] = exp2f(s[i] - base);
+          sum += s[i];
+        }
+      l[half] = l[half] * corr[half] + sum;
+    }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) pa[kk][j] = pack2<T>(s[p_source(kk, j, 0)], s[p_source(kk, j, 1)]);
+  };
+
+  if (n_tiles > 0) {
+    wait_full(0);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_wait<0>();
+    fence_regs(s);
+    softmax(kb_begin);
+    pack_p();  // O is still 0: nothing to rescale
+    for (int j = 1; j < n_tiles; ++j) {
+      wait_full(j);
+      fence_regs(o);
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
+      wgmma_fence();
+      issue_qk(j);
+      issue_pv(j - 1);
+      wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+      fence_regs(s);
+      softmax(kb_begin + j);
+      wgmma_wait<0>();
+      fence_regs(o);
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
+      release(j - 1);
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= corr[acc_half(i)];
+      pack_p();
+    }
+    fence_regs(o);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
+    wgmma_fence();
+    issue_pv(n_tiles - 1);
+    wgmma_wait<0>();
+    fence_regs(o);
+    release(n_tiles - 1);
+  }
+
+  // Epilogue: total l over the quad, normalise, store (out in T, or fp32 partials per split).
+  const int t = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float total = l[half];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    const int r = tile0 + acc_row(warp, lane, 2 * half);
+    if (r >= rows) continue;
+    const int i = r / G, hq = h * G + r % G;
+    const float inv = bad ? NAN : total > 0.f ? 1.f / total : 0.f;
+    const float lse = bad ? NAN : total > 0.f ? (m[half] + log2f(total)) * 0.6931471805599453f : -INFINITY;
+    if (SPLIT) {
+      const int64_t at = ((static_cast<int64_t>(blockIdx.z) * p.B + b) * p.T + i) * p.Hq + hq;
+      float* out = p.out_partial + at * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)  // registers 4 dt + 2 half, + 1: cols 8 dt + 2 t, + 1
+        *reinterpret_cast<float2*>(out + acc_col(lane, 4 * dt)) =
+            make_float2(o[4 * dt + 2 * half] * inv, o[4 * dt + 2 * half + 1] * inv);
+      if (t == 0) p.lse_partial[((static_cast<int64_t>(blockIdx.z) * p.B + b) * p.Hq + hq) * p.T + i] = lse;
+    } else {
+      T* out = static_cast<T*>(p.out) + b * p.out_stride_b + i * p.out_stride_t + hq * p.out_stride_h;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(out + acc_col(lane, 4 * dt)) =
+            pack2<T>(o[4 * dt + 2 * half] * inv, o[4 * dt + 2 * half + 1] * inv);
+      if (t == 0) p.lse[(static_cast<int64_t>(b) * p.Hq + hq) * p.T + i] = lse;
+    }
+  }
+#else
+  __trap();  // built without sm_90a code: launch_tree_attention_sm90 sees the stub and does not launch it
+#endif
+}
+
+}  // namespace ht
