@@ -100,6 +100,10 @@ def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol)
         a, b = np.load(out / f"shard-0000{k}.npz"), np.load(tmp_path / "ds2" / f"shard-0000{k}.npz")
         assert all(np.array_equal(a[f], b[f]) for f in ("index", "prompt_hash", "offsets", "answers"))
     assert dataset.load(tmp_path / "ds2", smol.tokenizer) == examples               # its prompts from the pool
+    (tmp_path / "ds2" / "shard-00002.npz").unlink()      # a later run without --pool resumes from OUT/pool.npz
+    dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds2"), *argv[2:]]))
+    a, b = np.load(out / "shard-00002.npz"), np.load(tmp_path / "ds2" / "shard-00002.npz")
+    assert all(np.array_equal(a[f], b[f]) for f in ("index", "prompt_hash", "offsets", "answers"))
     with pytest.raises(ValueError, match="seed 0"):
         dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds3"), *argv[2:], "--seed", "1",
                                           "--pool", str(tmp_path / "pool.npz")]))

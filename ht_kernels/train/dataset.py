@@ -13,7 +13,8 @@ sources and drops (with a warning) any whose tokens changed. OUT/manifest.json h
 with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
 seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard
 N - 1; --minutes M: start no shard after M minutes (but one). --export-pool PATH writes the pool's encoded prompts (~5 MB) for a machine without the Debian sources
-(a lent GPU), whose run reads it with --pool PATH and keeps a copy as OUT/pool.npz.
+(a lent GPU), whose run reads it with --pool PATH and keeps a copy as OUT/pool.npz. A dataset with an
+OUT/pool.npz takes its prompts from it, never from the sources, which change with package versions.
 """
 from __future__ import annotations
 
@@ -108,10 +109,10 @@ def build(args) -> dict:
     if args.export_pool:
         save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt)
         return manifest
-    if args.pool:
-        index, prompts = read_pool(args.pool, args.seed, args.max_prompt)
-        if not (out / POOL).exists():
-            shutil.copyfile(args.pool, out / POOL)
+    if args.pool and not (out / POOL).exists():
+        shutil.copyfile(args.pool, out / POOL)
+    if (out / POOL).exists():  # the dataset's own pool: its prompts stay those its shards answered
+        index, prompts = read_pool(out / POOL, args.seed, args.max_prompt)
     else:
         index, prompts = pool(model.tokenizer, args.seed, args.max_prompt)
     n_shards = -(-len(prompts) // args.shard_size)
@@ -183,8 +184,8 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
                 continue
             examples.append(Example(prompt + answers[offsets[j]:offsets[j + 1]], len(prompt) - 1))
     if stale:
-        warnings.warn(f"load: {stale} prompts of {path} changed with the installed sources and were dropped",
-                      stacklevel=2)
+        warnings.warn(f"load: {stale} prompts of {path} do not match the prompts its shards answered (the "
+                      f"pool or the installed sources changed) and were dropped", stacklevel=2)
     if not examples and part != "held-out":  # a few shards may hold no held-out conversation
         raise ValueError(f"load: no usable {part} examples under {path}")
     return examples

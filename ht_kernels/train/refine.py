@@ -2,12 +2,14 @@
 
     python -m ht_kernels.train.refine --maps transfer.safetensors --dataset datasets/smollm2-135m
         --out refined.safetensors [--examples 2000] [--rank 128] [--top 32] [--steps 2000] [--threads 2]
+        [--features feats.pt]
 
 `refiner_features` runs the frozen model and the drafter once over the examples and keeps, per anchor,
 what the refiner sees and learns: the drafts' LM-head inputs, the next root (the token after the
 anchor), each depth's top candidates and the teacher's probability of each candidate (the frozen
 model's top-k distribution at the drafted position). `fit_refiner` then trains on these features
-alone, so epochs cost a small fraction of a pass through the model. The loss is the cross-entropy of
+alone, so epochs cost a small fraction of a pass through the model; `--features` keeps them in a file,
+so refiners of other ranks or step counts are fitted without the model pass. The loss is the cross-entropy of
 the refined distribution over the candidates against the teacher's, renormalised over them (drafts
 whose candidates hold none of the teacher's top-k mass are left out).
 """
@@ -86,13 +88,13 @@ def refiner_stats(refiner: RootRefiner | None, model, f: dict[str, torch.Tensor]
 
 
 def fit_refiner(model, f: dict[str, torch.Tensor], rank: int = 128, steps: int = 2000, batch_size: int = 512,
-                lr: float = 2e-3, seed: int = 0, progress=None) -> RootRefiner:
+                lr: float = 2e-3, weight_decay: float = 0.0, seed: int = 0, progress=None) -> RootRefiner:
     """A RootRefiner trained on features f (`refiner_features`) with AdamW and cosine decay."""
     K, top = f["cand"].shape[1:]
     D = f["states"].shape[-1]
     torch.manual_seed(seed)
     refiner = RootRefiner(K, D, rank, top)
-    opt = torch.optim.AdamW(refiner.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(refiner.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(f["root"])
     embed, head = model.tok_embeddings.weight, model.output.weight
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=512, help="anchors per step")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--features", help="a file that keeps the features: read when it is there, else written")
     p.add_argument("--threads", type=int)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -142,10 +146,20 @@ def main(argv=None) -> int:
     weights = TransferWeights.load(args.maps)
     drafter = drafter_from_weights(replace(weights, refine=None)).to(model.device)
     t0 = time.time()
-    train_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "train")[:args.examples], args.top)
-    held_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "held-out")[:args.held_out], args.top)
+    if args.features and os.path.exists(args.features):
+        train_f, held_f = torch.load(args.features)
+        if train_f["cand"].shape[-1] != args.top:
+            raise ValueError(f"--features {args.features} holds top {train_f['cand'].shape[-1]} candidates, "
+                             f"not --top {args.top}")
+    else:
+        train_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "train")[:args.examples],
+                                   args.top)
+        held_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "held-out")[:args.held_out],
+                                  args.top)
+        if args.features:
+            torch.save((train_f, held_f), args.features)
     t_feat = time.time() - t0
-    refiner = fit_refiner(model, train_f, args.rank, args.steps, args.batch_size, args.lr)
+    refiner = fit_refiner(model, train_f, args.rank, args.steps, args.batch_size, args.lr, args.weight_decay)
     stats = {"before": refiner_stats(None, model, held_f), "after": refiner_stats(refiner, model, held_f),
              "train_after": refiner_stats(refiner, model, train_f), "anchors": len(train_f["root"]),
              "feature_seconds": round(t_feat), "fit_seconds": round(time.time() - t0 - t_feat)}
