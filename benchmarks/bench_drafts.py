@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drafter", action="append", required=True, metavar="NAME=PATH",
                    help="a transfer or Medusa weights file (repeatable); NAME labels it; a transfer file "
                         "with NAME ending in ':nochain' runs the chain ablation, ':norefine' leaves out its root "
-                        "refiner")
+                        "refiner, ':nocal' its calibrated draft scores")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", default=str(DEV), help='JSONL with "turns" (first turn) or "prompt"')
     p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
@@ -83,9 +83,12 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     chain = not name.endswith(":nochain")
     if name.endswith(":norefine"):  # the ablation of the maps' root refiner
         weights = replace(weights, refine=None)
+    if name.endswith(":nocal"):  # the ablation of the maps' calibrated draft scores
+        weights = replace(weights, calibration=None)
     drafter = drafter_from_weights(weights, chain)
     K = weights.K
-    policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1]) for t in args.trees}
+    calibration = getattr(weights, "calibration", None)
+    policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1], calibration) for t in args.trees}
     hits = {c: torch.zeros(2, K) for c in categories}
     counts = {c: torch.zeros(K) for c in categories}
     lengths = {t: [] for t in args.trees}

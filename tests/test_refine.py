@@ -3,6 +3,7 @@ mass, its features are the drafts of the decoder's anchors with the right roots 
 a dependence of the next tokens on the root that the drafts cannot see."""
 from __future__ import annotations
 
+import pytest
 import torch
 from test_decode import random_transfer, tiny_model
 from test_train import _examples
@@ -121,3 +122,14 @@ def test_cli_writes_the_maps_with_a_refiner_that_the_decoder_loads(tmp_path, mon
     w = TransferWeights.load(tmp_path / "r.safetensors")
     assert w.refine[0].shape == (2, 128, 4) and w.refine[2] == 3 and "refine_recipe" in w.meta
     assert HiddenTransferDecoder(model, w).refiner.top == 3
+    # --features keeps the features: a second fit reads them instead of running the model
+    argv = ["--maps", str(tmp_path / "maps.safetensors"), "--dataset", "d", "--out", str(tmp_path / "f.safetensors"),
+            "--rank", "4", "--top", "3", "--steps", "5", "--batch-size", "16", "--features", str(tmp_path / "f.pt")]
+    assert main(argv) == 0 and (tmp_path / "f.pt").exists()
+    first = json.loads(capsys.readouterr().out.rsplit("wrote", 1)[0])
+    monkeypatch.setattr(ht_kernels.train.dataset, "load", lambda path, tok, part: 1 / 0)
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out.rsplit("wrote", 1)[0])
+    assert {k: again[k] for k in ("before", "after", "anchors")} == {k: first[k] for k in ("before", "after", "anchors")}
+    with pytest.raises(ValueError, match="--top 4"):
+        main(argv[:9] + ["4"] + argv[10:])

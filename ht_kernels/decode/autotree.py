@@ -27,6 +27,7 @@ from ..drafts.prompts import builtin_prompts, encode_prompt
 from .graphs import StepGraph
 from .replay import Replay, answers
 from .sampling import greedy
+from .transfer import TransferWeights
 from .trees import TreePolicy
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -58,9 +59,10 @@ class TreeChoice:
     def tokens_per_s(self) -> float:
         return 1e3 * self.tau / self.step_ms
 
-    def policy(self, K: int) -> TreePolicy:
-        """The chosen tree as a dynamic TreePolicy over K draft depths (the chosen depth)."""
-        return TreePolicy(K, None, budget=self.budget)
+    def policy(self, maps: TransferWeights) -> TreePolicy:
+        """The chosen tree as a dynamic TreePolicy over the depths of maps (the chosen depth's), with their
+        calibration."""
+        return TreePolicy(maps.K, None, budget=self.budget, calibration=maps.calibration)
 
 
 def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, chains=None, depths=None,
@@ -174,7 +176,8 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, 
             drafter = drafter_from_weights(decoder.maps.first(depth)).to(model.device)
             mine = [(b, c) for b, c, d in cands if d == depth]
             for logp, nxt in draft_logprobs(model, drafter, examples):  # one replay per budget, shared by its chains
-                replays = {b: Replay(TreePolicy(depth, None, budget=b), logp, nxt) for b, _ in mine}
+                cal = decoder.maps.first(depth).calibration
+                replays = {b: Replay(TreePolicy(depth, None, budget=b, calibration=cal), logp, nxt) for b, _ in mine}
                 for b, c in mine:
                     lengths[b, c, depth] += replays[b].accept_lengths(gen_tokens, None if c >= b else c)
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
@@ -239,7 +242,8 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
         return lambda: (step(), out.tolist())
 
     try:
-        fns = {(b, c, d): timed((TreePolicy(d, None, budget=b), c, once[b, c, d], d)) for b, c, d in cands}
+        fns = {(b, c, d): timed((TreePolicy(d, None, budget=b, calibration=decoder.maps.first(d).calibration), c,
+                                 once[b, c, d], d)) for b, c, d in cands}
         fns["plain"] = timed()
         ms = _median_ms(fns, dev, reps)
     finally:
@@ -266,9 +270,10 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context, min_gain) -> Path:
                  model.prepacked, model.row_exact, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands,
                  gen_tokens, context, min_gain):
         h.update(repr(part).encode())
-    extra = [*(w.mlp or ()), *(w.extra[1:] if w.extra else ()), *(w.refine[:2] if w.refine else ())]
+    extra = [*(w.mlp or ()), *(w.extra[1:] if w.extra else ()), *(w.refine[:2] if w.refine else ()),
+             *(() if w.calibration is None else (w.calibration,))]
     h.update(repr((None if w.extra is None else w.extra[0], None if w.refine is None else w.refine[2])).encode())
-    for t in (w.weight, w.bias, *extra):  # every tensor of the drafts: the maps, the variants, the refiner
+    for t in (w.weight, w.bias, *extra):  # every tensor of the drafts: maps, variants, refiner, calibration
         h.update(t.detach().float().cpu().numpy().tobytes())
     root = os.environ.get("HT_KERNELS_CACHE") or Path.home() / ".cache" / "ht_kernels"
     return Path(root) / "trees" / f"{h.hexdigest()[:24]}.json"

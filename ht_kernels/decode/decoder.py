@@ -93,13 +93,13 @@ class HiddenTransferDecoder:
                     raise ValueError(f"{name}: tree='auto' chooses it, got {name}={value!r}")
             from .autotree import tune_tree
 
-            self.tree, self.n_chains = make_tree_policy("dynamic", weights.K, budget), None
+            self.tree, self.n_chains = make_tree_policy("dynamic", weights.K, budget, weights.calibration), None
             self.tree_choice = tune_tree(self)
             self.use_depth(self.tree_choice.depth)
-            self.tree, self.n_chains = self.tree_choice.policy(self.transfer.K), self.tree_choice.n_chains
+            self.tree, self.n_chains = self.tree_choice.policy(self.transfer), self.tree_choice.n_chains
             self.head_once = self.tree_choice.head_once
         else:
-            self.tree, self.n_chains = make_tree_policy(tree, self.transfer.K, budget), n_chains
+            self.tree, self.n_chains = make_tree_policy(tree, self.transfer.K, budget, self.transfer.calibration), n_chains
 
     def use_depth(self, depth: int) -> None:
         """Draft depths 1..depth from the first `depth` maps (`transfer`, `weight`, `bias`); the tree policy
@@ -390,15 +390,17 @@ def available_memory() -> int | None:
     return None
 
 
-def make_tree_policy(tree, K: int, budget: int) -> TreePolicy:
+def make_tree_policy(tree, K: int, budget: int, calibration: torch.Tensor | None = None) -> TreePolicy:
     """tree: None (the default static tree), a list of rank paths, "dynamic" or a TreePolicy -> a
-    TreePolicy over K draft depths."""
+    TreePolicy over K draft depths; calibration: the drafts' (`TransferWeights.calibration`), used by the
+    policies made here (a TreePolicy given keeps its own)."""
     if isinstance(tree, TreePolicy):
         policy = tree
     elif tree == "dynamic":
-        policy = TreePolicy(K, None, budget=budget)
+        policy = TreePolicy(K, None, budget=budget, calibration=calibration)
     else:
-        policy = TreePolicy(K, [p for p in DEFAULT_PATHS if len(p) <= K] if tree is None else tree)
+        policy = TreePolicy(K, [p for p in DEFAULT_PATHS if len(p) <= K] if tree is None else tree,
+                            calibration=calibration)
     if policy.K != K:
         raise ValueError(f"tree: a TreePolicy for K={policy.K} drafts, but the drafter has K={K}")
     return policy

@@ -17,7 +17,8 @@ class TransferWeights:
     mlp: None, or (down [K, D, r], up [K, r, D]) of a residual low-rank SiLU block after the maps
     (`drafts.forced.transfer_mlp`); extra: None, or (layer e < layer, weight [K, D, D]) of maps of the
     hidden state after e layers, added to the maps' output (before the block); refine: None, or (down
-    [K, 2 D, r], up [K, r, D], top) of the root refiner (`drafts.refine.RootRefiner`)."""
+    [K, 2 D, r], up [K, r, D], top) of the root refiner (`drafts.refine.RootRefiner`); calibration: None,
+    or [K, 2] fp32 (a, b) per depth of the draft scores the tree policies use (`decode.trees.TreePolicy`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -26,6 +27,7 @@ class TransferWeights:
     mlp: tuple[torch.Tensor, torch.Tensor] | None = None
     extra: tuple[int, torch.Tensor] | None = None
     refine: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    calibration: torch.Tensor | None = None
 
     @property
     def K(self) -> int:
@@ -39,7 +41,9 @@ class TransferWeights:
         mlp = None if self.mlp is None else (self.mlp[0][:depth], self.mlp[1][:depth])
         extra = None if self.extra is None else (self.extra[0], self.extra[1][:depth])
         refine = None if self.refine is None else (self.refine[0][:depth], self.refine[1][:depth], self.refine[2])
-        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp, extra, refine)
+        calibration = None if self.calibration is None else self.calibration[:depth]
+        return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp, extra, refine,
+                               calibration)
 
     @classmethod
     def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
@@ -59,16 +63,17 @@ class TransferWeights:
             mlp = (f.get_tensor("mlp_down"), f.get_tensor("mlp_up")) if "mlp_down" in f.keys() else None
             extra = f.get_tensor("extra_weight") if "extra_weight" in f.keys() else None
             refine = (f.get_tensor("refine_down"), f.get_tensor("refine_up")) if "refine_down" in f.keys() else None
+            calibration = f.get_tensor("calibration").float() if "calibration" in f.keys() else None
         need = ["layer"] + ["extra_layer"] * (extra is not None) + ["refine_top"] * (refine is not None)
         if any(k not in meta for k in need):
             raise ValueError(f"TransferWeights.load: {path} needs {need} in its metadata, has {sorted(meta)}")
         extra = None if extra is None else (int(meta.pop("extra_layer")), extra)
         refine = None if refine is None else (*refine, int(meta.pop("refine_top")))
-        return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra, refine)
+        return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra, refine, calibration)
 
     def save(self, path: str | Path) -> None:
         """To safetensors: "weight", "bias" (and "mlp_down", "mlp_up", "extra_weight", "refine_down",
-        "refine_up") and the metadata, with layer, K, dim (and extra_layer, refine_top) added."""
+        "refine_up", "calibration") and the metadata, with layer, K, dim (and extra_layer, refine_top) added."""
         from safetensors.torch import save_file
 
         meta = {**self.meta, "layer": str(self.layer), "K": str(self.K), "dim": str(self.weight.shape[1])}
@@ -81,6 +86,8 @@ class TransferWeights:
         if self.refine is not None:
             tensors.update(refine_down=self.refine[0], refine_up=self.refine[1])
             meta["refine_top"] = str(self.refine[2])
+        if self.calibration is not None:
+            tensors.update(calibration=self.calibration.float())
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
@@ -119,6 +126,11 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
         if tuple(down.shape) != (K, 2 * dim, r) or tuple(up.shape) != (K, r, dim) or not 1 <= top:
             raise ValueError(f"transfer refine must be [K, {2 * dim}, r] and [K, r, {dim}] with K={K} and top >= 1, "
                              f"got {list(down.shape)}, {list(up.shape)} and top={top}")
+    if weights.calibration is not None:
+        c = weights.calibration
+        if tuple(c.shape) != (K, 2) or not bool(c.isfinite().all()) or not bool((c[:, 0] > 0).all()):
+            raise ValueError(f"transfer calibration must be [K={K}, 2] finite (a, b) with a > 0, got "
+                             f"{c.tolist() if c.numel() < 32 else list(c.shape)}")
     if weights.mlp is not None:
         down, up = weights.mlp
         r = down.shape[-1]

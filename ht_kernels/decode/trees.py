@@ -4,7 +4,10 @@ The drafts of a step are K distributions, one per depth below the root (pseudo i
 node predicts depth i). A candidate is a path of top-k ranks (r_1, ..., r_d): its node carries token
 topk(draft_d)[r_d] and its score is the path's summed draft log-probability. A static policy keeps a
 fixed list of paths (Medusa style); a dynamic one keeps the best-scoring candidates under a node budget
-(EAGLE-2 style), per batch row. Everything here is batched tensor work without host synchronisation.
+(EAGLE-2 style), per batch row. With a calibration (a_d, b_d) per depth, an edge of depth d scores
+log sigmoid(a_d logp + b_d) instead of logp: the probability, fitted on held-back data
+(`train.calibrate`), that the draft is the token the model picks once its parent was, so that depths
+whose drafts are over- or underconfident weigh what they are worth. Everything here is batched tensor work without host synchronisation.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # Medusa-style default for K = 3: 16 nodes with the root, wide at depth 1, narrowing with depth.
 DEFAULT_PATHS = [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (3, 0),
@@ -42,10 +46,12 @@ class TreePolicy:
 
     K: the number of draft depths. paths: a static tree as a list of rank tuples (every prefix
     present, depth <= K), or None for a dynamic tree of `budget` nodes (root included) chosen by score
-    among the paths whose rank at every depth is below `width`.
+    among the paths whose rank at every depth is below `width`. calibration: None, or [>= K, 2] (a_d > 0,
+    b_d) per depth (only the first K rows are used): the edge scores log sigmoid(a_d logp + b_d).
     """
 
-    def __init__(self, K: int, paths: list[tuple[int, ...]] | None = None, budget: int = 16, width: int = 8):
+    def __init__(self, K: int, paths: list[tuple[int, ...]] | None = None, budget: int = 16, width: int = 8,
+                 calibration: torch.Tensor | None = None):
         if paths is not None:
             paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
             if not paths or any(len(p) == 0 or len(p) > K or min(p) < 0 for p in paths):
@@ -58,6 +64,14 @@ class TreePolicy:
             if budget < 1 or width < 1:
                 raise ValueError(f"TreePolicy: budget and width must be >= 1, got {budget} and {width}")
             widths = [width] * K
+        if calibration is not None:
+            calibration = torch.as_tensor(calibration, dtype=torch.float32)
+            if calibration.dim() != 2 or calibration.shape[0] < K or calibration.shape[1] != 2 \
+                    or not bool((calibration[:K, 0] > 0).all()) or not bool(calibration[:K].isfinite().all()):
+                raise ValueError(f"TreePolicy: calibration must be [>= K={K}, 2] finite (a, b) with a > 0, got "
+                                 f"{calibration.tolist() if calibration.numel() < 32 else list(calibration.shape)}")
+            calibration = calibration[:K]
+        self.calibration = calibration
         self.K, self.budget, self.static = K, (len(paths) + 1 if paths else budget), paths is not None
         # Candidates: every path with rank < widths[d] at depth d + 1, breadth first (parents first).
         cands = [p for d in range(1, K + 1) for p in itertools.product(*(range(w) for w in widths[:d]))]
@@ -73,7 +87,7 @@ class TreePolicy:
     def _on(self, dev: torch.device) -> tuple[torch.Tensor, ...]:
         """The candidate tables on `dev`, copied once: a step (or its CUDA graph) copies nothing from the host."""
         if dev not in self._tables:
-            tables = (self.cand_depth, self.cand_rank, self.cand_parent, self.chosen)
+            tables = (self.cand_depth, self.cand_rank, self.cand_parent, self.chosen, self.calibration)
             self._tables[dev] = tuple(None if t is None else t.to(dev) for t in tables)
         return self._tables[dev]
 
@@ -85,7 +99,9 @@ class TreePolicy:
             logp = torch.cat([logp, logp.new_full((B, self.K, self.width - logp.shape[-1]), 2 * _MIN_LOGPROB)], -1)
         vals, idx = logp.topk(self.width, dim=-1)                          # [B, K, W]
         idx = idx.clamp_max(draft_logprobs.shape[-1] - 1)
-        depth, rank, parent, chosen = self._on(dev)
+        depth, rank, parent, chosen, calibration = self._on(dev)
+        if calibration is not None:  # monotone per depth (a > 0): the ranks stay, the depths reweigh
+            vals = F.logsigmoid(calibration[:, 0, None] * vals + calibration[:, 1, None])
         step = vals[:, depth - 1, rank]                                   # [B, C] log-prob of each edge
         score = step.clone()
         for _ in range(self.K - 1):  # add the ancestors' edges: paths are at most K deep
