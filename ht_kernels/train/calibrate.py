@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
+from .cli import add_frozen_args, load_frozen
+
 
 def calibration_samples(logp: torch.Tensor, nxt: torch.Tensor, width: int = 8):
     """logp: [n, K, V] drafts of anchors 0..n-1 (anchor j's depth-i draft predicts nxt[j + i]); nxt: [n]
@@ -82,29 +84,18 @@ def reliability(x: torch.Tensor, hit: torch.Tensor, valid: torch.Tensor, calibra
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ht_kernels.train.calibrate", description=__doc__.splitlines()[0])
-    p.add_argument("--maps", required=True, help="trained transfer maps (safetensors)")
-    p.add_argument("--dataset", required=True, help="a dataset of python -m ht_kernels.train.dataset")
-    p.add_argument("--out", required=True, help="the maps with their calibration (safetensors)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cpu")
+    add_frozen_args(p, "the maps with their calibration (safetensors)")
     p.add_argument("--examples", type=int, default=86, help="held-out conversations the fit uses")
     p.add_argument("--width", type=int, default=8, help="candidates per draft (the trees' width)")
-    p.add_argument("--threads", type=int)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from dataclasses import replace
 
-    from ..decode.transfer import TransferWeights
     from ..drafts.drafters import drafter_from_weights
     from ..drafts.forced import draft_logprobs
-    from ..loading import load_model
     from .dataset import load
 
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    weights = TransferWeights.load(args.maps)
+    model, weights = load_frozen(args)
     examples = load(args.dataset, model.tokenizer, "held-out")[:args.examples]
     if not examples:
         raise ValueError(f"--dataset {args.dataset} has no held-out conversations to fit on")

@@ -29,6 +29,7 @@ import torch
 from ..drafts.examples import Example, collate
 from ..drafts.forced import anchor_positions, drafter_pass
 from ..drafts.refine import RootRefiner
+from .cli import add_frozen_args, load_frozen
 from .objective import anchor_mask
 
 
@@ -115,12 +116,7 @@ def fit_refiner(model, f: dict[str, torch.Tensor], rank: int = 128, steps: int =
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ht_kernels.train.refine", description=__doc__.splitlines()[0])
-    p.add_argument("--maps", required=True, help="trained transfer maps (safetensors)")
-    p.add_argument("--dataset", required=True, help="a dataset of python -m ht_kernels.train.dataset")
-    p.add_argument("--out", required=True, help="the maps with the refiner (safetensors)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cpu")
+    add_frozen_args(p, "the maps with the refiner (safetensors)")
     p.add_argument("--examples", type=int, default=2000, help="training conversations whose features are made")
     p.add_argument("--held-out", type=int, default=48)
     p.add_argument("--rank", type=int, default=128)
@@ -130,20 +126,14 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--features", help="a file that keeps the features: read when it is there, else written")
-    p.add_argument("--threads", type=int)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from dataclasses import replace
 
-    from ..decode.transfer import TransferWeights
     from ..drafts.drafters import drafter_from_weights
-    from ..loading import load_model
     from .dataset import load
 
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    weights = TransferWeights.load(args.maps)
+    model, weights = load_frozen(args)
     drafter = drafter_from_weights(replace(weights, refine=None)).to(model.device)
     t0 = time.time()
     if args.features and os.path.exists(args.features):
