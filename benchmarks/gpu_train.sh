@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Data and training on a lent GPU (issue: drafts at scale): the dataset's answers in batches of 256, then
 # the draft heads (hidden transfer, its variants, Medusa) on it, each measured on the dev prompts.
-# Prepare on this machine, where the Debian sources are installed (docs/DATA.md):
-#     python -m ht_kernels.train.dataset --out /tmp/unused --export-pool gpu/pool.npz
+# The prompts come from the committed pool (datasets/smollm2-135m/pool.npz), so the device machine needs no
+# Debian sources. Prepare on this machine:
 #     split -n 2 "$(python -c 'from ht_kernels.loading import _smollm2_path; print(_smollm2_path())')" gpu/smollm2.gguf.part
 # then carry gpu/ (ignored) in two calls, one half of the GGUF each, and in the second run, from the
 # repository root on the device machine (python3 with torch):
@@ -19,7 +19,7 @@ bench=${BENCH:---stride 5}
 step() { echo "== $*" | tee -a "$out/gpu_train.log"; "$@" 2>&1 | tee -a "$out/gpu_train.log" | tail -"${TAIL:-6}"; }
 [ "$device" = cuda ] && step nvidia-smi --query-gpu=name,memory.total --format=csv
 step git log -1 --format=%H
-step python3 -m ht_kernels.train.dataset --out "$out/dataset" --model "$GGUF" --device "$device" --pool gpu/pool.npz \
+step python3 -m ht_kernels.train.dataset --out "$out/dataset" --model "$GGUF" --device "$device" --pool datasets/smollm2-135m/pool.npz \
     --gen-batch 256 --shard-size "$shard_size" --minutes "$minutes"
 train() {  # name, then the options of python -m ht_kernels.train
     local name=$1; shift
