@@ -113,7 +113,7 @@ def test_decoder_and_trainer_take_a_transformers_model(tmp_path):
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 7:].tolist()
     dec = ht.HiddenTransferDecoder(model, transfer=None)
-    assert dec.generate(prompt, max_new_tokens=12).sequences[0] == want
+    assert dec.generate(prompt, max_new_tokens=12, eos_token_id=()).sequences[0] == want  # neither stops at eos
     examples = [Example(torch.randint(0, SIZES["vocab_size"], (30,)).tolist(), 5) for _ in range(4)]
     drafter = train(model, examples, TrainConfig(K=2, steps=2, batch_size=2, save_every=2), tmp_path, progress=False)
     assert drafter.weight.shape == (2, SIZES["hidden_size"], SIZES["hidden_size"])
