@@ -236,6 +236,16 @@ def test_init_from_trained_weights(tmp_path, method):
         with pytest.raises(ValueError, match="maps layer 2, this run trains layer 1"):
             train(model, data, TrainConfig(**{**cfg.__dict__, "layer": 1, "init_from": path}), tmp_path / "e",
                   progress=False)
+        # a variant starts from the plain maps: its additions keep their zero start, so it begins as they do
+        variant = {**cfg.__dict__, "mlp_rank": 4, "extra_layer": 1, "init_from": path}
+        grown = train(model, data, TrainConfig(**{**variant, "steps": 1, "lr": 0.0}), tmp_path / "f", progress=False)
+        torch.testing.assert_close(grown.weight, kept.weight, atol=0, rtol=0)
+        assert not grown.mlp_up.any() and not grown.extra_weight.any()
+        grown_path = str(export(train(model, data, TrainConfig(**variant), tmp_path / "g", progress=False),
+                                tmp_path / "g", {}))
+        with pytest.raises(ValueError, match="holds"):  # plain maps cannot drop a variant's additions
+            train(model, data, TrainConfig(**{**cfg.__dict__, "init_from": grown_path}), tmp_path / "h",
+                  progress=False)
 
 
 def test_held_out_curve_is_measured_and_survives_a_resume(tmp_path):

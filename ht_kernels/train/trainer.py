@@ -32,7 +32,8 @@ class TrainConfig:
     residual SiLU block after the transfer maps (0: none); extra_layer: maps of the hidden state after
     that many layers too (< layer; None: none); recall_k, recall_weight: the top-k recall term
     of the loss (`objective.distill_loss`; 0: none); init_from: a transfer.safetensors or
-    medusa.safetensors file of the same method and shapes to start from (instead of `init`)."""
+    medusa.safetensors file of the same method and shapes to start from (instead of `init`; a variant
+    may start from plain maps)."""
 
     method: str = "transfer"
     K: int = 3
@@ -159,7 +160,9 @@ def _lstsq_stats(model, drafter: TransferDrafter, examples, cfg, rank, world, di
 @torch.no_grad()
 def init_from_weights(drafter, path: str) -> None:
     """Start from trained weights (`TransferWeights` / `MedusaWeights` file) of the drafter's own method and
-    shapes: a later run continues an earlier recipe's heads on other data."""
+    shapes: a later run continues an earlier recipe's heads on other data. A transfer variant may start
+    from maps without its additions (the residual block, the extra layer's maps): those keep their zero
+    start, so the variant begins exactly as the maps it was given."""
     from ..baselines.medusa import MedusaWeights
     from ..decode.transfer import TransferWeights
 
@@ -168,11 +171,12 @@ def init_from_weights(drafter, path: str) -> None:
     if getattr(start, "layer", None) != getattr(drafter, "layer", None):
         raise ValueError(f"init_from: {path} maps layer {start.layer}, this run trains layer {drafter.layer}")
     ours, theirs = dict(drafter.named_parameters()), dict(start.named_parameters())
-    if {n: list(p.shape) for n, p in ours.items()} != {n: list(p.shape) for n, p in theirs.items()}:
+    added = {"mlp_down", "mlp_up", "extra_weight"} if drafter.kind == "transfer" else set()
+    if any(n not in ours or ours[n].shape != p.shape for n, p in theirs.items()) or set(ours) - set(theirs) - added:
         raise ValueError(f"init_from: {path} holds {({n: list(p.shape) for n, p in theirs.items()})}, this run "
                          f"trains {({n: list(p.shape) for n, p in ours.items()})}")
-    for name, p in ours.items():
-        p.copy_(theirs[name])
+    for name, p in theirs.items():
+        ours[name].copy_(p)
 
 
 def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta: dict) -> None:
