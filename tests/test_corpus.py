@@ -1,8 +1,12 @@
 """The offline text sources for reading tasks: markup becomes prose, passages stay within their word
-budget, duplicates go, and a missing source names the package that installs it."""
+budget, duplicates go, and a missing source names the package that installs it; the Bible's chapters,
+the time-zone database's places and the word list are read whole."""
 import pytest
 
-from ht_kernels.train.corpus import functions, html_paragraphs, passages, rst_paragraphs
+import re
+
+from ht_kernels.train.corpus import (KJV_BOOKS, functions, html_paragraphs, kjv_passages, passages, places,
+                                     rst_paragraphs, words)
 
 RST = """\
 .. _tut-x:
@@ -88,3 +92,38 @@ def test_functions_are_whole_defs_within_their_line_budget(tmp_path):
         functions(root=tmp_path / "test" / "none")
     with pytest.raises(ValueError, match="min_lines <= max_lines"):
         functions(min_lines=9, max_lines=3)
+
+
+def fake_bible(ref: str) -> str:
+    """The `bible` program's text of a chapter: Genesis has 3 chapters, every other book 1; a chapter past
+    the last names the last one, as the program does."""
+    book, chapter = re.fullmatch(r"(\d?[A-Za-z]+)(\d+):1-999", ref).groups()
+    n = min(int(chapter), 3 if book == "Genesis" else 1)
+    verses = "\n".join(f"  {v} {book} {n}:{v} and it was so " + "word " * 6 for v in range(1, 31))
+    return f"\n{book} {n}\n\n{verses}\n"
+
+
+def test_kjv_passages_are_whole_verses_of_every_chapter():
+    ps = kjv_passages(min_words=100, max_words=200, read=fake_bible)
+    assert {p.doc for p in ps} == set(KJV_BOOKS)
+    assert sorted({p.title for p in ps if p.doc == "Genesis"}) == ["Genesis 1", "Genesis 2", "Genesis 3"]
+    for p in ps:
+        verses = p.text.split("\n\n")
+        assert 100 <= len(p.text.split()) <= 200 and all(v.startswith(p.title.replace(" ", " ")) for v in verses)
+    got = [v.split()[1] for p in ps if p.doc == "Genesis" for v in p.text.split("\n\n")]
+    assert got == [f"{c}:{v}" for c in (1, 2, 3) for v in range(1, 31)][:len(got)] and len(got) >= 60
+    with pytest.raises(ValueError, match="min_words <= max_words"):
+        kjv_passages(min_words=20, max_words=10, read=fake_bible)
+
+
+def test_places_and_words_read_their_lists(tmp_path):
+    (tmp_path / "iso3166.tab").write_text("# codes\nNO\tNorway\nPE\tPeru\n")
+    (tmp_path / "zone.tab").write_text("# zones\nNO\t+5955+01045\tEurope/Oslo\nPE\t-1203-07703\tAmerica/Lima\n"
+                                       "PE\t-1330-07159\tAmerica/Cusco_Town\tsouth\n")
+    assert places(tmp_path) == [("Oslo", "Norway"), ("Lima", "Peru"), ("Cusco Town", "Peru")]
+    with pytest.raises(ValueError, match="apt-get install tzdata"):
+        places(tmp_path / "none")
+    (tmp_path / "words").write_text("apple\nApple\napple's\nzoo\nbanana\ncafé\nextraordinarily\n")
+    assert words(path=tmp_path / "words") == ["apple", "banana"]
+    with pytest.raises(ValueError, match="apt-get install wamerican"):
+        words(path=tmp_path / "none")

@@ -1,5 +1,5 @@
-"""Self-distillation data: the task pool over passages and code, and the sharded dataset that several runs
-build together (resumes, refuses another recipe, rebuilds prompts and drops those that changed)."""
+"""Self-distillation data: the task pools (passages and code; narrative, places, concepts, problems), and
+the sharded dataset that several runs build together (resumes, refuses another recipe, rebuilds prompts and drops those that changed)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_model import needs_smollm2
 
-from ht_kernels.train import dataset, tasks
+from ht_kernels.train import dataset, open_tasks, tasks
 from ht_kernels.train.corpus import Passage
 
 WORDS = "the cache keeps every page it reads until the pool is full and then drops the oldest one".split()
@@ -49,6 +49,48 @@ def test_every_family_and_layout_occurs_and_fills_its_fields():
         assert sum(any(s in p for p in prompts) for s in stems) >= len(stems) // 2
 
 
+def narrative(n: int = 40) -> list[Passage]:
+    """Passages of a few books, four chapters each, several verses each."""
+    return [Passage("kjv", f"Book{i // 4}", f"Book{i // 4} {i % 4 + 1}",
+                    "\n\n".join(" ".join(WORDS[(i + j) % 5:] + [f"v{i}x{j}"]) for j in range(4))) for i in range(n)]
+
+
+CITIES = [("Oslo", "Norway"), ("Lima", "Peru"), ("Cusco", "Peru"), ("Sao Paulo", "Brazil")]
+VOCAB = [f"word{i}" for i in range(50)]
+
+
+def test_open_pool_is_every_passage_city_country_and_the_drawn_prompts_in_a_seeded_order():
+    pool = open_tasks.conversations(0, narrative(), CITIES, VOCAB, concepts=10, problems=20)
+    assert len(pool) == 40 + 4 + 2 * 3 + 10 + 20
+    assert pool == open_tasks.conversations(0, narrative(), CITIES, VOCAB, concepts=10, problems=20)
+    assert pool != open_tasks.conversations(1, narrative(), CITIES, VOCAB, concepts=10, problems=20)
+    for conv in pool:
+        assert conv[-1]["role"] == "user" and conv[-1]["content"].strip()
+        assert [m["role"] for m in conv] in (["user"], ["user", "assistant", "user"])
+        assert not any("{" + f + "}" in m["content"] for m in conv for f in
+                       ("title", "text", "task", "lang", "city", "country", "other", "w", "w2", "n", "a", "x", "item"))
+    text = json.dumps(pool)
+    assert sum(f"v{i}x" in text for i in range(40)) == 40          # every passage (its first verse's marker)
+    assert all(c in text for c, _ in CITIES)
+    prompts = [c[-1]["content"] for c in pool]
+    assert all(sum(k in p for p in prompts) >= 2 for k in ("Norway", "Peru", "Brazil"))
+    assert len({p for p in prompts if "word" in p}) >= 10
+    follow = [c for c in open_tasks.conversations(3, narrative(200), [], VOCAB, 0, 0) if len(c) == 3]
+    assert follow and all(c[1]["content"] in {p.text for p in narrative(200)} for c in follow)
+    with pytest.raises(ValueError, match="concepts must be at most 50"):
+        open_tasks.conversations(0, narrative(), CITIES, VOCAB, concepts=51)
+
+
+def test_every_open_family_occurs():
+    pool = open_tasks.conversations(0, narrative(400), CITIES * 20, VOCAB, concepts=50, problems=300)
+    prompts = [m["content"] for c in pool for m in c if m["role"] == "user"]
+    for templates in [t for _, t in open_tasks.NARRATIVE.values()] + [open_tasks.CITY, open_tasks.COUNTRY,
+                                                                        open_tasks.CONCEPT, open_tasks.PROBLEMS]:
+        stems = [t.split("{")[0][:25] for t in templates if t.split("{")[0]]
+        assert sum(any(s in p for p in prompts) for s in stems) >= len(stems) // 2
+    assert any("taller than" in p or "older than" in p or "faster than" in p for p in prompts)
+
+
 @pytest.fixture(scope="module")
 def smol():
     from ht_kernels.loading import load_model
@@ -59,7 +101,7 @@ def smol():
 @needs_smollm2
 def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol):
     pool = tasks.conversations(0, docs(8), code(2), builtin=0)
-    monkeypatch.setattr(dataset, "conversations", lambda seed: pool)
+    monkeypatch.setitem(dataset.POOLS, "docs", lambda seed: pool)
     import ht_kernels.loading
 
     monkeypatch.setattr(ht_kernels.loading, "load_model", lambda name, dtype, device: smol)
@@ -85,15 +127,15 @@ def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol)
     assert z["answers"].dtype == np.uint16 and z["offsets"][-1] == len(z["answers"])
     changed = [list(c) for c in pool]
     changed[5] = [{"role": "user", "content": "another prompt"}]
-    monkeypatch.setattr(dataset, "conversations", lambda seed: changed)
+    monkeypatch.setitem(dataset.POOLS, "docs", lambda seed: changed)
     with pytest.warns(UserWarning, match="1 prompts"):
         assert len(dataset.load(out, smol.tokenizer)) == 9
     with pytest.raises(ValueError, match="manifest"):
         dataset.load(tmp_path, smol.tokenizer)
     # a machine without the sources builds the same dataset from the exported pool
-    monkeypatch.setattr(dataset, "conversations", lambda seed: pool)
+    monkeypatch.setitem(dataset.POOLS, "docs", lambda seed: pool)
     dataset.build(dataset.parse_args(argv + ["--export-pool", str(tmp_path / "pool.npz")]))
-    monkeypatch.setattr(dataset, "conversations", lambda seed: 1 / 0)
+    monkeypatch.setitem(dataset.POOLS, "docs", lambda seed: 1 / 0)
     m2 = dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds2"), *argv[2:], "--pool", str(tmp_path / "pool.npz")]))
     assert [m2["shards"][k]["answer_tokens"] for k in "012"] == [m["shards"][k]["answer_tokens"] for k in "012"]
     for k in "012":
@@ -107,3 +149,13 @@ def test_dataset_builds_in_shards_resumes_and_loads(tmp_path, monkeypatch, smol)
     with pytest.raises(ValueError, match="seed 0"):
         dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds3"), *argv[2:], "--seed", "1",
                                           "--pool", str(tmp_path / "pool.npz")]))
+    with pytest.raises(ValueError, match="tasks 'docs'"):  # a pool of the documentation tasks is not the open one
+        dataset.build(dataset.parse_args(["--out", str(tmp_path / "ds4"), *argv[2:], "--tasks", "open",
+                                          "--pool", str(tmp_path / "pool.npz")]))
+    monkeypatch.setitem(dataset.POOLS, "docs", lambda seed: pool)
+    manifest = json.loads((out / "manifest.json").read_text())  # a manifest of before --tasks: documentation tasks
+    assert manifest["recipe"].pop("tasks") == "docs"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    dataset.build(dataset.parse_args(argv))
+    with pytest.raises(ValueError, match="recipe"):
+        dataset.build(dataset.parse_args(argv + ["--tasks", "open"]))

@@ -2,10 +2,11 @@
 
     python -m ht_kernels.train --out runs/smollm2 [--model smollm2-135m] [--method transfer|medusa]
         [--K 3] [--layer T] [--steps 400] [--prompts 800] [--reading 0] [--gen-tokens 256] [--data my.jsonl]
-        [--dataset DIR [--held-out 48] [--eval-every 100]] [--resume]
+        [--dataset DIR [--dataset DIR2 ...] [--held-out 48] [--eval-every 100]] [--resume]
 
-Data: a dataset built by `python -m ht_kernels.train.dataset` (--dataset: its training part; the first
---held-out conversations of its held-out part are measured every --eval-every steps into OUT/curve.jsonl),
+Data: datasets built by `python -m ht_kernels.train.dataset` (--dataset, repeatable: their training parts;
+the first --held-out conversations of each one's held-out part are measured every --eval-every steps into
+OUT/curve.jsonl),
 or else the model's own greedy answers to --prompts built-in prompts (and to the prompts of --data, whose
 {"text"} / {"tokens"} rows are used as they are), then to --reading prompts that ask it to summarise or
 answer questions about its own answers (long inputs), made once and kept in OUT/data.jsonl. Writes
@@ -60,9 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=64, help="prompts answered at once")
     p.add_argument("--max-len", type=int, default=512, help="longer sequences are split into windows")
     p.add_argument("--data", help='JSONL of {"prompt"} / {"turns"} rows to answer, {"text"} / {"tokens"} rows as is')
-    p.add_argument("--dataset", help="a dataset directory of python -m ht_kernels.train.dataset (instead of "
-                   "--prompts / --reading / --data)")
-    p.add_argument("--held-out", type=int, default=48, help="held-out conversations measured (with --dataset)")
+    p.add_argument("--dataset", action="append", help="a dataset directory of python -m ht_kernels.train.dataset "
+                   "(instead of --prompts / --reading / --data; repeat it to train on several)")
+    p.add_argument("--held-out", type=int, default=48, help="held-out conversations of each --dataset measured")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out measurements")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--threads", type=int, help="torch intra-op threads per process")
@@ -130,8 +131,8 @@ def main(argv=None) -> int:
     if args.dataset:
         from .dataset import load
 
-        examples = load(args.dataset, model.tokenizer, "train")
-        held_out = load(args.dataset, model.tokenizer, "held-out")[:args.held_out]
+        examples = [e for d in args.dataset for e in load(d, model.tokenizer, "train")]
+        held_out = [e for d in args.dataset for e in load(d, model.tokenizer, "held-out")[:args.held_out]]
     else:
         examples = build_data(model, args, rank, world, dist)
     t_data = time.time() - t0
@@ -158,8 +159,9 @@ def recipe(args) -> str:
     """The command that reproduces these maps: the options that differ from their defaults, with the run
     directory named runs/<its name> (no path of this machine)."""
     default = vars(parse_args(["--out", args.out]))
-    opts = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items() if k not in ("out", "resume") and v != default[k]]
+    opts = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {x}")
+            for k, v in vars(args).items() if k not in ("out", "resume") and v != default[k]
+            for x in (v if isinstance(v, list) else [v])]
     return " ".join(["python -m ht_kernels.train --out", f"runs/{Path(args.out).name}", *opts])
 
 

@@ -1,16 +1,20 @@
 """Long permissively licensed text that installs offline: passages for reading tasks (summarise, extract,
-answer questions about, continue, translate), so that drafts learn to copy from a long context.
+answer questions about, continue, translate), so that drafts learn to copy from a long context, and the
+names and words that open-ended tasks are written about.
 
-Each source is a Debian documentation package read from its installed files; `SOURCES` names the
-package, the licence and the reader. `passages` cuts a source's documents into passages of whole
-paragraphs (min_words..max_words words), with the document's title, and drops exact duplicates
-(after whitespace and case folding). Nothing here comes from an evaluation set.
+Each source is a Debian package read from its installed files; `SOURCES` names the package, the licence
+and the reader. `passages` cuts a source's documents into passages of whole paragraphs (min_words..
+max_words words), with the document's title, and drops exact duplicates (after whitespace and case
+folding); `kjv_passages` does the same with the verses of each chapter of the King James Bible. `places`
+and `words` read the time-zone database's countries and cities and an English word list. Nothing here
+comes from an evaluation set.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
 import re
+import subprocess
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -36,6 +40,18 @@ SOURCES = {
 
 
 CODE = Source("libpython3.11-stdlib", "PSF-2.0", "/usr/lib/python3.11", "**/*.py", "py")
+KJV = Source("bible-kjv-text", "public domain (the 1611 translation; read with the `bible` program of bible-kjv)",
+             "/usr/lib/bible.data", "", "kjv")
+PLACES = Source("tzdata", "public domain", "/usr/share/zoneinfo", "zone.tab", "tab")
+WORDS = Source("wamerican", "SCOWL (permissive: use, copy, modify, distribute with the notice)",
+               "/usr/share/dict/american-english", "", "lines")
+KJV_BOOKS = (
+    "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1Samuel 2Samuel 1Kings 2Kings 1Chronicles "
+    "2Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes Song Isaiah Jeremiah Lamentations Ezekiel "
+    "Daniel Hosea Joel Amos Obadiah Jonah Micah Nahum Habakkuk Zephaniah Haggai Zechariah Malachi Matthew Mark "
+    "Luke John Acts Romans 1Corinthians 2Corinthians Galatians Ephesians Philippians Colossians 1Thessalonians "
+    "2Thessalonians 1Timothy 2Timothy Titus Philemon Hebrews James 1Peter 2Peter 1John 2John 3John Jude "
+    "Revelation").split()
 _NOT_CODE = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo")
 
 
@@ -160,20 +176,88 @@ def passages(name: str, min_words: int = 120, max_words: int = 400, root: str | 
     out, seen = [], set()
     for f in files:
         title, paras = read(f.read_text(errors="replace"))
-        cur: list[str] = []
-        for p in paras + [None]:
-            words = sum(len(x.split()) for x in cur)
-            if p is None or (cur and words + len(p.split()) > max_words):
-                if words >= min_words:
-                    text = "\n\n".join(cur)
-                    key = hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
-                    if key not in seen:
-                        seen.add(key)
-                        out.append(Passage(name, str(f.relative_to(base)), title, text))
-                cur = []
-            if p is not None:
-                cur.append(" ".join(p.split()[:max_words]))
+        out += _join(name, str(f.relative_to(base)), title, paras, min_words, max_words, seen)
     return out
+
+
+def _join(source: str, doc: str, title: str, paras: list[str], min_words: int, max_words: int,
+          seen: set) -> list[Passage]:
+    """Consecutive paragraphs joined into passages of min_words..max_words words (one longer paragraph
+    cut at max_words); a passage whose folded text is in seen is dropped, the others are added to it."""
+    out, cur = [], []
+    for p in paras + [None]:
+        words = sum(len(x.split()) for x in cur)
+        if p is None or (cur and words + len(p.split()) > max_words):
+            if words >= min_words:
+                text = "\n\n".join(cur)
+                key = hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Passage(source, doc, title, text))
+            cur = []
+        if p is not None:
+            cur.append(" ".join(p.split()[:max_words]))
+    return out
+
+
+def kjv_passages(min_words: int = 120, max_words: int = 400, read=None) -> list[Passage]:
+    """The King James Bible (`KJV`) as passages of whole verses of one chapter, in canonical order: doc the
+    book, title "Book N", each verse a paragraph (no verse numbers). read(ref) -> the `bible` program's
+    text of one chapter ("Genesis 1"), which names the last chapter for a ref past it; None runs it."""
+    if not 0 < min_words <= max_words:
+        raise ValueError(f"kjv_passages: need 0 < min_words <= max_words, got {min_words} and {max_words}")
+    read = read or _bible
+    out, seen = [], set()
+    for book in KJV_BOOKS:
+        chapter, last = 1, None
+        while True:
+            text = read(f"{book}{chapter}:1-999")
+            lines = text.strip().splitlines()
+            heading = lines[0].strip() if lines else ""
+            if not heading or heading == last:  # past the book's last chapter: the program repeats it
+                break
+            verses = [m.group(1) for m in map(_VERSE.match, lines[1:]) if m]
+            out += _join("kjv", book, heading, verses, min_words, max_words, seen)
+            chapter, last = chapter + 1, heading
+    return out
+
+
+_VERSE = re.compile(r"^\s*\d+\s+(.*\S)\s*$")
+
+
+def _bible(ref: str) -> str:
+    try:
+        return subprocess.run(["bible", "-l100000", ref], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise ValueError(f"kjv_passages: no `bible` program; install it with `apt-get install bible-kjv "
+                         f"{KJV.package}`") from None
+
+
+def places(root: str | Path | None = None) -> list[tuple[str, str]]:
+    """(city, country) of every zone of the time-zone database (`PLACES`; root overrides its directory),
+    in its order: the city from the zone's last part ("America/Sao_Paulo" -> "Sao Paulo"), the country's
+    name from iso3166.tab."""
+    base = Path(root or PLACES.root)
+    try:
+        countries = dict(_tab(base / "iso3166.tab"))
+        zones = _tab(base / PLACES.pattern)
+    except FileNotFoundError:
+        raise ValueError(f"places: no {PLACES.pattern} under {base}; install it with `apt-get install "
+                         f"{PLACES.package}`") from None
+    return [(z[2].rsplit("/", 1)[-1].replace("_", " "), countries[z[0]]) for z in zones]
+
+
+def _tab(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def words(min_len: int = 5, max_len: int = 10, path: str | Path | None = None) -> list[str]:
+    """The list's (`WORDS`) lower-case words of min_len..max_len letters, in its order."""
+    try:
+        lines = Path(path or WORDS.root).read_text(errors="replace").split()
+    except FileNotFoundError:
+        raise ValueError(f"words: no {path or WORDS.root}; install it with `apt-get install {WORDS.package}`") from None
+    return [w for w in lines if w.isascii() and w.isalpha() and w.islower() and min_len <= len(w) <= max_len]
 
 
 def functions(min_lines: int = 6, max_lines: int = 40, root: str | Path | None = None) -> list[Passage]:

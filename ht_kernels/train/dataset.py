@@ -2,10 +2,12 @@
 shards that several runs build together.
 
     python -m ht_kernels.train.dataset --out datasets/smollm2-135m [--model smollm2-135m] [--dtype bfloat16]
-        [--device cpu] [--seed 0] [--max-prompt 1024] [--gen-tokens 256] [--shard-size 256] [--gen-batch 32] [--shards N]
+        [--device cpu] [--tasks docs] [--seed 0] [--max-prompt 1024] [--gen-tokens 256] [--shard-size 256] [--gen-batch 32] [--shards N]
         [--minutes M] [--threads 2]
 
-The pool is `tasks.conversations(seed)` less those whose prompt has more than --max-prompt tokens; shard i
+The pool is `tasks.conversations(seed)` (--tasks docs: reading and code tasks over documentation) or
+`open_tasks.conversations(seed)` (--tasks open: narrative, places, concepts, word problems) less those
+whose prompt has more than --max-prompt tokens; shard i
 answers pool entries i*S .. (i+1)*S - 1 (greedy, `data.synthesize`) and is written whole as
 OUT/shard-{i:05d}.npz, so a shard that is there is skipped and a stopped run resumes. A shard keeps only
 the answers (uint16) with each prompt's pool index and hash: `load` rebuilds the prompts from the installed
@@ -34,12 +36,14 @@ import torch
 
 from ..cpu import prepack_supported
 from ..drafts.examples import Example
+from . import open_tasks, tasks
 from .data import synthesize
-from .tasks import conversations, encode
+from .tasks import encode
 
 POOL = "pool.npz"      # the exported pool a --pool run keeps beside its shards, for `load`
 HELD_OUT_EVERY = 100  # pool index multiples of it are held out from training (`load`'s part)
-RECIPE_KEYS = ("model", "dtype", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
+RECIPE_KEYS = ("model", "dtype", "tasks", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
+POOLS = {"docs": tasks.conversations, "open": open_tasks.conversations}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tasks", choices=sorted(POOLS), default="docs", help="the conversations: documentation "
+                   "and code tasks, or open-ended ones")
     p.add_argument("--seed", type=int, default=0, help="order of the pool")
     p.add_argument("--max-prompt", type=int, default=1024, help="longer prompts are left out of the pool")
     p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per answer at most")
@@ -65,30 +71,32 @@ def prompt_hash(tokens: list[int]) -> int:
     return int.from_bytes(hashlib.sha1(np.asarray(tokens, dtype=np.uint32).tobytes()).digest()[:8], "little")
 
 
-def pool(tokenizer, seed: int, max_prompt: int) -> tuple[list[int], list[list[int]]]:
-    """(pool indices, encoded prompts) of the conversations of `seed` with at most max_prompt tokens."""
+def pool(tokenizer, seed: int, max_prompt: int, kind: str = "docs") -> tuple[list[int], list[list[int]]]:
+    """(pool indices, encoded prompts) of the conversations of `seed` (of POOLS[kind]) with at most
+    max_prompt tokens."""
     index, prompts = [], []
-    for i, conv in enumerate(conversations(seed)):
+    for i, conv in enumerate(POOLS[kind](seed)):
         ids = encode(tokenizer, conv)
         if len(ids) <= max_prompt:
             index.append(i), prompts.append(ids)
     return index, prompts
 
 
-def save_pool(path: str | Path, tokenizer, seed: int, max_prompt: int) -> None:
+def save_pool(path: str | Path, tokenizer, seed: int, max_prompt: int, kind: str = "docs") -> None:
     """The pool's encoded prompts as one file (`--export-pool`), for a machine without the sources."""
-    index, prompts = pool(tokenizer, seed, max_prompt)
-    np.savez_compressed(path, index=np.asarray(index, dtype=np.int64), seed=seed, max_prompt=max_prompt,
+    index, prompts = pool(tokenizer, seed, max_prompt, kind)
+    np.savez_compressed(path, index=np.asarray(index, dtype=np.int64), seed=seed, max_prompt=max_prompt, tasks=kind,
                         offsets=np.cumsum([0] + [len(p) for p in prompts]).astype(np.int64),
                         tokens=np.asarray([x for p in prompts for x in p], dtype=np.uint16))
 
 
-def read_pool(path: str | Path, seed: int, max_prompt: int) -> tuple[list[int], list[list[int]]]:
-    """`pool` from a file of `save_pool`, which must hold the pool of this seed and max_prompt."""
+def read_pool(path: str | Path, seed: int, max_prompt: int, kind: str = "docs") -> tuple[list[int], list[list[int]]]:
+    """`pool` from a file of `save_pool`, which must hold the pool of these tasks, seed and max_prompt."""
     z = np.load(path)
-    if (int(z["seed"]), int(z["max_prompt"])) != (seed, max_prompt):
-        raise ValueError(f"--pool {path} holds the pool of seed {int(z['seed'])} and max_prompt "
-                         f"{int(z['max_prompt'])}, not of seed {seed} and max_prompt {max_prompt}")
+    theirs = (str(z["tasks"]) if "tasks" in z else "docs", int(z["seed"]), int(z["max_prompt"]))
+    if theirs != (kind, seed, max_prompt):
+        raise ValueError(f"--pool {path} holds the pool of tasks {theirs[0]!r}, seed {theirs[1]} and max_prompt "
+                         f"{theirs[2]}, not of tasks {kind!r}, seed {seed} and max_prompt {max_prompt}")
     tokens, offsets = z["tokens"].astype(np.int64).tolist(), z["offsets"].tolist()
     return z["index"].tolist(), [tokens[a:b] for a, b in zip(offsets, offsets[1:])]
 
@@ -101,20 +109,21 @@ def build(args) -> dict:
     recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"recipe": recipe, "shards": {}}
+    manifest["recipe"].setdefault("tasks", "docs")  # datasets of before --tasks hold documentation tasks
     if manifest["recipe"] != recipe:
         raise ValueError(f"--out {out} holds a dataset of recipe {manifest['recipe']}, not {recipe}")
     t0 = time.time()
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model.prepack_linears(model.dtype == torch.bfloat16 and prepack_supported(model.device, model.dtype))  # as decoders run
     if args.export_pool:
-        save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt)
+        save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt, args.tasks)
         return manifest
     if args.pool and not (out / POOL).exists():
         shutil.copyfile(args.pool, out / POOL)
     if (out / POOL).exists():  # the dataset's own pool: its prompts stay those its shards answered
-        index, prompts = read_pool(out / POOL, args.seed, args.max_prompt)
+        index, prompts = read_pool(out / POOL, args.seed, args.max_prompt, args.tasks)
     else:
-        index, prompts = pool(model.tokenizer, args.seed, args.max_prompt)
+        index, prompts = pool(model.tokenizer, args.seed, args.max_prompt, args.tasks)
     n_shards = -(-len(prompts) // args.shard_size)
     manifest.update(pool=len(prompts), shard_size=args.shard_size, n_shards=n_shards)
     where = {"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else \
@@ -165,9 +174,10 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
         raise ValueError(f"load: {path} has no manifest.json (build it with python -m ht_kernels.train.dataset)")
     recipe = json.loads(manifest_path.read_text())["recipe"]
     if (path / POOL).exists():  # built from an exported pool: its prompts, no sources needed
-        prompt_of = dict(zip(*read_pool(path / POOL, recipe["seed"], recipe["max_prompt"]))).get
+        prompt_of = dict(zip(*read_pool(path / POOL, recipe["seed"], recipe["max_prompt"],
+                                        recipe.get("tasks", "docs")))).get
     else:
-        convs = conversations(recipe["seed"])
+        convs = POOLS[recipe.get("tasks", "docs")](recipe["seed"])
 
         def prompt_of(i: int) -> list[int] | None:
             return encode(tokenizer, convs[i]) if i < len(convs) else None
