@@ -14,7 +14,7 @@ the answers (uint16) with each prompt's pool index and hash: `load` rebuilds the
 sources and drops (with a warning) any whose tokens changed. OUT/manifest.json holds the recipe (a run
 with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
 seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard
-N - 1; --minutes M: start no shard after M minutes (but one). --export-pool PATH writes the pool's encoded prompts (~5 MB) for a machine without the Debian sources
+N - 1; --minutes M: start no shard after M minutes (but one). --export-pool PATH writes the pool's encoded prompts (~3 MB, xz) for a machine without the Debian sources
 (a lent GPU), whose run reads it with --pool PATH and keeps a copy as OUT/pool.npz. A dataset with an
 OUT/pool.npz takes its prompts from it, never from the sources, which change with package versions.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import time
@@ -85,9 +86,10 @@ def pool(tokenizer, seed: int, max_prompt: int, kind: str = "docs") -> tuple[lis
 def save_pool(path: str | Path, tokenizer, seed: int, max_prompt: int, kind: str = "docs") -> None:
     """The pool's encoded prompts as one file (`--export-pool`), for a machine without the sources."""
     index, prompts = pool(tokenizer, seed, max_prompt, kind)
+    tokens = np.asarray([x for p in prompts for x in p], dtype=np.uint16)  # xz: two thirds of deflate's size
     np.savez_compressed(path, index=np.asarray(index, dtype=np.int64), seed=seed, max_prompt=max_prompt, tasks=kind,
                         offsets=np.cumsum([0] + [len(p) for p in prompts]).astype(np.int64),
-                        tokens=np.asarray([x for p in prompts for x in p], dtype=np.uint16))
+                        tokens_xz=np.frombuffer(lzma.compress(tokens.tobytes(), preset=9), dtype=np.uint8))
 
 
 def read_pool(path: str | Path, seed: int, max_prompt: int, kind: str = "docs") -> tuple[list[int], list[list[int]]]:
@@ -97,7 +99,8 @@ def read_pool(path: str | Path, seed: int, max_prompt: int, kind: str = "docs") 
     if theirs != (kind, seed, max_prompt):
         raise ValueError(f"--pool {path} holds the pool of tasks {theirs[0]!r}, seed {theirs[1]} and max_prompt "
                          f"{theirs[2]}, not of tasks {kind!r}, seed {seed} and max_prompt {max_prompt}")
-    tokens, offsets = z["tokens"].astype(np.int64).tolist(), z["offsets"].tolist()
+    tokens = np.frombuffer(lzma.decompress(z["tokens_xz"].tobytes()), dtype=np.uint16).astype(np.int64).tolist()
+    offsets = z["offsets"].tolist()
     return z["index"].tolist(), [tokens[a:b] for a, b in zip(offsets, offsets[1:])]
 
 
