@@ -176,11 +176,11 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
     if not manifest_path.exists():
         raise ValueError(f"load: {path} has no manifest.json (build it with python -m ht_kernels.train.dataset)")
     recipe = json.loads(manifest_path.read_text())["recipe"]
+    kind = recipe.get("tasks", "docs")  # datasets of before --tasks hold documentation tasks
     if (path / POOL).exists():  # built from an exported pool: its prompts, no sources needed
-        prompt_of = dict(zip(*read_pool(path / POOL, recipe["seed"], recipe["max_prompt"],
-                                        recipe.get("tasks", "docs")))).get
+        prompt_of = dict(zip(*read_pool(path / POOL, recipe["seed"], recipe["max_prompt"], kind))).get
     else:
-        convs = POOLS[recipe.get("tasks", "docs")](recipe["seed"])
+        convs = POOLS[kind](recipe["seed"])
 
         def prompt_of(i: int) -> list[int] | None:
             return encode(tokenizer, convs[i]) if i < len(convs) else None

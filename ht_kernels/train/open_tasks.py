@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from .corpus import Passage, kjv_passages, places, words
-from .tasks import FOLLOW_UP, LANGS, LAYOUTS, SUMMARISE, _user
+from .tasks import FOLLOW_UP, LANGS, LAYOUTS, SUMMARISE, _user, neighbour
 
 NARRATIVE = {
     "summarise": (0.22, SUMMARISE[:2] + SUMMARISE[4:6] + [
@@ -139,8 +139,8 @@ def _narrative_task(rng: random.Random, p: Passage, narrative: list[Passage], i:
     if family == "follow-up":
         return [_user(task), {"role": "assistant", "content": text}, _user(rng.choice(FOLLOW_UP))]
     if family == "compare":
-        j = i + 1 if i + 1 < len(narrative) and narrative[i + 1].doc == p.doc else i - 1
-        if j < 0 or narrative[j].doc != p.doc:  # a one-passage book: summarise it instead
+        j = neighbour(narrative, i)
+        if j is None:  # a one-passage book: summarise it instead
             task = rng.choice(NARRATIVE["summarise"][1])
         else:
             text = f"Passage 1:\n{text}\n\nPassage 2:\n{narrative[j].text}"

@@ -129,8 +129,8 @@ def _passage_task(rng: random.Random, p: Passage, docs: list[Passage], i: int) -
         ask = rng.choice(FOLLOW_ASK).format(title=title)
         return [_user(ask), {"role": "assistant", "content": text}, _user(rng.choice(FOLLOW_UP))]
     if family == "compare":
-        j = i + 1 if i + 1 < len(docs) and docs[i + 1].doc == p.doc else i - 1
-        if j < 0 or docs[j].doc != p.doc:  # a one-passage document: summarise it instead
+        j = neighbour(docs, i)
+        if j is None:  # a one-passage document: summarise it instead
             family = "summarise"
         else:
             text = f"Passage 1:\n{text}\n\nPassage 2:\n{docs[j].text}"
@@ -148,6 +148,12 @@ def _passage_task(rng: random.Random, p: Passage, docs: list[Passage], i: int) -
             "continue": CONTINUE, "translate": TRANSLATE, "title": TITLE}[family]
     task = rng.choice(pool).format(title=title, n=rng.choice((30, 50, 80, 120)), lang=rng.choice(LANGS))
     return [_user(rng.choice(LAYOUTS).format(task=task, text=text))]
+
+
+def neighbour(docs: list[Passage], i: int) -> int | None:
+    """The index of the passage after docs[i] in its document, else the one before it, else None."""
+    j = i + 1 if i + 1 < len(docs) and docs[i + 1].doc == docs[i].doc else i - 1
+    return None if j < 0 or docs[j].doc != docs[i].doc else j
 
 
 def _code_task(rng: random.Random, f: Passage) -> list[dict]:
