@@ -1,12 +1,12 @@
 """The offline text sources for reading tasks: markup becomes prose, passages stay within their word
 budget, duplicates go, and a missing source names the package that installs it; the Bible's chapters,
-the time-zone database's places and the word list are read whole."""
+the time-zone database's places, the word list and the German fortunes are read whole."""
 import pytest
 
 import re
 
-from ht_kernels.train.corpus import (KJV_BOOKS, functions, html_paragraphs, kjv_passages, passages, places,
-                                     rst_paragraphs, words)
+from ht_kernels.train.corpus import (KJV_BOOKS, functions, german_texts, html_paragraphs, kjv_passages, passages,
+                                     places, rst_paragraphs, words)
 
 RST = """\
 .. _tut-x:
@@ -127,3 +127,18 @@ def test_places_and_words_read_their_lists(tmp_path):
     assert words(path=tmp_path / "words") == ["apple", "banana"]
     with pytest.raises(ValueError, match="apt-get install wamerican"):
         words(path=tmp_path / "none")
+
+
+def test_german_texts_are_the_fortune_records_without_art_or_duplicates(tmp_path):
+    (tmp_path / "zitate.u8").write_text("Wer nicht fragt,\n   bleibt dumm. -- Sprichwort\n%\nZu kurz.\n%\n"
+                                        "Wer nicht fragt, bleibt DUMM. -- Sprichwort\n%\n"
+                                        "Ein Satz mit genau sieben Wörtern hier.\n")
+    (tmp_path / "bilder.u8").write_text("Das ist ein Bild: ((( ))) ||| ### ___ === +++\n%\n"
+                                        "Der Apfel fällt nicht weit vom Stamm.\n")
+    (tmp_path / "asciiart.u8").write_text("Hier steht eigentlich nur eine Zeichnung aus Text.\n")
+    assert german_texts(root=tmp_path) == ["Der Apfel fällt nicht weit vom Stamm.",
+                                           "Wer nicht fragt, bleibt dumm. -- Sprichwort",
+                                           "Ein Satz mit genau sieben Wörtern hier."]
+    assert german_texts(min_words=1, max_words=2, root=tmp_path) == ["Zu kurz."]
+    with pytest.raises(ValueError, match="apt-get install fortunes-de"):
+        german_texts(root=tmp_path / "none")

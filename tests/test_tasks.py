@@ -1,4 +1,5 @@
-"""Self-distillation data: the task pools (passages and code; narrative, places, concepts, problems), and
+"""Self-distillation data: the task pools (passages and code; narrative, places, concepts, problems; German
+text to translate), and
 the sharded dataset that several runs build together (resumes, refuses another recipe, rebuilds prompts and drops those that changed)."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from test_model import needs_smollm2
 
-from ht_kernels.train import dataset, open_tasks, tasks
+from ht_kernels.train import dataset, german_tasks, open_tasks, tasks
 from ht_kernels.train.corpus import Passage
 
 WORDS = "the cache keeps every page it reads until the pool is full and then drops the oldest one".split()
@@ -89,6 +90,19 @@ def test_every_open_family_occurs():
         stems = [t.split("{")[0][:25] for t in templates if t.split("{")[0]]
         assert sum(any(s in p for p in prompts) for s in stems) >= len(stems) // 2
     assert any("taller than" in p or "older than" in p or "faster than" in p for p in prompts)
+
+
+def test_german_pool_uses_every_text_once_in_a_seeded_order():
+    texts = [f"Satz {i} ist kurz." for i in range(200)]
+    pool = german_tasks.conversations(0, texts)
+    assert pool == german_tasks.conversations(0, texts) and pool != german_tasks.conversations(1, texts)
+    prompts = [c[0]["content"] for c in pool]
+    assert all(len(c) == 1 and c[0]["role"] == "user" and "{text}" not in c[0]["content"] for c in pool)
+    assert sorted(int(w) for p in prompts for w in p.split() if w.isdigit()) == list(range(200))
+    assert {sum(f"Satz {i} " in p for i in range(200)) for p in prompts} == {1, 2, 3}
+    stems = [t.split("{")[0] or t.split("}")[1] for _, ts in german_tasks.FAMILIES.values() for t in ts]
+    assert all(any(s in p for p in prompts) for s in stems)
+    assert german_tasks.conversations(0, []) == []
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ Each source is a Debian package read from its installed files; `SOURCES` names t
 and the reader. `passages` cuts a source's documents into passages of whole paragraphs (min_words..
 max_words words), with the document's title, and drops exact duplicates (after whitespace and case
 folding); `kjv_passages` does the same with the verses of each chapter of the King James Bible. `places`
-and `words` read the time-zone database's countries and cities and an English word list. Nothing here
-comes from an evaluation set.
+and `words` read the time-zone database's countries and cities and an English word list; `german_texts`
+the German sayings, quotations, anecdotes and jokes of fortunes-de. Nothing here comes from an evaluation
+set.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ KJV = Source("bible-kjv-text", "public domain (the 1611 translation; read with t
 PLACES = Source("tzdata", "public domain", "/usr/share/zoneinfo", "zone.tab", "tab")
 WORDS = Source("wamerican", "SCOWL (permissive: use, copy, modify, distribute with the notice)",
                "/usr/share/dict/american-english", "", "lines")
+GERMAN = Source("fortunes-de", "GPL-2+", "/usr/share/games/fortunes/de", "*.u8", "fortune")
 KJV_BOOKS = (
     "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1Samuel 2Samuel 1Kings 2Kings 1Chronicles "
     "2Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes Song Isaiah Jeremiah Lamentations Ezekiel "
@@ -258,6 +260,30 @@ def words(min_len: int = 5, max_len: int = 10, path: str | Path | None = None) -
     except FileNotFoundError:
         raise ValueError(f"words: no {path or WORDS.root}; install it with `apt-get install {WORDS.package}`") from None
     return [w for w in lines if w.isascii() and w.isalpha() and w.islower() and min_len <= len(w) <= max_len]
+
+
+def german_texts(min_words: int = 6, max_words: int = 120, root: str | Path | None = None) -> list[str]:
+    """Every record (the "%"-separated entries) of the German fortune files (`GERMAN`; root overrides its
+    directory) of min_words..max_words words, in file order, its whitespace collapsed to single spaces;
+    ascii art (its file, and records less than 60% letters) and exact duplicates (after case folding) left
+    out."""
+    files = sorted(Path(root or GERMAN.root).glob(GERMAN.pattern))
+    if not files:
+        raise ValueError(f"german_texts: no {GERMAN.pattern} under {root or GERMAN.root}; install them with "
+                         f"`apt-get install {GERMAN.package}`")
+    out, seen = [], set()
+    for f in files:
+        if f.name.startswith("asciiart"):
+            continue
+        for record in f.read_text(errors="replace").split("\n%\n"):
+            text = " ".join(record.split())
+            chars = text.replace(" ", "")
+            if not min_words <= len(text.split()) <= max_words or sum(c.isalpha() for c in chars) < 0.6 * len(chars):
+                continue
+            if text.casefold() not in seen:
+                seen.add(text.casefold())
+                out.append(text)
+    return out
 
 
 def functions(min_lines: int = 6, max_lines: int = 40, root: str | Path | None = None) -> list[Passage]:

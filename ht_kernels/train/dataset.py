@@ -5,8 +5,9 @@ shards that several runs build together.
         [--device cpu] [--tasks docs] [--seed 0] [--max-prompt 1024] [--gen-tokens 256] [--shard-size 256] [--gen-batch 32] [--shards N]
         [--minutes M] [--threads 2]
 
-The pool is `tasks.conversations(seed)` (--tasks docs: reading and code tasks over documentation) or
-`open_tasks.conversations(seed)` (--tasks open: narrative, places, concepts, word problems) less those
+The pool is `tasks.conversations(seed)` (--tasks docs: reading and code tasks over documentation),
+`open_tasks.conversations(seed)` (--tasks open: narrative, places, concepts, word problems) or
+`german_tasks.conversations(seed)` (--tasks german: German text to translate into English) less those
 whose prompt has more than --max-prompt tokens; shard i
 answers pool entries i*S .. (i+1)*S - 1 (greedy, `data.synthesize`) and is written whole as
 OUT/shard-{i:05d}.npz, so a shard that is there is skipped and a stopped run resumes. A shard keeps only
@@ -37,14 +38,14 @@ import torch
 
 from ..cpu import prepack_supported
 from ..drafts.examples import Example
-from . import open_tasks, tasks
+from . import german_tasks, open_tasks, tasks
 from .data import synthesize
 from .tasks import encode
 
 POOL = "pool.npz"      # the exported pool a --pool run keeps beside its shards, for `load`
 HELD_OUT_EVERY = 100  # pool index multiples of it are held out from training (`load`'s part)
 RECIPE_KEYS = ("model", "dtype", "tasks", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
-POOLS = {"docs": tasks.conversations, "open": open_tasks.conversations}
+POOLS = {"docs": tasks.conversations, "open": open_tasks.conversations, "german": german_tasks.conversations}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--tasks", choices=sorted(POOLS), default="docs", help="the conversations: documentation "
-                   "and code tasks, or open-ended ones")
+                   "and code tasks, open-ended ones, or German text to translate")
     p.add_argument("--seed", type=int, default=0, help="order of the pool")
     p.add_argument("--max-prompt", type=int, default=1024, help="longer prompts are left out of the pool")
     p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per answer at most")
