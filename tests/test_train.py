@@ -456,3 +456,15 @@ def test_teacher_from_the_first_trained_target_gives_the_same_loss():
         torch.testing.assert_close(g[1], got[0][1])
     assert drafter_pass(model, drafter, tokens, 8, starts + 1, anchors.shape[1]).teacher_p.shape[1] == anchors.shape[1]
     assert drafter_pass(model, drafter, tokens, 8, 5).teacher_p.shape[1] == tokens.shape[1] - 5
+
+
+def test_lineage_chains_the_recipes_of_the_weights_a_run_starts_from(tmp_path):
+    from safetensors.torch import save_file
+
+    from ht_kernels.train.__main__ import lineage
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "a.safetensors"), metadata={"recipe": "train A"})
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "b.safetensors"),
+              metadata={"recipe": "train B", "init_from_recipe": lineage(str(tmp_path / "a.safetensors"))})
+    assert lineage(str(tmp_path / "a.safetensors")) == "train A"
+    assert lineage(str(tmp_path / "b.safetensors")) == "train B; before it: train A"

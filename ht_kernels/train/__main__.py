@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     meta = {"model": str(args.model), "method": args.method,
             "recipe": recipe(args),
             "sequences": str(len(examples)), "tokens": str(sum(len(e.tokens) for e in examples))}
+    if args.init_from:
+        meta["init_from_recipe"] = lineage(args.init_from)
     drafter = train(model, examples, cfg, args.out, resume=args.resume, meta=meta, held_out=held_out,
                     eval_every=args.eval_every)
     if rank == 0:
@@ -163,6 +165,16 @@ def recipe(args) -> str:
             for k, v in vars(args).items() if k not in ("out", "resume") and v != default[k]
             for x in (v if isinstance(v, list) else [v])]
     return " ".join(["python -m ht_kernels.train --out", f"runs/{Path(args.out).name}", *opts])
+
+
+def lineage(path: str) -> str:
+    """The recipes that made the weights at path, newest first ("; before it: "), from their metadata."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        md = f.metadata() or {}
+    steps = [md.get("recipe", "(no recipe)")] + ([md["init_from_recipe"]] if "init_from_recipe" in md else [])
+    return "; before it: ".join(steps)
 
 
 def export(drafter, out: Path, meta: dict) -> Path:
