@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Data and training on a lent GPU (issue: drafts at scale): the dataset's answers in batches of 256, then
 # the draft heads (hidden transfer, its variants, Medusa) on it, each measured on the dev prompts.
-# The prompts come from the committed pool (datasets/smollm2-135m/pool.npz), so the device machine needs no
-# Debian sources. Prepare on this machine:
+# The prompts come from the committed pools (datasets/*/pool.npz: documentation, open-ended, German), so the
+# device machine needs no Debian sources. Prepare on this machine:
 #     split -n 2 "$(python -c 'from ht_kernels.loading import _smollm2_path; print(_smollm2_path())')" gpu/smollm2.gguf.part
 # then carry gpu/ (ignored) in two calls, one half of the GGUF each, and in the second run, from the
 # repository root on the device machine (python3 with torch):
@@ -13,17 +13,21 @@ set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-device=${DEVICE:-cuda} steps=${STEPS:-1000} batch=${BATCH:-16} minutes=${MINUTES:-4} shard_size=${SHARD_SIZE:-256}
+device=${DEVICE:-cuda} steps=${STEPS:-1000} batch=${BATCH:-16} minutes=${MINUTES:-2} shard_size=${SHARD_SIZE:-256}
 bench=${BENCH:---stride 5}
 [ -f "$GGUF" ] || cat "$GGUF".part* > "$GGUF"
 step() { echo "== $*" | tee -a "$out/gpu_train.log"; "$@" 2>&1 | tee -a "$out/gpu_train.log" | tail -"${TAIL:-6}"; }
 [ "$device" = cuda ] && step nvidia-smi --query-gpu=name,memory.total --format=csv
 step git log -1 --format=%H
-step python3 -m ht_kernels.train.dataset --out "$out/dataset" --model "$GGUF" --device "$device" --pool datasets/smollm2-135m/pool.npz \
-    --gen-batch 256 --shard-size "$shard_size" --minutes "$minutes"
+datasets=()
+for pool in docs:smollm2-135m open:smollm2-135m-open german:smollm2-135m-german; do  # --tasks : committed pool
+    step python3 -m ht_kernels.train.dataset --out "$out/dataset-${pool%%:*}" --tasks "${pool%%:*}" --model "$GGUF" \
+        --device "$device" --pool "datasets/${pool#*:}/pool.npz" --gen-batch 256 --shard-size "$shard_size" --minutes "$minutes"
+    datasets+=(--dataset "$out/dataset-${pool%%:*}")
+done
 train() {  # name, then the options of python -m ht_kernels.train
     local name=$1; shift
-    step python3 -m ht_kernels.train --out "$out/$name" --model "$GGUF" --device "$device" --dataset "$out/dataset" \
+    step python3 -m ht_kernels.train --out "$out/$name" --model "$GGUF" --device "$device" "${datasets[@]}" \
         --layer 20 --steps "$steps" --batch-size "$batch" --eval-every 250 "$@"
 }
 train ht-t20
