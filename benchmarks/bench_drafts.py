@@ -6,10 +6,12 @@ ht_kernels.decode.replay): top-1 / top-5 accuracy per depth against the continua
 for each tree policy exactly as the decoder would commit tokens. --decode N also decodes the first N
 prompts for real with each drafter and reports that tau beside the replayed one. --similarity adds the
 cosine similarity of pseudo states to the true states, layer by layer after t (transfer drafters).
+--lookup W measures every drafter a second time (NAME+lookup) with the context lookup's guesses mixed
+into its drafts at weight W (ht_kernels.decode.lookup), as the decoder's `lookup=W` does.
 
     python benchmarks/bench_drafts.py --drafter ht=weights.safetensors --drafter medusa=medusa.safetensors
         [--prompts PATH] [--limit N] [--stride S] [--max-new-tokens 128] [--trees default,dynamic64] [--decode N]
-        [--similarity] [--json PATH] [--plot PATH]
+        [--similarity] [--lookup W] [--json PATH] [--plot PATH]
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch
 import ht_kernels as ht
 from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
 from ht_kernels.decode.decoder import make_tree_policy
-from ht_kernels.decode.replay import replay_accept_lengths
+from ht_kernels.decode.lookup import with_lookup
+from ht_kernels.decode.replay import replay_accept_lengths, root_guesses
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.drafts.drafters import drafter_from_weights
 from ht_kernels.drafts.forced import draft_logprobs
@@ -59,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trees", default="default,dynamic64", help=f"comma-separated subset of {','.join(TREES)}")
     p.add_argument("--decode", type=int, default=0, help="also decode the first N prompts for real")
     p.add_argument("--similarity", type=int, default=0, help="cosine similarity on the first N prompts")
+    p.add_argument("--lookup", type=float, default=0.0, help="also measure each drafter with the context "
+                                                             "lookup's guesses mixed in at this weight")
+    p.add_argument("--lookup-ngram", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
@@ -78,8 +84,9 @@ def load_weights(path: str):
     return TransferWeights.load(path) if is_transfer else MedusaWeights.load(path)
 
 
-def measure(model, name: str, weights, examples, categories: list[str], args) -> dict:
-    """Accuracy and tau over all prompts, and per category (top-1 per depth, tau of the last tree)."""
+def measure(model, name: str, weights, examples, categories: list[str], args) -> list[dict]:
+    """Accuracy and tau over all prompts, and per category (top-1 per depth, tau of the last tree); with
+    --lookup, a second row with the context lookup's guesses mixed into the drafts."""
     chain = not name.endswith(":nochain")
     if name.endswith(":norefine"):  # the ablation of the maps' root refiner
         weights = replace(weights, refine=None)
@@ -89,37 +96,45 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     K = weights.K
     calibration = getattr(weights, "calibration", None)
     policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1], calibration) for t in args.trees}
-    hits = {c: torch.zeros(2, K) for c in categories}
+    weights_lookup = [0.0] + ([args.lookup] if args.lookup else [])
+    hits = {w: {c: torch.zeros(2, K) for c in categories} for w in weights_lookup}
     counts = {c: torch.zeros(K) for c in categories}
-    lengths = {t: [] for t in args.trees}
-    for (logp, nxt), cat in zip(draft_logprobs(model, drafter, examples), categories):
-        h, c = depth_accuracy(logp, nxt)
-        hits[cat] += h
+    lengths = {w: {t: [] for t in args.trees} for w in weights_lookup}
+    for (logp, nxt), e, cat in zip(draft_logprobs(model, drafter, examples), examples, categories):
+        guess = root_guesses(e, K, args.lookup_ngram) if args.lookup else None
+        for w in weights_lookup:  # drafts of anchor j and the guesses of the step rooted at new token j
+            h, c = depth_accuracy(logp if not w else with_lookup(logp, guess, w), nxt)
+            hits[w][cat] += h
+            for t, pol in policies.items():
+                lengths[w][t].append(replay_accept_lengths(pol, logp, nxt, args.max_new_tokens, None,
+                                                           guess if w else None, w))
         counts[cat] += c
-        for t, pol in policies.items():
-            lengths[t].append(replay_accept_lengths(pol, logp, nxt, args.max_new_tokens))
-    total_hits, total = sum(hits.values()), sum(counts.values())
+    total = sum(counts.values())
     last = args.trees[-1]
-    row = {"name": name, "kind": "transfer" if hasattr(weights, "layer") else "medusa", "K": K,
-           "layer": getattr(weights, "layer", None), "chain": chain,
-           "top1": (total_hits[0] / total).tolist(), "top5": (total_hits[1] / total).tolist(),
-           "tau": {t: _mean(lengths[t]) for t in args.trees},
-           "by_category": {c: {"prompts": categories.count(c), "top1": (hits[c][0] / counts[c]).tolist(),
-                               f"tau {last}": _mean([l for l, k in zip(lengths[last], categories) if k == c])}
-                           for c in hits}}
-    if args.decode and chain:  # the decoder always lets pseudo tokens see their chain: no ablation there
-        row["tau_decoded"] = {}
+    rows = []
+    for w in weights_lookup:
+        total_hits = sum(hits[w].values())
+        rows.append({"name": name + ("+lookup" if w else ""), "kind": "transfer" if hasattr(weights, "layer") else "medusa",
+                     "K": K, "layer": getattr(weights, "layer", None), "chain": chain, "lookup": w,
+                     "top1": (total_hits[0] / total).tolist(), "top5": (total_hits[1] / total).tolist(),
+                     "tau": {t: _mean(lengths[w][t]) for t in args.trees},
+                     "by_category": {c: {"prompts": categories.count(c), "top1": (hits[w][c][0] / counts[c]).tolist(),
+                                         f"tau {last}": _mean([l for l, k in zip(lengths[w][last], categories) if k == c])}
+                                     for c in counts}})
+    for row in rows if args.decode and chain else ():  # the decoder's pseudo tokens always see their chain
+        row["tau_decoded"], w = {}, row["lookup"]
         for t in args.trees:
             tree, budget = TREES[t]
-            dec = (ht.HiddenTransferDecoder(model, weights, tree=tree, budget=budget) if row["kind"] == "transfer"
-                   else MedusaDecoder(model, weights, tree=tree, budget=budget))
+            dec = (ht.HiddenTransferDecoder(model, weights, tree=tree, budget=budget, lookup=w, lookup_ngram=args.lookup_ngram)
+                   if row["kind"] == "transfer" else
+                   MedusaDecoder(model, weights, tree=tree, budget=budget, lookup=w, lookup_ngram=args.lookup_ngram))
             got = [dec.generate([e.tokens[:e.start + 1]], max_new_tokens=args.max_new_tokens,
                                 eos_token_id=()).accept_lengths[0][1:]
                    for e in examples[: args.decode]]
-            row["tau_decoded"][t] = (_mean(got), _mean(lengths[t][: args.decode]))
-    if args.similarity and row["kind"] == "transfer":
-        row["similarity"] = pseudo_similarity(model, drafter, examples[: args.similarity]).tolist()
-    return row
+            row["tau_decoded"][t] = (_mean(got), _mean(lengths[w][t][: args.decode]))
+    if args.similarity and rows[0]["kind"] == "transfer":
+        rows[0]["similarity"] = pseudo_similarity(model, drafter, examples[: args.similarity]).tolist()
+    return rows
 
 
 def _mean(rows: list[list[int]]) -> float:
@@ -206,7 +221,7 @@ def main(argv=None) -> None:
     results = []
     for spec in args.drafter:
         name, _, file = spec.partition("=")
-        results.append(measure(model, name, load_weights(file), examples, categories, args))
+        results += measure(model, name, load_weights(file), examples, categories, args)
         print(f"{name}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print_rows(results, args.trees)
     if args.json:

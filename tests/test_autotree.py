@@ -10,7 +10,7 @@ from ht_kernels.decode.autotree import tune_tree
 from ht_kernels.decode.decoder import HiddenTransferDecoder
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.decode.trees import TreePolicy
-from ht_kernels.decode.replay import replay_accept_lengths
+from ht_kernels.decode.replay import replay_accept_lengths, root_guesses
 from ht_kernels.drafts.drafters import drafter_from_weights
 from ht_kernels.drafts.examples import Example
 from ht_kernels.drafts.forced import draft_logprobs
@@ -25,15 +25,16 @@ def cache_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def setup(seed=0):
+def setup(seed=0, lookup=0.0):
     torch.manual_seed(seed)
     model = tiny_model(vocab=12, out_std=4.0)
-    return model, HiddenTransferDecoder(model, random_transfer(model), tree="dynamic")
+    return model, HiddenTransferDecoder(model, random_transfer(model), tree="dynamic", lookup=lookup)
 
 
-def test_choice_is_the_best_measured_candidate(cache_root):
-    model, dec = setup()
-    choice = tune_tree(dec, PROMPTS, **GRID)
+@pytest.mark.parametrize("lookup", [0.0, 0.4])
+def test_choice_is_the_best_measured_candidate(cache_root, lookup):
+    model, dec = setup(lookup=lookup)
+    choice = tune_tree(dec, PROMPTS, **GRID, **({"min_gain": None} if lookup else {}))  # every candidate timed
     cands = [(r["budget"], r["n_chains"], r["depth"]) for r in choice.table]  # depths K - 1 and K
     assert cands == [(b, c, d) for b, c in [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 8)]
                      for d in (2, 3)]
@@ -43,13 +44,14 @@ def test_choice_is_the_best_measured_candidate(cache_root):
     assert len(finalists) == 6
     assert all(r["step_ms"] > 0 and r["tau"] >= 1 for r in choice.table) and choice.ar_ms > 0
     # tau is the replay of the decoder's own greedy answers (an independent recomputation here), drafting
-    # with the first `depth` maps
+    # with the first `depth` maps and, with the context lookup, its guesses mixed in
     want = dec.generate_ar(PROMPTS, max_new_tokens=24).sequences
     examples = [Example(p + s, len(p) - 1) for p, s in zip(PROMPTS, want)]
     for depth in (2, 3):
         lengths = []
-        for logp, nxt in draft_logprobs(model, drafter_from_weights(dec.maps.first(depth)), examples):
-            lengths += replay_accept_lengths(TreePolicy(depth, None, budget=8), logp, nxt, 24, 2)
+        for (logp, nxt), e in zip(draft_logprobs(model, drafter_from_weights(dec.maps.first(depth)), examples), examples):
+            guess = root_guesses(e, depth) if lookup else None
+            lengths += replay_accept_lengths(TreePolicy(depth, None, budget=8), logp, nxt, 24, 2, guess, lookup)
         row = next(r for r in choice.table if (r["budget"], r["n_chains"], r["depth"]) == (8, 2, depth))
         assert row["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)
     # tuning leaves the decoder as it was
@@ -89,6 +91,9 @@ def test_choice_is_cached_per_weights(cache_root, monkeypatch):
     refined = HiddenTransferDecoder(dec.model, with_refiner(replace(dec.maps)), tree="dynamic")
     with pytest.raises(AssertionError, match="measured again"):  # the same maps with a refiner: new drafts
         tune_tree(refined, PROMPTS, **GRID)
+    looked = HiddenTransferDecoder(dec.model, dec.maps, tree="dynamic", lookup=0.3)
+    with pytest.raises(AssertionError, match="measured again"):  # the same maps with the context lookup
+        tune_tree(looked, PROMPTS, **GRID)
 
 
 def test_decoder_auto_is_lossless(cache_root, monkeypatch):
@@ -96,7 +101,7 @@ def test_decoder_auto_is_lossless(cache_root, monkeypatch):
     monkeypatch.setattr(autotree, "builtin_calibration", lambda m: PROMPTS)
     monkeypatch.setattr(autotree, "BUDGETS", (3, 6))
     monkeypatch.setattr(autotree, "CHAINS", (1, 6))
-    dec = HiddenTransferDecoder(model, random_transfer(model), tree="auto")
+    dec = HiddenTransferDecoder(model, random_transfer(model), tree="auto", lookup=0.3)
     c = dec.tree_choice
     assert (dec.tree.budget, dec.n_chains, dec.head_once) == (c.budget, c.n_chains, c.head_once)
     assert dec.tree.K == dec.transfer.K == dec.weight.shape[0] == c.depth and dec.maps.K == 3

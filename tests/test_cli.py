@@ -234,6 +234,16 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
         assert list(cats) == ["chat", "count"] and all(c["prompts"] == 1 and c["tau dynamic64"] >= 1 for c in cats.values())
     if HAS_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # with the context lookup mixed in: a second row per drafter, replayed as the decoder decodes
+    bench_drafts.main(["--model", tiny, "--dtype", "float32", "--prompts", str(prompts), "--max-new-tokens", "10",
+                       "--drafter", f"ht={tmp_path / 'ht' / 'transfer.safetensors'}", "--lookup", "0.5",
+                       "--decode", "2", "--json", str(js)])
+    looked = json.loads(js.read_text())["rows"]
+    assert [(r["name"], r["lookup"]) for r in looked] == [("ht", 0.0), ("ht+lookup", 0.5)]
+    assert looked[0]["tau"] == rows[0]["tau"]
+    for r in looked:
+        for tree, (decoded, replayed) in r["tau_decoded"].items():
+            assert decoded == replayed == r["tau"][tree] >= 1
 
 
 def test_bench_projection_tiny_shape(tmp_path):

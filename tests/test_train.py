@@ -10,7 +10,7 @@ import torch
 
 from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
 from ht_kernels.decode.decoder import HiddenTransferDecoder
-from ht_kernels.decode.replay import replay_accept_lengths
+from ht_kernels.decode.replay import replay_accept_lengths, root_guesses
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.drafts.drafters import TransferDrafter, drafter_from_weights
 from ht_kernels.drafts.examples import Example
@@ -350,20 +350,22 @@ def test_data_two_rounds(smol, tmp_path):
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])
 @pytest.mark.parametrize("method, n_chains", [("transfer", None), ("transfer", 2), ("transfer", 12),
-                                              ("mlp", None), ("extra", None), ("refine", None), ("medusa", None)])
+                                              ("mlp", None), ("extra", None), ("refine", None), ("medusa", None),
+                                              ("lookup", None), ("lookup", 2), ("medusa lookup", None)])
 def test_replay_equals_decoding(tree, method, n_chains):
     """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
-    decoder stays lossless with these drafters."""
+    decoder stays lossless with these drafters (and the context lookup's guesses mixed in)."""
+    lookup = 0.3 if "lookup" in method else 0.0
     for _ in range(5):  # a random model can fall into a loop its random drafts never predict: draw again
         model = tiny_model(vocab=12, out_std=4.0)
         K, D = 3, model.config.dim
-        if method in ("transfer", "mlp", "extra", "refine"):
+        if not method.startswith("medusa"):
             weights = random_transfer(model, K=K, layer=2)
             weights = {"mlp": with_mlp, "extra": with_extra, "refine": with_refiner}.get(method, lambda w: w)(weights)
-            dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains)
+            dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains, lookup=lookup)
         else:
             weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)
-            dec = MedusaDecoder(model, weights, tree=tree, budget=12)
+            dec = MedusaDecoder(model, weights, tree=tree, budget=12, lookup=lookup)
         prompts = random_tokens(model, [5, 9, 3])
         out = dec.generate(prompts, max_new_tokens=40)
         if sum(x > 1 for row in out.accept_lengths for x in row[1:]) >= 3:
@@ -371,8 +373,9 @@ def test_replay_equals_decoding(tree, method, n_chains):
     assert out.sequences == dec.generate_ar(prompts, max_new_tokens=40).sequences
     examples = [Example(p + s, len(p) - 1) for p, s in zip(prompts, out.sequences)]
     got = []
-    for logp, nxt in draft_logprobs(model, drafter_from_weights(weights), examples, batch_size=2):
-        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40, n_chains))
+    for (logp, nxt), e in zip(draft_logprobs(model, drafter_from_weights(weights), examples, batch_size=2), examples):
+        guess = root_guesses(e, K) if lookup else None
+        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40, n_chains, guess, lookup))
     want = [a[1:] for a in out.accept_lengths]
     assert got == want
     assert sum(x > 1 for row in want for x in row) >= 3  # drafts were accepted: the replay was exercised

@@ -49,10 +49,11 @@ class MedusaWeights:
 class MedusaDecoder(HiddenTransferDecoder):
     """Lossless tree decoding with Medusa drafts. model: an ht_kernels Transformer; heads: a weights
     file or MedusaWeights; tree, budget, backend, cuda_graphs, prepack: as for HiddenTransferDecoder.
-    generate / generate_ar as there."""
+    lookup, lookup_ngram: the context lookup's guesses mixed into the drafts, as there. generate / generate_ar
+    as there."""
 
     def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True,
-                 prepack: bool | None = None):
+                 prepack: bool | None = None, lookup: float = 0.0, lookup_ngram: int = 3):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -69,6 +70,7 @@ class MedusaDecoder(HiddenTransferDecoder):
         self.tree = make_tree_policy(tree, heads.K, budget)
         self.refiner = None
         self._set_execution(backend, cuda_graphs, prepack)
+        self._set_lookup(lookup, lookup_ngram)
 
     def _drafts(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, dim] last-layer hidden states -> draft log-probabilities [B, K, V]."""

@@ -25,7 +25,7 @@ from ..drafts.drafters import drafter_from_weights
 from ..drafts.forced import draft_logprobs
 from ..drafts.prompts import builtin_prompts, encode_prompt
 from .graphs import StepGraph
-from .replay import Replay, answers
+from .replay import Replay, answers, root_guesses
 from .sampling import greedy
 from .transfer import TransferWeights
 from .trees import TreePolicy
@@ -175,9 +175,11 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, 
         for depth in sorted({d for _, _, d in cands}):
             drafter = drafter_from_weights(decoder.maps.first(depth)).to(model.device)
             mine = [(b, c) for b, c, d in cands if d == depth]
-            for logp, nxt in draft_logprobs(model, drafter, examples):  # one replay per budget, shared by its chains
-                cal = decoder.maps.first(depth).calibration
-                replays = {b: Replay(TreePolicy(depth, None, budget=b, calibration=cal), logp, nxt) for b, _ in mine}
+            cal = decoder.maps.first(depth).calibration
+            for (logp, nxt), e in zip(draft_logprobs(model, drafter, examples), examples):  # one replay per budget
+                guess = root_guesses(e, depth, decoder.lookup_ngram) if decoder.lookup else None
+                replays = {b: Replay(TreePolicy(depth, None, budget=b, calibration=cal), logp, nxt, guess, decoder.lookup)
+                           for b, _ in mine}
                 for b, c in mine:
                     lengths[b, c, depth] += replays[b].accept_lengths(gen_tokens, None if c >= b else c)
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
@@ -222,6 +224,10 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
     _, drafts, _ = decoder._prefill([prompt], cache, draft=True)              # [1, K, V]
     depth_drafts = {d: drafts[:, :d].clone() for _, _, d in cands}            # a pass rewrites its drafts
     root = torch.zeros(1, dtype=torch.long, device=dev)
+    history = None  # with the context lookup: the prompt, then the root
+    if decoder.lookup:
+        history = torch.zeros(1, cache.k.shape[2], dtype=torch.long, device=dev)
+        history[0, :context] = torch.tensor(prompt, device=dev)
     graphs = decoder.cuda_graphs and dev.type == "cuda"
 
     def timed(settings=None):  # None: a plain pass. A pass commits nothing: each rewrites the same slots
@@ -233,7 +239,7 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
         use()
         forward_pass, out = decoder._forward_pass(settings is not None, root,
                                                   depth_drafts[settings[3]] if settings else drafts, cache,
-                                                  greedy, None, None)
+                                                  greedy, None, None, history if settings else None)
 
         def run():
             use()
@@ -267,8 +273,8 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context, min_gain) -> Path:
         machine = f"{_cpu_name()} x{os.cpu_count()} threads {torch.get_num_threads()}"
     h = hashlib.sha256()
     for part in (VERSION, machine, platform.machine(), torch.__version__, repr(model.config), model.dtype,
-                 model.prepacked, model.row_exact, decoder.cuda_graphs, w.layer, json.dumps(prompts), cands,
-                 gen_tokens, context, min_gain):
+                 model.prepacked, model.row_exact, decoder.cuda_graphs, decoder.lookup, decoder.lookup_ngram, w.layer,
+                 json.dumps(prompts), cands, gen_tokens, context, min_gain):
         h.update(repr(part).encode())
     extra = [*(w.mlp or ()), *(w.extra[1:] if w.extra else ()), *(w.refine[:2] if w.refine else ()),
              *(() if w.calibration is None else (w.calibration,))]

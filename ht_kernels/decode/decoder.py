@@ -27,6 +27,7 @@ from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
 from .graphs import StepGraph
+from .lookup import lookup_drafts, with_lookup
 from .sampling import greedy, sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
 from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
@@ -64,11 +65,14 @@ class HiddenTransferDecoder:
     so that greedy `generate` gives `generate_ar`'s tokens bit for bit, not only up to near-ties; the linear
     layers then run packed even with prepack=False. It costs both decoders time (README), so it is off by
     default.
+    lookup: the weight w in [0, 1) of the context lookup's guesses mixed into each step's drafts
+    (`lookup.py`: the tokens that followed the latest earlier occurrence of the last `lookup_ngram` or
+    fewer tokens, root included); 0: drafts from the maps alone.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None,
-                 exact: bool = False, depth: int | None = None):
+                 exact: bool = False, depth: int | None = None, lookup: float = 0.0, lookup_ngram: int = 3):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -86,6 +90,7 @@ class HiddenTransferDecoder:
                              f"got {n_chains!r}")
         self.use_depth(weights.K if depth is None else depth)
         self._set_execution(backend, cuda_graphs, prepack, exact)
+        self._set_lookup(lookup, lookup_ngram)
         self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
             for name, value in (("n_chains", n_chains), ("depth", depth)):
@@ -110,6 +115,13 @@ class HiddenTransferDecoder:
         self.extra_layer = None if self.maps.extra is None else self.maps.extra[0]
         refine = self.transfer.refine  # re-ranks the drafts once the next root is known (`_refine`), or None
         self.refiner = None if refine is None else RootRefiner.from_weights(*refine).to(self.model.device)
+
+    def _set_lookup(self, lookup: float, ngram: int) -> None:
+        if not (isinstance(lookup, (int, float)) and 0.0 <= lookup < 1.0):
+            raise ValueError(f"lookup must be a weight in [0, 1), got {lookup!r}")
+        if not isinstance(ngram, int) or ngram < 1:
+            raise ValueError(f"lookup_ngram must be an int >= 1, got {ngram!r}")
+        self.lookup, self.lookup_ngram = float(lookup), ngram
 
     def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:
@@ -180,7 +192,12 @@ class HiddenTransferDecoder:
             drafts = self._refine(drafts, states, root)
         seqs, steps, active = [[] for _ in range(B)], [[] for _ in range(B)], [True] * B
         self._emit(root[:, None].tolist(), seqs, steps, active, max_new_tokens, eos, callback)
-        forward_pass, out = self._forward_pass(speculative, root, drafts, cache, choose, warp, generator)
+        history = None
+        if speculative and self.lookup:  # every row's tokens by position: the prompt, then the root
+            history = right_pad(prompts, root.device)[0]
+            history = torch.cat([history, history.new_zeros(B, need - history.shape[1])], 1)
+            history.scatter_(1, cache.lengths[:, None].long(), root[:, None])
+        forward_pass, out = self._forward_pass(speculative, root, drafts, cache, choose, warp, generator, history)
         graphs = self.cuda_graphs and warp is None and root.is_cuda
         run = StepGraph(forward_pass, root.device) if graphs else forward_pass
         live, n_live = torch.ones(B, dtype=cache.lengths.dtype, device=root.device), B
@@ -196,13 +213,14 @@ class HiddenTransferDecoder:
         self.graph_status = None if not graphs else "replayed" if run.graph is not None else f"eager: {run.error}"
         return GenerateOutput(seqs, steps)
 
-    def _forward_pass(self, speculative: bool, root, drafts, cache, choose, warp, generator):
+    def _forward_pass(self, speculative: bool, root, drafts, cache, choose, warp, generator, history=None):
         """One forward pass over static tensors, as a function of none, and its output buffer out
         [B, 1 + W] (W: the tree's nodes, 1 for a plain pass). The pass advances root [B] (and drafts
         [B, K, V]) in place, moves the accepted nodes' keys/values behind the prefix, and writes into out
         each row's count n of new tokens, then the n tokens. It commits nothing (the caller adds n to the
         lengths of the rows that go on) and, greedy, reads nothing on the host, so a CUDA graph can
-        replay it."""
+        replay it. history: None, or [B, S] each row's tokens by position, the root at cache.lengths:
+        the pass mixes the context lookup's guesses into the drafts and writes its new tokens there."""
         out = torch.zeros(root.shape[0], 1 + (self.tree.size if speculative else 1), dtype=torch.long,
                           device=root.device)
         if not speculative:
@@ -213,11 +231,18 @@ class HiddenTransferDecoder:
             return forward_pass, out
 
         def forward_pass():
-            tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, drafts, cache, warp, generator)
+            mixed = drafts
+            if history is not None:
+                guess = lookup_drafts(history, cache.lengths, drafts.shape[1], self.lookup_ngram)
+                mixed = with_lookup(drafts, guess, self.lookup)
+            tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, mixed, cache, warp, generator)
             compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len, backend=self.verify_backend)
             path = tree.tokens.gather(1, accepted.clamp_min(0))                       # [B, T]
             new = torch.cat([path[:, 1:], nxt[:, None]], 1).scatter_(1, (accept_len - 1)[:, None], nxt[:, None])
             out.copy_(torch.cat([accept_len[:, None], new], 1))
+            if history is not None:  # new tokens after the root (those past accept_len are rewritten later)
+                at = cache.lengths[:, None].long() + torch.arange(1, new.shape[1] + 1, device=new.device)
+                history.scatter_(1, at, new)
             root.copy_(nxt)
             drafts.copy_(nxt_drafts)
         return forward_pass, out

@@ -17,6 +17,7 @@ import torch
 
 from ..drafts.examples import Example
 from ..ops.verify_tree import verify_tree_greedy
+from .lookup import lookup_drafts, with_lookup
 from .trees import TreePolicy, chain_owners
 
 
@@ -41,15 +42,26 @@ def answers(decoder, prompts: list[list[int]], max_new_tokens: int, batch_size: 
 
 
 def replay_accept_lengths(policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
-                          max_new_tokens: int, n_chains: int | None = None) -> list[int]:
+                          max_new_tokens: int, n_chains: int | None = None, guess: torch.Tensor | None = None,
+                          lookup: float = 0.0) -> list[int]:
     """The tokens each decoding step commits, replayed from teacher-forced drafts.
 
     logp: [n, K, V] drafts of anchors P-1 .. P+n-2 (P the prompt length: anchor 0 is the prompt's last
     token); greedy: [n] the greedy token after each of them (greedy[j] is new token j). n_chains: the
-    decoder's setting (None: a pseudo chain under every node). Returns the accept lengths of the steps
-    after the prefill, cut like `generate` cuts them at max_new_tokens (at most n new tokens are replayed).
+    decoder's setting (None: a pseudo chain under every node). guess: None, or [n, K] the context lookup's
+    guesses of the step rooted at each new token (`root_guesses`), mixed into its drafts with weight
+    `lookup` (`lookup.with_lookup`). Returns the accept lengths of the steps after the prefill, cut like
+    `generate` cuts them at max_new_tokens (at most n new tokens are replayed).
     """
-    return Replay(policy, logp, greedy).accept_lengths(max_new_tokens, n_chains)
+    return Replay(policy, logp, greedy, guess, lookup).accept_lengths(max_new_tokens, n_chains)
+
+
+def root_guesses(example: Example, K: int, ngram: int = 3) -> torch.Tensor:
+    """The context lookup's guesses [n, K] of the step rooted at each new token of `example`
+    (n = its new tokens; row j: the step whose root is new token j, the history up to it)."""
+    tokens = torch.as_tensor(example.tokens, dtype=torch.long)
+    ends = torch.arange(example.start + 1, len(example.tokens))
+    return lookup_drafts(tokens.expand(len(ends), -1), ends, K, ngram)
 
 
 class Replay:
@@ -61,8 +73,10 @@ class Replay:
     The steps of every root for one shift are verified at once, once per shift; the walk is then cheap.
     """
 
-    def __init__(self, policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor):
+    def __init__(self, policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
+                 guess: torch.Tensor | None = None, lookup: float = 0.0):
         self.policy, self.logp, self.greedy = policy, logp, greedy
+        self.guess, self.lookup = guess, lookup
         self._steps: dict[int, tuple] = {}
         self._owner: dict[tuple[int, int | None], list[int]] = {}
 
@@ -84,6 +98,8 @@ class Replay:
             roots = torch.arange(shift, n - 1)
             src = self.logp[roots - shift]
             drafts = torch.cat([src[:, shift:], src.new_full((len(roots), shift, V), -math.log(V))], 1)
+            if self.guess is not None:
+                drafts = with_lookup(drafts, self.guess[roots], self.lookup)
             tree = self.policy.choose(self.greedy[roots], drafts)
             # The target of a node at depth d under root j is new token j + d + 1 (on-path nodes matter).
             after = roots[:, None] + tree.depths + 1

@@ -1,0 +1,55 @@
+"""Context lookup: drafts copied from the text itself, mixed into the hidden-transfer drafts.
+
+Summaries, answers about a document, translations the model copies back: much of what a model writes
+repeats its context. Once a step's root is known, the latest earlier place where the context's last n
+tokens (the root included) occurred gives the K tokens that followed there as a guess for depths 1..K
+(the longest n <= `ngram` that occurs wins; prompt lookup decoding, Saxena 2023). The guess enters the
+tree as a mixture, per depth d with a guess g_d:
+
+    p'_d = (1 - w) p_d + w [token = g_d]
+
+so the tree policy places it wherever it scores among the drafts. Verification is untouched: decoding
+stays lossless. Everything here is batched tensor work without host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lookup_drafts(tokens: torch.Tensor, ends: torch.Tensor, K: int, ngram: int = 3) -> torch.Tensor:
+    """The tokens that followed the latest earlier occurrence of each row's last n tokens.
+
+    tokens: [R, N] int64 histories; ends: [R] int64, the index of each row's last token (its root);
+    positions past it are ignored. Returns [R, K] int64: for the longest n <= ngram whose n tokens ending
+    at ends[r] also end at some i < ends[r] (the latest such i), tokens[r, i + 1 .. i + K], cut at
+    ends[r] (-1 beyond it, and everywhere where no n >= 1 matches)."""
+    R, N = tokens.shape
+    dev = tokens.device
+    pos = torch.arange(N, device=dev)
+    ends = ends.long()
+    found = torch.full((R,), -1, dtype=torch.long, device=dev)
+    match = pos < ends[:, None]                                                      # [R, N] i < end
+    for n in range(1, ngram + 1):
+        k = n - 1  # the token n - 1 places before the end must match too
+        back = tokens[:, (pos - k).clamp_min(0)]
+        last = tokens.gather(1, (ends - k).clamp_min(0)[:, None])
+        match = match & (pos >= k) & (back == last) & (ends[:, None] >= k)
+        latest = torch.where(match, pos, -1).amax(1)
+        found = torch.where(latest >= 0, latest, found)
+    at = found[:, None] + 1 + torch.arange(K, device=dev)                           # [R, K]
+    ok = (found[:, None] >= 0) & (at <= ends[:, None])
+    return torch.where(ok, tokens.gather(1, at.clamp(0, N - 1)), -1)
+
+
+def with_lookup(logp: torch.Tensor, guess: torch.Tensor, weight: float) -> torch.Tensor:
+    """logp: [R, K, V] draft log-probabilities; guess: [R, K] int64 (-1: none) -> [R, K, V] fp32 mixed:
+    log((1 - weight) p + weight [token = guess]) where a depth has a guess, logp where it has none."""
+    if not 0.0 < weight < 1.0:
+        raise ValueError(f"lookup weight must be in (0, 1), got {weight}")
+    has = (guess >= 0)[..., None]
+    out = torch.where(has, logp.float() + math.log1p(-weight), logp.float())
+    idx = guess.clamp_min(0)[..., None]
+    hit = torch.logaddexp(out.gather(-1, idx), torch.full_like(idx, math.log(weight), dtype=out.dtype))
+    return out.scatter(-1, idx, torch.where(has, hit, out.gather(-1, idx)))
