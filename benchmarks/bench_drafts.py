@@ -7,11 +7,12 @@ for each tree policy exactly as the decoder would commit tokens. --decode N also
 prompts for real with each drafter and reports that tau beside the replayed one. --similarity adds the
 cosine similarity of pseudo states to the true states, layer by layer after t (transfer drafters).
 --lookup W measures every drafter a second time (NAME+lookup) with the context lookup's guesses mixed
-into its drafts at weight W (ht_kernels.decode.lookup), as the decoder's `lookup=W` does.
+into its drafts at weight W (ht_kernels.decode.lookup), as the decoder's `lookup=W` does; a comma-separated
+list of weights adds one row per weight (NAME+lookupW).
 
     python benchmarks/bench_drafts.py --drafter ht=weights.safetensors --drafter medusa=medusa.safetensors
         [--prompts PATH] [--limit N] [--stride S] [--max-new-tokens 128] [--trees default,dynamic64] [--decode N]
-        [--similarity] [--lookup W] [--json PATH] [--plot PATH]
+        [--similarity] [--lookup W[,W...]] [--json PATH] [--plot PATH]
 """
 from __future__ import annotations
 
@@ -62,14 +63,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trees", default="default,dynamic64", help=f"comma-separated subset of {','.join(TREES)}")
     p.add_argument("--decode", type=int, default=0, help="also decode the first N prompts for real")
     p.add_argument("--similarity", type=int, default=0, help="cosine similarity on the first N prompts")
-    p.add_argument("--lookup", type=float, default=0.0, help="also measure each drafter with the context "
-                                                             "lookup's guesses mixed in at this weight")
+    p.add_argument("--lookup", default="", help="also measure each drafter with the context lookup's guesses "
+                                                "mixed in at this weight (or these, comma-separated)")
     p.add_argument("--lookup-ngram", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
     args = p.parse_args(argv)
     args.trees = args.trees.split(",")
+    try:
+        args.lookup = [float(w) for w in args.lookup.split(",") if w]
+    except ValueError:
+        p.error(f"--lookup must be weights in (0, 1), comma-separated, got {args.lookup!r}")
+    if any(not 0 < w < 1 for w in args.lookup):
+        p.error(f"--lookup must be weights in (0, 1), got {args.lookup}")
     if set(args.trees) - set(TREES):
         p.error(f"--trees must be a subset of {','.join(TREES)}")
     return args
@@ -86,7 +93,7 @@ def load_weights(path: str):
 
 def measure(model, name: str, weights, examples, categories: list[str], args) -> list[dict]:
     """Accuracy and tau over all prompts, and per category (top-1 per depth, tau of the last tree); with
-    --lookup, a second row with the context lookup's guesses mixed into the drafts."""
+    --lookup, a row per weight with the context lookup's guesses mixed into the drafts."""
     chain = not name.endswith(":nochain")
     if name.endswith(":norefine"):  # the ablation of the maps' root refiner
         weights = replace(weights, refine=None)
@@ -96,7 +103,7 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     K = weights.K
     calibration = getattr(weights, "calibration", None)
     policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1], calibration) for t in args.trees}
-    weights_lookup = [0.0] + ([args.lookup] if args.lookup else [])
+    weights_lookup = [0.0, *args.lookup]
     hits = {w: {c: torch.zeros(2, K) for c in categories} for w in weights_lookup}
     counts = {c: torch.zeros(K) for c in categories}
     lengths = {w: {t: [] for t in args.trees} for w in weights_lookup}
@@ -114,7 +121,8 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     rows = []
     for w in weights_lookup:
         total_hits = sum(hits[w].values())
-        rows.append({"name": name + ("+lookup" if w else ""), "kind": "transfer" if hasattr(weights, "layer") else "medusa",
+        label = "" if not w else "+lookup" if len(args.lookup) == 1 else f"+lookup{w:g}"
+        rows.append({"name": name + label, "kind": "transfer" if hasattr(weights, "layer") else "medusa",
                      "K": K, "layer": getattr(weights, "layer", None), "chain": chain, "lookup": w,
                      "top1": (total_hits[0] / total).tolist(), "top5": (total_hits[1] / total).tolist(),
                      "tau": {t: _mean(lengths[w][t]) for t in args.trees},

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 
+from .decode.lookup import WEIGHT as LOOKUP_WEIGHT
 from .drafts.prompts import encode_prompt
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -81,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--budget", type=int, default=16, help="nodes of a dynamic tree")
     g.add_argument("--exact", action="store_true",
                    help="bfloat16: the tokens of plain decoding bit for bit, not only up to near-ties (slower)")
+    g.add_argument("--lookup", type=float, default=LOOKUP_WEIGHT,
+                   help=f"weight of the context lookup's guesses among the drafts (default {LOOKUP_WEIGHT}; 0: off)")
     return p.parse_args(argv)
 
 
@@ -107,7 +110,7 @@ def generate(args: argparse.Namespace) -> None:
     if tree == "auto":
         print("tree auto: choosing the tree for this machine (measured once, then cached)", file=sys.stderr, flush=True)
     dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer),
-                                   tree=tree, budget=args.budget, exact=exact)
+                                   tree=tree, budget=args.budget, exact=exact, lookup=0.0 if args.ar else args.lookup)
     gen = None if args.seed is None else torch.Generator(model.device).manual_seed(args.seed)
     stream = TextStream(tok)
     run = dec.generate_ar if args.ar else dec.generate

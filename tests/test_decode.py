@@ -56,7 +56,12 @@ def assert_same_greedy(model, prompts, got, expected) -> None:
 
 class ScriptedDrafts(HiddenTransferDecoder):
     """Replaces the model's drafts, after the prefill and after every step, by script(root_pos): the
-    draft log-probabilities [B, K, V] given each row's position of the next root."""
+    draft log-probabilities [B, K, V] given each row's position of the next root; the context lookup is
+    off unless asked for, so that the drafts are the script's alone."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("lookup", 0.0)
+        super().__init__(*args, **kwargs)
 
     def script(self, root_pos: list[int]) -> torch.Tensor:
         raise NotImplementedError

@@ -30,7 +30,8 @@ class NoHostData(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=False, medusa=False) -> torch.Tensor:
+def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=False, medusa=False,
+              lookup=0.0) -> torch.Tensor:
     """Builds a decoder on fake tensors and runs one greedy forward pass; returns its out buffer.
 
     The ops dispatch to their registered fake implementations, as under torch.compile (their CPU
@@ -41,29 +42,34 @@ def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=Fal
         K, D = 3, CFG.dim
         maps = TransferWeights(torch.empty(K, D, D), torch.empty(K, D), layer=2)
         if medusa:  # prepacked weights are a CPU path, not what a graph replays
-            dec = MedusaDecoder(model, MedusaWeights(maps.weight, maps.bias), tree=tree, budget=8, prepack=False)
+            dec = MedusaDecoder(model, MedusaWeights(maps.weight, maps.bias), tree=tree, budget=8, prepack=False,
+                                lookup=lookup)
         else:
-            dec = HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=8, n_chains=n_chains, prepack=False)
+            dec = HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=8, n_chains=n_chains, prepack=False,
+                                        lookup=lookup)
             dec.head_once = head_once
         B = 2
         cache = model.new_cache(B, 128)
         root = torch.zeros(B, dtype=torch.long)
         drafts = torch.empty(B, K, CFG.vocab_size)
-        forward_pass, out = dec._forward_pass(speculative, root, drafts, cache, lambda x: x.argmax(-1), None, None)
+        history = torch.zeros(B, 128, dtype=torch.long) if lookup else None
+        forward_pass, out = dec._forward_pass(speculative, root, drafts, cache, lambda x: x.argmax(-1), None, None,
+                                              history)
         with NoHostData():
             forward_pass()
         return out
 
 
-@pytest.mark.parametrize("tree,n_chains,head_once", [(None, None, False), ("dynamic", 3, True),
-                                                     ("dynamic", None, False)])
-def test_greedy_pass_reads_nothing_on_the_host(monkeypatch, tree, n_chains, head_once):
-    out = fake_pass(monkeypatch, True, tree, n_chains, head_once)
+@pytest.mark.parametrize("tree,n_chains,head_once,lookup", [(None, None, False, 0.0), ("dynamic", 3, True, 0.0),
+                                                            ("dynamic", None, False, 0.0), ("dynamic", 3, False, 0.25)])
+def test_greedy_pass_reads_nothing_on_the_host(monkeypatch, tree, n_chains, head_once, lookup):
+    out = fake_pass(monkeypatch, True, tree, n_chains, head_once, lookup=lookup)
     assert out.shape[1] == 1 + (16 if tree is None else 8)
 
 
-def test_medusa_pass_reads_nothing_on_the_host(monkeypatch):
-    assert fake_pass(monkeypatch, True, "dynamic", medusa=True).shape == (2, 9)
+@pytest.mark.parametrize("lookup", [0.0, 0.25])
+def test_medusa_pass_reads_nothing_on_the_host(monkeypatch, lookup):
+    assert fake_pass(monkeypatch, True, "dynamic", medusa=True, lookup=lookup).shape == (2, 9)
 
 
 def test_plain_pass_reads_nothing_on_the_host(monkeypatch):

@@ -49,8 +49,8 @@ class MedusaWeights:
 class MedusaDecoder(HiddenTransferDecoder):
     """Lossless tree decoding with Medusa drafts. model: an ht_kernels Transformer; heads: a weights
     file or MedusaWeights; tree, budget, backend, cuda_graphs, prepack: as for HiddenTransferDecoder.
-    lookup, lookup_ngram: the context lookup's guesses mixed into the drafts, as there. generate / generate_ar
-    as there."""
+    lookup, lookup_ngram: the context lookup's guesses mixed into the drafts, as there, but off by default
+    (the baseline is Medusa's drafts alone). generate / generate_ar as there."""
 
     def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True,
                  prepack: bool | None = None, lookup: float = 0.0, lookup_ngram: int = 3):

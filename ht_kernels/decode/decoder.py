@@ -27,7 +27,7 @@ from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
 from .graphs import StepGraph
-from .lookup import lookup_drafts, with_lookup
+from .lookup import WEIGHT as LOOKUP_WEIGHT, lookup_drafts, with_lookup
 from .sampling import greedy, sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
 from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
@@ -67,12 +67,13 @@ class HiddenTransferDecoder:
     default.
     lookup: the weight w in [0, 1) of the context lookup's guesses mixed into each step's drafts
     (`lookup.py`: the tokens that followed the latest earlier occurrence of the last `lookup_ngram` or
-    fewer tokens, root included); 0: drafts from the maps alone.
+    fewer tokens, root included; default 0.25); 0: drafts from the maps alone.
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None,
-                 exact: bool = False, depth: int | None = None, lookup: float = 0.0, lookup_ngram: int = 3):
+                 exact: bool = False, depth: int | None = None, lookup: float = LOOKUP_WEIGHT,
+                 lookup_ngram: int = 3):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 

@@ -17,6 +17,10 @@ import math
 
 import torch
 
+# The decoder's default weight: on the dev prompts tau is flat from 0.1 to 0.4 and 0.25 is at its top
+# (benchmarks/RESULTS.md, "Context lookup").
+WEIGHT = 0.25
+
 
 def lookup_drafts(tokens: torch.Tensor, ends: torch.Tensor, K: int, ngram: int = 3) -> torch.Tensor:
     """The tokens that followed the latest earlier occurrence of each row's last n tokens.
