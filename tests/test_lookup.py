@@ -57,6 +57,9 @@ def test_mixture(weight):
     guess = torch.tensor([[2, -1, 10], [-1, -1, -1], [0, 0, 0], [7, 3, -1]])
     got = with_lookup(logp, guess, weight)
     assert got.dtype == torch.float32
+    drafts = logp.float()
+    kept = drafts.clone()
+    assert torch.equal(with_lookup(drafts, guess, weight), got) and torch.equal(drafts, kept)  # input untouched
     p = logp.exp()
     for r in range(4):
         for d in range(3):

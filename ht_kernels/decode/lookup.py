@@ -53,7 +53,9 @@ def with_lookup(logp: torch.Tensor, guess: torch.Tensor, weight: float) -> torch
     if not 0.0 < weight < 1.0:
         raise ValueError(f"lookup weight must be in (0, 1), got {weight}")
     has = (guess >= 0)[..., None]
-    out = torch.where(has, logp.float() + math.log1p(-weight), logp.float())
+    out = logp.to(torch.float32, copy=True)  # one copy, then in place: the caller's drafts stay as they were
+    out.add_(torch.where(has, math.log1p(-weight), 0.0))
     idx = guess.clamp_min(0)[..., None]
-    hit = torch.logaddexp(out.gather(-1, idx), torch.full_like(idx, math.log(weight), dtype=out.dtype))
-    return out.scatter(-1, idx, torch.where(has, hit, out.gather(-1, idx)))
+    cur = out.gather(-1, idx)
+    hit = torch.logaddexp(cur, torch.full_like(cur, math.log(weight)))
+    return out.scatter_(-1, idx, torch.where(has, hit, cur))
