@@ -11,7 +11,7 @@ the loaded model's weight tensors (no copy), with eos disabled unless --stop-at-
     python benchmarks/bench_decode.py [--limit N] [--max-new-tokens N] [--dtype auto|float32|bfloat16]
         [--temperature F] [--methods ht,ar,hf] [--tree auto|default|dynamic] [--budget N] [--n-chains N]
         [--prompts PATH] [--threads N] [--device cuda] [--backend B] [--no-cuda-graphs]
-        [--prepack auto|on|off] [--exact] [--lookup W] [--rounds N] [--json PATH] [--plot PATH]
+        [--prepack auto|on|off] [--exact] [--lookup W] [--lookup-nodes E] [--rounds N] [--json PATH] [--plot PATH]
 
 On CUDA, ht and ar replay each greedy step as a CUDA graph (--no-cuda-graphs: eager steps), and the
 table adds each method's peak memory above what was allocated before the runs (the weights, the maps:
@@ -90,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ht/ar (CPU bf16): rows computed independently of the rows beside them, so ht gives ar's "
                         "tokens bit for bit")
     p.add_argument("--lookup", type=float, help="ht: the context lookup's weight (0: off; default: the decoder's)")
+    p.add_argument("--lookup-nodes", type=int, default=0, help="ht: nodes carrying the lookup's guess on")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every prompt and method this many times, the methods' order rotating (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
@@ -149,6 +150,7 @@ def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
                                        backend=args.backend, cuda_graphs=not args.no_cuda_graphs,
                                        prepack={"auto": None, "on": True, "off": False}[args.prepack],
                                        exact=args.exact,
+                                       lookup_nodes=args.lookup_nodes,
                                        **({} if args.lookup is None else {"lookup": args.lookup}))
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
             runners[name] = lambda ids, n, seed, fn=fn: fn(
@@ -255,7 +257,7 @@ def main(argv=None) -> None:
     prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
     runners, dec = make_runners(model, args)
     tree = None if dec is None else {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
-                                     "depth": dec.transfer.K, "lookup": dec.lookup,
+                                     "depth": dec.transfer.K, "lookup": dec.lookup, "lookup_nodes": dec.lookup_nodes,
                                      "auto": asdict(dec.tree_choice) if dec.tree_choice else None}
     cuda = model.device.type == "cuda"
     weights_bytes = torch.cuda.memory_allocated(model.device) if cuda else 0
@@ -274,7 +276,8 @@ def main(argv=None) -> None:
         every = tree["n_chains"] is None or tree["n_chains"] >= tree["budget"]
         chains = "every node" if every else f"the best {tree['n_chains']}"
         print(f"ht tree: {args.tree}, {tree['budget']} nodes, pseudo chains of {tree['depth']} under {chains}; "
-              f"context lookup " + (f"at weight {tree['lookup']}" if tree["lookup"] else "off"), flush=True)
+              f"context lookup " + (f"at weight {tree['lookup']}, {tree['lookup_nodes']} more nodes"
+                                    if tree["lookup"] else "off"), flush=True)
     if tree is not None and tree["auto"] is not None:
         choice = TreeChoice(**tree["auto"])
         print(f"tree auto (calibration): tau {choice.tau:.2f}, step {choice.step_ms:.1f} ms, plain step "

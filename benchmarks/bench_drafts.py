@@ -8,7 +8,9 @@ prompts for real with each drafter and reports that tau beside the replayed one.
 cosine similarity of pseudo states to the true states, layer by layer after t (transfer drafters).
 --lookup W measures every drafter a second time (NAME+lookup) with the context lookup's guesses mixed
 into its drafts at weight W (ht_kernels.decode.lookup), as the decoder's `lookup=W` does; a comma-separated
-list of weights adds one row per weight (NAME+lookupW).
+list of weights adds one row per weight (NAME+lookupW). --lookup-nodes E carries the guess on below the
+tree by E more nodes per step (the decoder's `lookup_nodes=E`); a list of counts adds a row per weight and
+count (NAME+lookupW+Enodes).
 
     python benchmarks/bench_drafts.py --drafter ht=weights.safetensors --drafter medusa=medusa.safetensors
         [--prompts PATH] [--limit N] [--stride S] [--max-new-tokens 128] [--trees default,dynamic64] [--decode N]
@@ -66,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lookup", default="", help="also measure each drafter with the context lookup's guesses "
                                                 "mixed in at this weight (or these, comma-separated)")
     p.add_argument("--lookup-ngram", type=int, default=3)
+    p.add_argument("--lookup-nodes", default="0", help="with --lookup: nodes carrying the guess on (or "
+                                                       "comma-separated counts)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
@@ -77,6 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lookup must be weights in (0, 1), comma-separated, got {args.lookup!r}")
     if any(not 0 < w < 1 for w in args.lookup):
         p.error(f"--lookup must be weights in (0, 1), got {args.lookup}")
+    try:
+        args.lookup_nodes = [int(n) for n in args.lookup_nodes.split(",") if n]
+    except ValueError:
+        p.error(f"--lookup-nodes must be counts >= 0, comma-separated, got {args.lookup_nodes!r}")
+    if not args.lookup_nodes or min(args.lookup_nodes) < 0 or (max(args.lookup_nodes) and not args.lookup):
+        p.error(f"--lookup-nodes must be counts >= 0, and needs --lookup, got {args.lookup_nodes}")
     if set(args.trees) - set(TREES):
         p.error(f"--trees must be a subset of {','.join(TREES)}")
     return args
@@ -93,7 +103,7 @@ def load_weights(path: str):
 
 def measure(model, name: str, weights, examples, categories: list[str], args) -> list[dict]:
     """Accuracy and tau over all prompts, and per category (top-1 per depth, tau of the last tree); with
-    --lookup, a row per weight with the context lookup's guesses mixed into the drafts."""
+    --lookup, a row per weight (and --lookup-nodes count) with the context lookup's guesses mixed in."""
     chain = not name.endswith(":nochain")
     if name.endswith(":norefine"):  # the ablation of the maps' root refiner
         weights = replace(weights, refine=None)
@@ -103,43 +113,43 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     K = weights.K
     calibration = getattr(weights, "calibration", None)
     policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1], calibration) for t in args.trees}
-    weights_lookup = [0.0, *args.lookup]
-    hits = {w: {c: torch.zeros(2, K) for c in categories} for w in weights_lookup}
+    settings = [(0.0, 0)] + [(w, n) for w in args.lookup for n in args.lookup_nodes]  # (weight, nodes)
+    hits = {s: {c: torch.zeros(2, K) for c in categories} for s in settings}
     counts = {c: torch.zeros(K) for c in categories}
-    lengths = {w: {t: [] for t in args.trees} for w in weights_lookup}
+    lengths = {s: {t: [] for t in args.trees} for s in settings}
     for (logp, nxt), e, cat in zip(draft_logprobs(model, drafter, examples), examples, categories):
-        guess = root_guesses(e, K, args.lookup_ngram) if args.lookup else None
-        for w in weights_lookup:  # drafts of anchor j and the guesses of the step rooted at new token j
-            h, c = depth_accuracy(logp if not w else with_lookup(logp, guess, w), nxt)
-            hits[w][cat] += h
+        guess = root_guesses(e, K + max(args.lookup_nodes), args.lookup_ngram) if args.lookup else None
+        for w, n in settings:  # drafts of anchor j and the guesses of the step rooted at new token j
+            h, c = depth_accuracy(logp if not w else with_lookup(logp, guess[:, :K], w), nxt)
+            hits[w, n][cat] += h
             for t, pol in policies.items():
-                lengths[w][t].append(replay_accept_lengths(pol, logp, nxt, args.max_new_tokens, None,
-                                                           guess if w else None, w))
+                lengths[w, n][t].append(replay_accept_lengths(pol, logp, nxt, args.max_new_tokens, None,
+                                                              None if not w else guess[:, :K + n], w, n))
         counts[cat] += c
     total = sum(counts.values())
     last = args.trees[-1]
     rows = []
-    for w in weights_lookup:
-        total_hits = sum(hits[w].values())
-        label = "" if not w else "+lookup" if len(args.lookup) == 1 else f"+lookup{w:g}"
+    for w, n in settings:
+        total_hits = sum(hits[w, n].values())
+        label = "" if not w else "+lookup" if len(settings) == 2 else f"+lookup{w:g}" + (f"+{n}nodes" if n else "")
         rows.append({"name": name + label, "kind": "transfer" if hasattr(weights, "layer") else "medusa",
-                     "K": K, "layer": getattr(weights, "layer", None), "chain": chain, "lookup": w,
+                     "K": K, "layer": getattr(weights, "layer", None), "chain": chain, "lookup": w, "lookup_nodes": n,
                      "top1": (total_hits[0] / total).tolist(), "top5": (total_hits[1] / total).tolist(),
-                     "tau": {t: _mean(lengths[w][t]) for t in args.trees},
-                     "by_category": {c: {"prompts": categories.count(c), "top1": (hits[w][c][0] / counts[c]).tolist(),
-                                         f"tau {last}": _mean([l for l, k in zip(lengths[w][last], categories) if k == c])}
+                     "tau": {t: _mean(lengths[w, n][t]) for t in args.trees},
+                     "by_category": {c: {"prompts": categories.count(c), "top1": (hits[w, n][c][0] / counts[c]).tolist(),
+                                         f"tau {last}": _mean([l for l, k in zip(lengths[w, n][last], categories) if k == c])}
                                      for c in counts}})
     for row in rows if args.decode and chain else ():  # the decoder's pseudo tokens always see their chain
-        row["tau_decoded"], w = {}, row["lookup"]
+        row["tau_decoded"], w, n = {}, row["lookup"], row["lookup_nodes"]
         for t in args.trees:
             tree, budget = TREES[t]
-            dec = (ht.HiddenTransferDecoder(model, weights, tree=tree, budget=budget, lookup=w, lookup_ngram=args.lookup_ngram)
-                   if row["kind"] == "transfer" else
-                   MedusaDecoder(model, weights, tree=tree, budget=budget, lookup=w, lookup_ngram=args.lookup_ngram))
+            kw = dict(tree=tree, budget=budget, lookup=w, lookup_ngram=args.lookup_ngram, lookup_nodes=n)
+            dec = (ht.HiddenTransferDecoder(model, weights, **kw) if row["kind"] == "transfer"
+                   else MedusaDecoder(model, weights, **kw))
             got = [dec.generate([e.tokens[:e.start + 1]], max_new_tokens=args.max_new_tokens,
                                 eos_token_id=()).accept_lengths[0][1:]
                    for e in examples[: args.decode]]
-            row["tau_decoded"][t] = (_mean(got), _mean(lengths[w][t][: args.decode]))
+            row["tau_decoded"][t] = (_mean(got), _mean(lengths[w, n][t][: args.decode]))
     if args.similarity and rows[0]["kind"] == "transfer":
         rows[0]["similarity"] = pseudo_similarity(model, drafter, examples[: args.similarity]).tolist()
     return rows

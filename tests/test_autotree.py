@@ -25,15 +25,15 @@ def cache_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def setup(seed=0, lookup=0.0):
+def setup(seed=0, lookup=0.0, nodes=0):
     torch.manual_seed(seed)
     model = tiny_model(vocab=12, out_std=4.0)
-    return model, HiddenTransferDecoder(model, random_transfer(model), tree="dynamic", lookup=lookup)
+    return model, HiddenTransferDecoder(model, random_transfer(model), tree="dynamic", lookup=lookup, lookup_nodes=nodes)
 
 
-@pytest.mark.parametrize("lookup", [0.0, 0.4])
-def test_choice_is_the_best_measured_candidate(cache_root, lookup):
-    model, dec = setup(lookup=lookup)
+@pytest.mark.parametrize("lookup, nodes", [(0.0, 0), (0.4, 0), (0.4, 2)])
+def test_choice_is_the_best_measured_candidate(cache_root, lookup, nodes):
+    model, dec = setup(lookup=lookup, nodes=nodes)
     choice = tune_tree(dec, PROMPTS, **GRID, **({"min_gain": None} if lookup else {}))  # every candidate timed
     cands = [(r["budget"], r["n_chains"], r["depth"]) for r in choice.table]  # depths K - 1 and K
     assert cands == [(b, c, d) for b, c in [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 8)]
@@ -50,8 +50,8 @@ def test_choice_is_the_best_measured_candidate(cache_root, lookup):
     for depth in (2, 3):
         lengths = []
         for (logp, nxt), e in zip(draft_logprobs(model, drafter_from_weights(dec.maps.first(depth)), examples), examples):
-            guess = root_guesses(e, depth) if lookup else None
-            lengths += replay_accept_lengths(TreePolicy(depth, None, budget=8), logp, nxt, 24, 2, guess, lookup)
+            guess = root_guesses(e, depth + nodes) if lookup else None
+            lengths += replay_accept_lengths(TreePolicy(depth, None, budget=8), logp, nxt, 24, 2, guess, lookup, nodes)
         row = next(r for r in choice.table if (r["budget"], r["n_chains"], r["depth"]) == (8, 2, depth))
         assert row["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)
     # tuning leaves the decoder as it was
@@ -91,9 +91,10 @@ def test_choice_is_cached_per_weights(cache_root, monkeypatch):
     refined = HiddenTransferDecoder(dec.model, with_refiner(replace(dec.maps)), tree="dynamic")
     with pytest.raises(AssertionError, match="measured again"):  # the same maps with a refiner: new drafts
         tune_tree(refined, PROMPTS, **GRID)
-    looked = HiddenTransferDecoder(dec.model, dec.maps, tree="dynamic", lookup=0.3)
-    with pytest.raises(AssertionError, match="measured again"):  # the same maps with the context lookup
-        tune_tree(looked, PROMPTS, **GRID)
+    for nodes in (0, 2):  # the same maps with the context lookup, and with it carried on below the tree
+        looked = HiddenTransferDecoder(dec.model, dec.maps, tree="dynamic", lookup=0.3, lookup_nodes=nodes)
+        with pytest.raises(AssertionError, match="measured again"):
+            tune_tree(looked, PROMPTS, **GRID)
 
 
 def test_decoder_auto_is_lossless(cache_root, monkeypatch):

@@ -237,9 +237,9 @@ def test_train_cli_and_bench_drafts_end_to_end(tiny, tmp_path, capsys):
     # with the context lookup mixed in: a second row per drafter, replayed as the decoder decodes
     bench_drafts.main(["--model", tiny, "--dtype", "float32", "--prompts", str(prompts), "--max-new-tokens", "10",
                        "--drafter", f"ht={tmp_path / 'ht' / 'transfer.safetensors'}", "--lookup", "0.5",
-                       "--decode", "2", "--json", str(js)])
+                       "--lookup-nodes", "2", "--decode", "2", "--json", str(js)])
     looked = json.loads(js.read_text())["rows"]
-    assert [(r["name"], r["lookup"]) for r in looked] == [("ht", 0.0), ("ht+lookup", 0.5)]
+    assert [(r["name"], r["lookup"], r["lookup_nodes"]) for r in looked] == [("ht", 0.0, 0), ("ht+lookup", 0.5, 2)]
     assert looked[0]["tau"] == rows[0]["tau"]
     for r in looked:
         for tree, (decoded, replayed) in r["tau_decoded"].items():

@@ -70,8 +70,8 @@ class ScriptedDrafts(HiddenTransferDecoder):
         logits, drafts, states = super()._prefill(prompts, cache, draft)
         return logits, None if drafts is None else self.script(cache.lengths.long().tolist()), states
 
-    def _step(self, root, drafts, cache, warp, generator):
-        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator)
+    def _step(self, root, drafts, cache, warp, generator, guess=None):
+        tree, accepted, accept_len, nxt, _ = super()._step(root, drafts, cache, warp, generator, guess)
         return tree, accepted, accept_len, nxt, self.script((cache.lengths.long() + accept_len).tolist())
 
 

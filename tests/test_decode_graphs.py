@@ -31,7 +31,7 @@ class NoHostData(TorchDispatchMode):
 
 
 def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=False, medusa=False,
-              lookup=0.0) -> torch.Tensor:
+              lookup=0.0, nodes=0) -> torch.Tensor:
     """Builds a decoder on fake tensors and runs one greedy forward pass; returns its out buffer.
 
     The ops dispatch to their registered fake implementations, as under torch.compile (their CPU
@@ -43,10 +43,10 @@ def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=Fal
         maps = TransferWeights(torch.empty(K, D, D), torch.empty(K, D), layer=2)
         if medusa:  # prepacked weights are a CPU path, not what a graph replays
             dec = MedusaDecoder(model, MedusaWeights(maps.weight, maps.bias), tree=tree, budget=8, prepack=False,
-                                lookup=lookup)
+                                lookup=lookup, lookup_nodes=nodes)
         else:
             dec = HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=8, n_chains=n_chains, prepack=False,
-                                        lookup=lookup)
+                                        lookup=lookup, lookup_nodes=nodes)
             dec.head_once = head_once
         B = 2
         cache = model.new_cache(B, 128)
@@ -60,16 +60,17 @@ def fake_pass(monkeypatch, speculative: bool, tree, n_chains=None, head_once=Fal
         return out
 
 
-@pytest.mark.parametrize("tree,n_chains,head_once,lookup", [(None, None, False, 0.0), ("dynamic", 3, True, 0.0),
-                                                            ("dynamic", None, False, 0.0), ("dynamic", 3, False, 0.25)])
-def test_greedy_pass_reads_nothing_on_the_host(monkeypatch, tree, n_chains, head_once, lookup):
-    out = fake_pass(monkeypatch, True, tree, n_chains, head_once, lookup=lookup)
-    assert out.shape[1] == 1 + (16 if tree is None else 8)
+@pytest.mark.parametrize("tree,n_chains,head_once,lookup,nodes", [
+    (None, None, False, 0.0, 0), ("dynamic", 3, True, 0.0, 0), ("dynamic", None, False, 0.0, 0),
+    ("dynamic", 3, False, 0.25, 0), ("dynamic", None, True, 0.25, 3)])
+def test_greedy_pass_reads_nothing_on_the_host(monkeypatch, tree, n_chains, head_once, lookup, nodes):
+    out = fake_pass(monkeypatch, True, tree, n_chains, head_once, lookup=lookup, nodes=nodes)
+    assert out.shape[1] == 1 + (16 if tree is None else 8) + nodes
 
 
-@pytest.mark.parametrize("lookup", [0.0, 0.25])
-def test_medusa_pass_reads_nothing_on_the_host(monkeypatch, lookup):
-    assert fake_pass(monkeypatch, True, "dynamic", medusa=True, lookup=lookup).shape == (2, 9)
+@pytest.mark.parametrize("lookup,nodes", [(0.0, 0), (0.25, 0), (0.25, 2)])
+def test_medusa_pass_reads_nothing_on_the_host(monkeypatch, lookup, nodes):
+    assert fake_pass(monkeypatch, True, "dynamic", medusa=True, lookup=lookup, nodes=nodes).shape == (2, 9 + nodes)
 
 
 def test_plain_pass_reads_nothing_on_the_host(monkeypatch):

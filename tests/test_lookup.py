@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from ht_kernels.decode.lookup import lookup_drafts, with_lookup
+from ht_kernels.decode.lookup import extend_tree, lookup_drafts, with_lookup
+from ht_kernels.decode.trees import TreePolicy
 
 
 def reference_guess(seq: list[int], end: int, K: int, ngram: int) -> list[int]:
@@ -75,3 +76,64 @@ def test_mixture(weight):
 def test_bad_weight(weight):
     with pytest.raises(ValueError, match="lookup weight"):
         with_lookup(torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long), weight)
+
+
+def reference_extension(tokens, parents, depths, guess, nodes):
+    """Plain Python: the deepest node whose root path carries guess[0], guess[1], ... (the root without
+    one), then (parent, token, depth) of each new node."""
+    on = {0}
+    for i in range(1, len(tokens)):  # parents precede children
+        d = depths[i]
+        if parents[i] in on and d <= len(guess) and guess[d - 1] >= 0 and tokens[i] == guess[d - 1]:
+            on.add(i)
+    deepest = max(sorted(on), key=lambda i: depths[i])  # the first of the deepest
+    d, out, parent = depths[deepest], [], deepest
+    for j in range(nodes):
+        g = guess[d + j] if d + j < len(guess) else -1
+        out.append((parent, max(g, 0), d + 1 + j))
+        parent = len(tokens) + j
+    return deepest, out
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+@pytest.mark.parametrize("paths", [None, [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]])
+def test_extension_continues_the_guess_below_its_deepest_node(nodes, paths):
+    g = torch.Generator().manual_seed(nodes)
+    B, K, V = 64, 3, 5  # a small vocabulary: the guess is often on the tree, to various depths
+    policy = TreePolicy(K, paths, budget=9, width=3)
+    drafts = torch.randn(B, K, V, generator=g).log_softmax(-1)
+    tree = policy.choose(torch.randint(0, V, (B,), generator=g), drafts)
+    guess = torch.randint(-1, V, (B, K + nodes), generator=g)
+    got = extend_tree(tree, guess, nodes, 0.3)
+    T = tree.size
+    assert got.size == T + nodes
+    for name in ("tokens", "parents", "depths", "scores"):
+        assert torch.equal(getattr(got, name)[:, :T], getattr(tree, name))  # the policy's nodes stay
+    depths_seen = set()
+    for b in range(B):
+        deepest, want = reference_extension(tree.tokens[b].tolist(), tree.parents[b].tolist(),
+                                            tree.depths[b].tolist(), guess[b].tolist(), nodes)
+        assert [(int(got.parents[b, T + j]), int(got.tokens[b, T + j]), int(got.depths[b, T + j]))
+                for j in range(nodes)] == want
+        base = float(tree.scores[b, deepest])
+        torch.testing.assert_close(got.scores[b, T:], base + math.log(0.3) * torch.arange(1.0, nodes + 1))
+        depths_seen.add(int(tree.depths[b, deepest]))
+    assert len(depths_seen) >= 3  # guesses off the tree, and on it to depth 1, 2 (and 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"lookup": 1.0}, "lookup must be"), ({"lookup": -0.1}, "lookup must be"),
+                                           ({"lookup_ngram": 0}, "lookup_ngram"),
+                                           ({"lookup_nodes": -1}, "lookup_nodes"),
+                                           ({"lookup": 0.0, "lookup_nodes": 2}, "lookup_nodes")])
+def test_bad_decoder_lookup_arguments(kwargs, match):
+    from test_decode import random_transfer, tiny_model
+
+    from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
+    from ht_kernels.decode.decoder import HiddenTransferDecoder
+
+    model = tiny_model()
+    D = model.config.dim
+    with pytest.raises(ValueError, match=match):
+        HiddenTransferDecoder(model, random_transfer(model), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        MedusaDecoder(model, MedusaWeights(torch.zeros(3, D, D), torch.zeros(3, D)), **{"lookup": 0.25, **kwargs})

@@ -351,21 +351,23 @@ def test_data_two_rounds(smol, tmp_path):
 @pytest.mark.parametrize("tree", [None, "dynamic"])
 @pytest.mark.parametrize("method, n_chains", [("transfer", None), ("transfer", 2), ("transfer", 12),
                                               ("mlp", None), ("extra", None), ("refine", None), ("medusa", None),
-                                              ("lookup", None), ("lookup", 2), ("medusa lookup", None)])
+                                              ("lookup", None), ("lookup", 2), ("medusa lookup", None),
+                                              ("lookup nodes", None), ("lookup nodes", 3), ("medusa lookup nodes", None)])
 def test_replay_equals_decoding(tree, method, n_chains):
     """Accept lengths replayed from one teacher-forced pass equal those of the decoder (fp32), and the
     decoder stays lossless with these drafters (and the context lookup's guesses mixed in)."""
-    lookup = 0.3 if "lookup" in method else 0.0
+    lookup, nodes = 0.3 if "lookup" in method else 0.0, 2 if "nodes" in method else 0
     for _ in range(5):  # a random model can fall into a loop its random drafts never predict: draw again
         model = tiny_model(vocab=12, out_std=4.0)
         K, D = 3, model.config.dim
         if not method.startswith("medusa"):
             weights = random_transfer(model, K=K, layer=2)
             weights = {"mlp": with_mlp, "extra": with_extra, "refine": with_refiner}.get(method, lambda w: w)(weights)
-            dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains, lookup=lookup)
+            dec = HiddenTransferDecoder(model, weights, tree=tree, budget=12, n_chains=n_chains, lookup=lookup,
+                                        lookup_nodes=nodes)
         else:
             weights = MedusaWeights(torch.randn(K, D, D) / D**0.5, torch.randn(K, D) * 0.1)
-            dec = MedusaDecoder(model, weights, tree=tree, budget=12, lookup=lookup)
+            dec = MedusaDecoder(model, weights, tree=tree, budget=12, lookup=lookup, lookup_nodes=nodes)
         prompts = random_tokens(model, [5, 9, 3])
         out = dec.generate(prompts, max_new_tokens=40)
         if sum(x > 1 for row in out.accept_lengths for x in row[1:]) >= 3:
@@ -374,8 +376,8 @@ def test_replay_equals_decoding(tree, method, n_chains):
     examples = [Example(p + s, len(p) - 1) for p, s in zip(prompts, out.sequences)]
     got = []
     for (logp, nxt), e in zip(draft_logprobs(model, drafter_from_weights(weights), examples, batch_size=2), examples):
-        guess = root_guesses(e, K) if lookup else None
-        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40, n_chains, guess, lookup))
+        guess = root_guesses(e, K + nodes) if lookup else None
+        got.append(replay_accept_lengths(dec.tree, logp, nxt, 40, n_chains, guess, lookup, nodes))
     want = [a[1:] for a in out.accept_lengths]
     assert got == want
     assert sum(x > 1 for row in want for x in row) >= 3  # drafts were accepted: the replay was exercised

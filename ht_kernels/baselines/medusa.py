@@ -49,11 +49,11 @@ class MedusaWeights:
 class MedusaDecoder(HiddenTransferDecoder):
     """Lossless tree decoding with Medusa drafts. model: an ht_kernels Transformer; heads: a weights
     file or MedusaWeights; tree, budget, backend, cuda_graphs, prepack: as for HiddenTransferDecoder.
-    lookup, lookup_ngram: the context lookup's guesses mixed into the drafts, as there, but off by default
+    lookup, lookup_ngram, lookup_nodes: the context lookup's guesses mixed into the drafts, as there, but off by default
     (the baseline is Medusa's drafts alone). generate / generate_ar as there."""
 
     def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True,
-                 prepack: bool | None = None, lookup: float = 0.0, lookup_ngram: int = 3):
+                 prepack: bool | None = None, lookup: float = 0.0, lookup_ngram: int = 3, lookup_nodes: int = 0):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -70,7 +70,7 @@ class MedusaDecoder(HiddenTransferDecoder):
         self.tree = make_tree_policy(tree, heads.K, budget)
         self.refiner = None
         self._set_execution(backend, cuda_graphs, prepack)
-        self._set_lookup(lookup, lookup_ngram)
+        self._set_lookup(lookup, lookup_ngram, lookup_nodes)
 
     def _drafts(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, dim] last-layer hidden states -> draft log-probabilities [B, K, V]."""
@@ -78,17 +78,17 @@ class MedusaDecoder(HiddenTransferDecoder):
         return m.output(medusa_heads(m.norm(h), self.weight, self.bias)).float().log_softmax(-1)
 
     def _step_tokens(self) -> int:
-        return self.tree.budget
+        return self.tree.budget + self.lookup_nodes
 
     def _prefill(self, prompts, cache, draft: bool):
         (h_last,) = self._run_prompts(prompts, cache, (self.model.config.n_layers,))
         cache.lengths.copy_(torch.tensor([len(p) for p in prompts], device=cache.k.device))
         return self.model.logits(h_last), self._drafts(h_last) if draft else None, None
 
-    def _step(self, root, drafts, cache, warp, generator):
+    def _step(self, root, drafts, cache, warp, generator, guess=None):
         m = self.model
-        tree = self.tree.choose(root, drafts)
-        mask = ancestor_masks(tree.parents, self.heads.K)
+        tree = self._choose(root, drafts, guess)
+        mask = ancestor_masks(tree.parents, self.heads.K + self.lookup_nodes)
         positions = cache.lengths[:, None].long() + tree.depths
         h = m.run_layers(m.embed(tree.tokens), positions, cache, mask, range(m.config.n_layers))
         accepted, accept_len, nxt, last = self._verify(m.head(h), tree, warp, generator, self.verify_backend)

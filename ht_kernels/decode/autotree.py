@@ -89,7 +89,7 @@ def tune_tree(decoder, prompts: list[list[int]] | None = None, *, budgets=None, 
     cands = sorted({(b, min(c, b), d) for b in budgets for c in chains for d in depths})
     if not cands or min(b for b, _, _ in cands) < 2:
         raise ValueError(f"tune_tree: budgets must be >= 2 nodes (the root and a draft), got {budgets}")
-    room = decoder.model.config.max_seq_len - max(b for b, _, _ in cands) * (1 + K)
+    room = decoder.model.config.max_seq_len - (max(b for b, _, _ in cands) + decoder.lookup_nodes) * (1 + K)
     context = min(256, room) if context is None else context
     if context < 1 or context > room:
         raise ValueError(f"tune_tree: context + the largest step must fit the model's "
@@ -177,9 +177,9 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, 
             mine = [(b, c) for b, c, d in cands if d == depth]
             cal = decoder.maps.first(depth).calibration
             for (logp, nxt), e in zip(draft_logprobs(model, drafter, examples), examples):  # one replay per budget
-                guess = root_guesses(e, depth, decoder.lookup_ngram) if decoder.lookup else None
-                replays = {b: Replay(TreePolicy(depth, None, budget=b, calibration=cal), logp, nxt, guess, decoder.lookup)
-                           for b, _ in mine}
+                guess = root_guesses(e, depth + decoder.lookup_nodes, decoder.lookup_ngram) if decoder.lookup else None
+                replays = {b: Replay(TreePolicy(depth, None, budget=b, calibration=cal), logp, nxt, guess, decoder.lookup,
+                                     decoder.lookup_nodes) for b, _ in mine}
                 for b, c in mine:
                     lengths[b, c, depth] += replays[b].accept_lengths(gen_tokens, None if c >= b else c)
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
@@ -218,7 +218,7 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
     model, K, dev = decoder.model, decoder.maps.K, decoder.model.device
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, (context,), generator=gen).tolist()
-    cache = model.new_cache(1, context + max(b for b, _, _ in cands) * (1 + K))
+    cache = model.new_cache(1, context + (max(b for b, _, _ in cands) + decoder.lookup_nodes) * (1 + K))
     saved = decoder.tree, decoder.n_chains, decoder.head_once, decoder.transfer.K
     decoder.use_depth(K)
     _, drafts, _ = decoder._prefill([prompt], cache, draft=True)              # [1, K, V]
@@ -273,7 +273,8 @@ def _cache_path(decoder, prompts, cands, gen_tokens, context, min_gain) -> Path:
         machine = f"{_cpu_name()} x{os.cpu_count()} threads {torch.get_num_threads()}"
     h = hashlib.sha256()
     for part in (VERSION, machine, platform.machine(), torch.__version__, repr(model.config), model.dtype,
-                 model.prepacked, model.row_exact, decoder.cuda_graphs, decoder.lookup, decoder.lookup_ngram, w.layer,
+                 model.prepacked, model.row_exact, decoder.cuda_graphs, decoder.lookup, decoder.lookup_ngram,
+                 decoder.lookup_nodes, w.layer,
                  json.dumps(prompts), cands, gen_tokens, context, min_gain):
         h.update(repr(part).encode())
     extra = [*(w.mlp or ()), *(w.extra[1:] if w.extra else ()), *(w.refine[:2] if w.refine else ()),

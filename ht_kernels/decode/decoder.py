@@ -27,7 +27,7 @@ from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
 from .graphs import StepGraph
-from .lookup import WEIGHT as LOOKUP_WEIGHT, lookup_drafts, with_lookup
+from .lookup import WEIGHT as LOOKUP_WEIGHT, extend_tree, lookup_drafts, with_lookup
 from .sampling import greedy, sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
 from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
@@ -67,13 +67,14 @@ class HiddenTransferDecoder:
     default.
     lookup: the weight w in [0, 1) of the context lookup's guesses mixed into each step's drafts
     (`lookup.py`: the tokens that followed the latest earlier occurrence of the last `lookup_ngram` or
-    fewer tokens, root included; default 0.25); 0: drafts from the maps alone.
+    fewer tokens, root included; default 0.25); 0: drafts from the maps alone. lookup_nodes: that many
+    more tree nodes per step carry the guess on below its deepest node in the tree (`extend_tree`).
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None,
                  exact: bool = False, depth: int | None = None, lookup: float = LOOKUP_WEIGHT,
-                 lookup_ngram: int = 3):
+                 lookup_ngram: int = 3, lookup_nodes: int = 0):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -91,7 +92,7 @@ class HiddenTransferDecoder:
                              f"got {n_chains!r}")
         self.use_depth(weights.K if depth is None else depth)
         self._set_execution(backend, cuda_graphs, prepack, exact)
-        self._set_lookup(lookup, lookup_ngram)
+        self._set_lookup(lookup, lookup_ngram, lookup_nodes)
         self.tree_choice, self.head_once = None, False
         if isinstance(tree, str) and tree == "auto":
             for name, value in (("n_chains", n_chains), ("depth", depth)):
@@ -117,12 +118,15 @@ class HiddenTransferDecoder:
         refine = self.transfer.refine  # re-ranks the drafts once the next root is known (`_refine`), or None
         self.refiner = None if refine is None else RootRefiner.from_weights(*refine).to(self.model.device)
 
-    def _set_lookup(self, lookup: float, ngram: int) -> None:
+    def _set_lookup(self, lookup: float, ngram: int, nodes: int) -> None:
         if not (isinstance(lookup, (int, float)) and 0.0 <= lookup < 1.0):
             raise ValueError(f"lookup must be a weight in [0, 1), got {lookup!r}")
         if not isinstance(ngram, int) or ngram < 1:
             raise ValueError(f"lookup_ngram must be an int >= 1, got {ngram!r}")
-        self.lookup, self.lookup_ngram = float(lookup), ngram
+        if not isinstance(nodes, int) or nodes < 0 or (nodes and not lookup):
+            raise ValueError(f"lookup_nodes must be an int >= 0, and 0 without the lookup (lookup={lookup!r}), "
+                             f"got {nodes!r}")
+        self.lookup, self.lookup_ngram, self.lookup_nodes = float(lookup), ngram, nodes
 
     def _set_execution(self, backend: str, cuda_graphs: bool, prepack: bool | None, exact: bool = False) -> None:
         if backend not in BACKENDS:
@@ -222,7 +226,7 @@ class HiddenTransferDecoder:
         lengths of the rows that go on) and, greedy, reads nothing on the host, so a CUDA graph can
         replay it. history: None, or [B, S] each row's tokens by position, the root at cache.lengths:
         the pass mixes the context lookup's guesses into the drafts and writes its new tokens there."""
-        out = torch.zeros(root.shape[0], 1 + (self.tree.size if speculative else 1), dtype=torch.long,
+        out = torch.zeros(root.shape[0], 1 + (self.tree.size + self.lookup_nodes if speculative else 1), dtype=torch.long,
                           device=root.device)
         if not speculative:
             def forward_pass():
@@ -232,11 +236,9 @@ class HiddenTransferDecoder:
             return forward_pass, out
 
         def forward_pass():
-            mixed = drafts
-            if history is not None:
-                guess = lookup_drafts(history, cache.lengths, drafts.shape[1], self.lookup_ngram)
-                mixed = with_lookup(drafts, guess, self.lookup)
-            tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, mixed, cache, warp, generator)
+            guess = None if history is None else \
+                lookup_drafts(history, cache.lengths, drafts.shape[1] + self.lookup_nodes, self.lookup_ngram)
+            tree, accepted, accept_len, nxt, nxt_drafts = self._step(root, drafts, cache, warp, generator, guess)
             compact_kv(cache.k, cache.v, cache.lengths, accepted, accept_len, backend=self.verify_backend)
             path = tree.tokens.gather(1, accepted.clamp_min(0))                       # [B, T]
             new = torch.cat([path[:, 1:], nxt[:, None]], 1).scatter_(1, (accept_len - 1)[:, None], nxt[:, None])
@@ -307,11 +309,20 @@ class HiddenTransferDecoder:
         mask = torch.ones(1, 1, dtype=torch.bool, device=tokens.device)
         return m.logits(m.run_layers(m.embed(tokens), positions, cache, mask, range(m.config.n_layers)))
 
-    def _step(self, root, drafts, cache, warp, generator):
-        """One hidden-transfer step -> (tree, accepted [B, T], accept_len [B], next root [B], next drafts)."""
+    def _choose(self, root, drafts, guess) -> StepTree:
+        """The step's tree: the policy's choice over the drafts [B, K, V], with the context lookup's guess
+        [B, K + lookup_nodes] (None: no lookup) mixed in and carried on by lookup_nodes more nodes."""
+        if guess is None:
+            return self.tree.choose(root, drafts)
+        tree = self.tree.choose(root, with_lookup(drafts, guess[:, :drafts.shape[1]], self.lookup))
+        return extend_tree(tree, guess, self.lookup_nodes, self.lookup) if self.lookup_nodes else tree
+
+    def _step(self, root, drafts, cache, warp, generator, guess=None):
+        """One hidden-transfer step -> (tree, accepted [B, T], accept_len [B], next root [B], next drafts);
+        guess: the context lookup's (`_choose`)."""
         m, K, t = self.model, self.transfer.K, self.transfer.layer
-        tree = self.tree.choose(root, drafts)
-        lay = step_layout(tree, K, self.n_chains)
+        tree = self._choose(root, drafts, guess)
+        lay = step_layout(tree, K, self.n_chains, K + self.lookup_nodes)
         B, T, n = tree.tokens.shape[0], tree.size, lay.owners.shape[1]
         positions = cache.lengths[:, None].long() + lay.offsets                      # [B, T + n K]
         e = t if self.extra_layer is None else self.extra_layer
@@ -341,7 +352,7 @@ class HiddenTransferDecoder:
 
     def _step_tokens(self) -> int:
         """Tokens one step feeds per row: the tree and the pseudo chains (all of them at most)."""
-        return self.tree.budget * (1 + self.transfer.K)
+        return (self.tree.budget + self.lookup_nodes) * (1 + self.transfer.K)
 
     @staticmethod
     def _verify(logits, tree: StepTree, warp, generator, backend: str = "auto"):

@@ -8,14 +8,18 @@ tree as a mixture, per depth d with a guess g_d:
 
     p'_d = (1 - w) p_d + w [token = g_d]
 
-so the tree policy places it wherever it scores among the drafts. Verification is untouched: decoding
-stays lossless. Everything here is batched tensor work without host synchronisation.
+so the tree policy places it wherever it scores among the drafts. The guess can also reach past the
+drafts' K depths (`extend_tree`): a few more nodes per step carry it on below the deepest tree node on
+its path, where copying goes on longer than the maps draft. Verification is untouched: decoding stays
+lossless. Everything here is batched tensor work without host synchronisation.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .trees import StepTree
 
 # The decoder's default weight: on the dev prompts tau is flat from 0.1 to 0.4 and 0.25 is at its top
 # (benchmarks/RESULTS.md, "Context lookup").
@@ -59,3 +63,30 @@ def with_lookup(logp: torch.Tensor, guess: torch.Tensor, weight: float) -> torch
     cur = out.gather(-1, idx)
     hit = torch.logaddexp(cur, torch.full_like(cur, math.log(weight)))
     return out.scatter_(-1, idx, torch.where(has, hit, cur))
+
+
+def extend_tree(tree: StepTree, guess: torch.Tensor, nodes: int, weight: float) -> StepTree:
+    """The tree with `nodes` more nodes per row that carry the context lookup's guess on.
+
+    tree: [B, T] nodes; guess: [B, G] int64, the lookup's guesses of depths 1..G (-1: none). The guess's
+    path is the root and the nodes whose tokens are its guesses, each the child of the one before; the
+    new nodes T .. T + nodes - 1 form a chain below its deepest node (depth d) and carry guess[d],
+    guess[d + 1], ... (token 0 where there is none: verification accepts a node only if its token is the
+    model's choice, so such a node costs a row and nothing else). Their scores: the parent's plus
+    log(weight) per node."""
+    B, T = tree.tokens.shape
+    G, dev = guess.shape[1], tree.tokens.device
+    at = guess.gather(1, (tree.depths - 1).clamp(0, G - 1))                              # [B, T]
+    match = (tree.tokens == at) & (at >= 0) & (tree.depths >= 1) & (tree.depths <= G)
+    on = tree.depths == 0
+    for _ in range(G):  # the path is at most G deep: each pass walks it one level further
+        on = on | (match & on.gather(1, tree.parents.clamp_min(0)))
+    deepest = torch.where(on, tree.depths, -1).argmax(1, keepdim=True)                  # [B, 1]
+    depth = tree.depths.gather(1, deepest)
+    step = torch.arange(nodes, device=dev)
+    cols = depth + step                                                                  # guess of depth d + 1 + i
+    tokens = torch.where(cols < G, guess.gather(1, cols.clamp_max(G - 1)), 0).clamp_min(0)
+    parents = torch.cat([deepest, (T + step[:-1]).expand(B, nodes - 1)], 1)
+    scores = tree.scores.gather(1, deepest) + math.log(weight) * (1 + step)
+    return StepTree(torch.cat([tree.tokens, tokens], 1), torch.cat([tree.parents, parents], 1),
+                    torch.cat([tree.depths, depth + 1 + step], 1), torch.cat([tree.scores, scores], 1))

@@ -17,7 +17,7 @@ import torch
 
 from ..drafts.examples import Example
 from ..ops.verify_tree import verify_tree_greedy
-from .lookup import lookup_drafts, with_lookup
+from .lookup import extend_tree, lookup_drafts, with_lookup
 from .trees import TreePolicy, chain_owners
 
 
@@ -43,17 +43,17 @@ def answers(decoder, prompts: list[list[int]], max_new_tokens: int, batch_size: 
 
 def replay_accept_lengths(policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
                           max_new_tokens: int, n_chains: int | None = None, guess: torch.Tensor | None = None,
-                          lookup: float = 0.0) -> list[int]:
+                          lookup: float = 0.0, nodes: int = 0) -> list[int]:
     """The tokens each decoding step commits, replayed from teacher-forced drafts.
 
     logp: [n, K, V] drafts of anchors P-1 .. P+n-2 (P the prompt length: anchor 0 is the prompt's last
     token); greedy: [n] the greedy token after each of them (greedy[j] is new token j). n_chains: the
-    decoder's setting (None: a pseudo chain under every node). guess: None, or [n, K] the context lookup's
-    guesses of the step rooted at each new token (`root_guesses`), mixed into its drafts with weight
-    `lookup` (`lookup.with_lookup`). Returns the accept lengths of the steps after the prefill, cut like
+    decoder's setting (None: a pseudo chain under every node). guess: None, or [n, K + nodes] the context
+    lookup's guesses of the step rooted at each new token (`root_guesses`), mixed into its drafts with
+    weight `lookup` (`lookup.with_lookup`) and carried on by `nodes` more nodes (`lookup.extend_tree`). Returns the accept lengths of the steps after the prefill, cut like
     `generate` cuts them at max_new_tokens (at most n new tokens are replayed).
     """
-    return Replay(policy, logp, greedy, guess, lookup).accept_lengths(max_new_tokens, n_chains)
+    return Replay(policy, logp, greedy, guess, lookup, nodes).accept_lengths(max_new_tokens, n_chains)
 
 
 def root_guesses(example: Example, K: int, ngram: int = 3) -> torch.Tensor:
@@ -74,9 +74,9 @@ class Replay:
     """
 
     def __init__(self, policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
-                 guess: torch.Tensor | None = None, lookup: float = 0.0):
+                 guess: torch.Tensor | None = None, lookup: float = 0.0, nodes: int = 0):
         self.policy, self.logp, self.greedy = policy, logp, greedy
-        self.guess, self.lookup = guess, lookup
+        self.guess, self.lookup, self.nodes = guess, lookup, nodes
         self._steps: dict[int, tuple] = {}
         self._owner: dict[tuple[int, int | None], list[int]] = {}
 
@@ -97,10 +97,13 @@ class Replay:
         if shift not in self._steps:
             roots = torch.arange(shift, n - 1)
             src = self.logp[roots - shift]
-            drafts = torch.cat([src[:, shift:], src.new_full((len(roots), shift, V), -math.log(V))], 1)
+            # shift can pass K below the lookup's extra nodes (`lookup.extend_tree`): then no draft is left
+            drafts = torch.cat([src[:, shift:], src.new_full((len(roots), min(shift, K), V), -math.log(V))], 1)
             if self.guess is not None:
-                drafts = with_lookup(drafts, self.guess[roots], self.lookup)
+                drafts = with_lookup(drafts, self.guess[roots, :K], self.lookup)
             tree = self.policy.choose(self.greedy[roots], drafts)
+            if self.nodes:
+                tree = extend_tree(tree, self.guess[roots], self.nodes, self.lookup)
             # The target of a node at depth d under root j is new token j + d + 1 (on-path nodes matter).
             after = roots[:, None] + tree.depths + 1
             target = torch.where(after < n, self.greedy[after.clamp_max(n - 1)], -1)

@@ -160,14 +160,15 @@ class StepLayout:
     owners: torch.Tensor
 
 
-def step_layout(tree: StepTree, K: int, n_chains: int | None = None) -> StepLayout:
+def step_layout(tree: StepTree, K: int, n_chains: int | None = None, max_depth: int | None = None) -> StepLayout:
     """Masks and positions of a step; chains hang under the n_chains best-scoring nodes (default: all),
-    the root always among them (shallower first among equal scores)."""
+    the root always among them (shallower first among equal scores). max_depth: the tree's depth at most
+    (default K)."""
     B, T = tree.tokens.shape
     dev = tree.tokens.device
     owners = chain_owners(tree, n_chains)
     n = owners.shape[1]
-    real = ancestor_masks(tree.parents, K)
+    real = ancestor_masks(tree.parents, K if max_depth is None else max_depth)
     chain = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
     pseudo_real = real.gather(1, owners[..., None].expand(B, n, T)).repeat_interleave(K, dim=1)
     pseudo_pseudo = torch.block_diag(*[chain] * n).expand(B, n * K, n * K) if n else \
