@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -44,8 +45,9 @@ from ht_kernels.train.evaluate import depth_accuracy, pseudo_similarity
 from _harness import header
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench_dev.jsonl"
-TREES = {"default": (None, 16), "dynamic16": ("dynamic", 16), "dynamic32": ("dynamic", 32),
-         "dynamic64": ("dynamic", 64)}
+def tree_spec(name: str) -> tuple[str | None, int]:
+    """--trees entry -> (tree, budget) of the decoder: "default" (the static 16-node tree) or "dynamicN"."""
+    return (None, 16) if name == "default" else ("dynamic", int(name[len("dynamic"):]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--trees", default="default,dynamic64", help=f"comma-separated subset of {','.join(TREES)}")
+    p.add_argument("--trees", default="default,dynamic64",
+                   help="comma-separated: default (the static 16-node tree) or dynamicN (the best N nodes)")
     p.add_argument("--decode", type=int, default=0, help="also decode the first N prompts for real")
     p.add_argument("--similarity", type=int, default=0, help="cosine similarity on the first N prompts")
     p.add_argument("--lookup", default="", help="also measure each drafter with the context lookup's guesses "
@@ -87,8 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lookup-nodes must be counts >= 0, comma-separated, got {args.lookup_nodes!r}")
     if not args.lookup_nodes or min(args.lookup_nodes) < 0 or (max(args.lookup_nodes) and not args.lookup):
         p.error(f"--lookup-nodes must be counts >= 0, and needs --lookup, got {args.lookup_nodes}")
-    if set(args.trees) - set(TREES):
-        p.error(f"--trees must be a subset of {','.join(TREES)}")
+    bad = [t for t in args.trees if t != "default" and not re.fullmatch(r"dynamic[1-9][0-9]*", t)]
+    if bad:
+        p.error(f"--trees must be default or dynamicN, got {','.join(bad)}")
     return args
 
 
@@ -112,7 +116,7 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     drafter = drafter_from_weights(weights, chain)
     K = weights.K
     calibration = getattr(weights, "calibration", None)
-    policies = {t: make_tree_policy(TREES[t][0], K, TREES[t][1], calibration) for t in args.trees}
+    policies = {t: make_tree_policy(tree_spec(t)[0], K, tree_spec(t)[1], calibration) for t in args.trees}
     settings = [(0.0, 0)] + [(w, n) for w in args.lookup for n in args.lookup_nodes]  # (weight, nodes)
     hits = {s: {c: torch.zeros(2, K) for c in categories} for s in settings}
     counts = {c: torch.zeros(K) for c in categories}
@@ -142,7 +146,7 @@ def measure(model, name: str, weights, examples, categories: list[str], args) ->
     for row in rows if args.decode and chain else ():  # the decoder's pseudo tokens always see their chain
         row["tau_decoded"], w, n = {}, row["lookup"], row["lookup_nodes"]
         for t in args.trees:
-            tree, budget = TREES[t]
+            tree, budget = tree_spec(t)
             kw = dict(tree=tree, budget=budget, lookup=w, lookup_ngram=args.lookup_ngram, lookup_nodes=n)
             dec = (ht.HiddenTransferDecoder(model, weights, **kw) if row["kind"] == "transfer"
                    else MedusaDecoder(model, weights, **kw))
