@@ -90,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ht/ar (CPU bf16): rows computed independently of the rows beside them, so ht gives ar's "
                         "tokens bit for bit")
     p.add_argument("--lookup", type=float, help="ht: the context lookup's weight (0: off; default: the decoder's)")
-    p.add_argument("--lookup-nodes", type=int, default=0, help="ht: nodes carrying the lookup's guess on")
+    p.add_argument("--lookup-nodes", type=int, help="ht: nodes carrying the lookup's guess on (default: the "
+                                                    "decoder's)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every prompt and method this many times, the methods' order rotating (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
@@ -150,8 +151,8 @@ def make_runners(model, args) -> tuple[dict, ht.HiddenTransferDecoder | None]:
                                        backend=args.backend, cuda_graphs=not args.no_cuda_graphs,
                                        prepack={"auto": None, "on": True, "off": False}[args.prepack],
                                        exact=args.exact,
-                                       lookup_nodes=args.lookup_nodes,
-                                       **({} if args.lookup is None else {"lookup": args.lookup}))
+                                       **({} if args.lookup is None else {"lookup": args.lookup}),
+                                       **({} if args.lookup_nodes is None else {"lookup_nodes": args.lookup_nodes}))
         for name, fn in (("ht", dec.generate), ("ar", dec.generate_ar)):
             runners[name] = lambda ids, n, seed, fn=fn: fn(
                 [ids], max_new_tokens=n, eos_token_id=eos, generator=torch.Generator(model.device).manual_seed(seed),

@@ -2,18 +2,18 @@
 Llama-3-8B shapes against the tree, combined with the tau measured on the real model.
 
 For each shape and tree: the median latency of one plain step (one token) and of one hidden-transfer step
-(the tree's real nodes through all layers, a pseudo chain of K under every node after layer t = 2/3 of the
-depth, the LM head, verification, next drafts, moving the accepted keys/values: the decoder's whole
-forward pass) at a `--context`-token prefix, batch 1; then
+(the tree's real nodes, the context lookup's included, through all layers, a pseudo chain of K under every
+node after layer t = 2/3 of the depth, the LM head, verification, next drafts, moving the accepted
+keys/values: the decoder's whole forward pass with its defaults) at a `--context`-token prefix, batch 1; then
     projected speedup = tau(tree) x t(plain step) / t(hidden-transfer step),
-with tau from the shipped SmolLM2 maps (benchmarks/RESULTS.md, `--tau`) or a bench_drafts.py JSON
-(`--tau-json`). Steps are timed eagerly and, with `--graphs` on CUDA, as CUDA graph replays. Peak memory
+with tau from the shipped SmolLM2 maps with the decoder's context lookup (benchmarks/RESULTS.md, `--tau`)
+or a bench_drafts.py JSON (`--tau-json`: its first transfer row with the decoder's lookup settings). Steps are timed eagerly and, with `--graphs` on CUDA, as CUDA graph replays. Peak memory
 of each step (cache included) is reported against the plain step's. Weights are random: only the shapes
 matter for latency.
 
     python benchmarks/bench_projection.py [--shapes llama2-7b,llama3-8b] [--context 2048] [--graphs]
         [--device cuda] [--dtype bfloat16] [--trees default,dynamic16,dynamic32,dynamic64]
-        [--tau default=1.91,dynamic16=2.01,dynamic64=2.18] [--tau-json drafts.json] [--json PATH]
+        [--tau default=2.34,dynamic16=2.46,dynamic64=2.65] [--tau-json drafts.json] [--json PATH]
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ import torch
 
 import ht_kernels as ht
 from ht_kernels.decode.graphs import StepGraph
+from ht_kernels.decode.lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT
 from ht_kernels.decode.sampling import greedy
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.model import ModelConfig, Transformer
 from _harness import header
-from bench_drafts import TREES
+from bench_drafts import tree_spec
 
 SHAPES = {
     "llama2-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
@@ -42,7 +43,7 @@ SHAPES = {
                         max_seq_len=4096, name="tiny"),
 }
 # tau of the shipped SmolLM2-135M maps on 48 Spec-Bench dev prompts, greedy, bf16 (benchmarks/RESULTS.md)
-MEASURED_TAU = "default=1.905,dynamic16=2.011,dynamic64=2.184"
+MEASURED_TAU = "default=2.337,dynamic16=2.461,dynamic64=2.652"  # with the lookup and its 2 nodes
 SHIPPED_T = 20 / 30  # the shipped maps' transfer layer over SmolLM2's depth
 
 
@@ -52,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--context", type=int, default=2048, help="prefix tokens in the cache")
-    p.add_argument("--trees", default="default,dynamic16,dynamic32,dynamic64", help=f"subset of {','.join(TREES)}")
+    p.add_argument("--trees", default="default,dynamic16,dynamic32,dynamic64",
+                   help="comma-separated: default (the static 16-node tree) or dynamicN")
     p.add_argument("--tau", default=MEASURED_TAU, help="tree=tau pairs (default: the shipped maps' tau)")
     p.add_argument("--tau-json", help="take tau from the first transfer row of a bench_drafts.py --json file")
     p.add_argument("--graphs", action="store_true", help="also time each step as a CUDA graph replay")
@@ -71,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def taus(args) -> dict[str, float]:
     if args.tau_json:
         rows = json.loads(Path(args.tau_json).read_text())["rows"]
-        return next(r["tau"] for r in rows if r.get("kind") == "transfer")
+        return next(r["tau"] for r in rows if r.get("kind") == "transfer" and r.get("lookup") == LOOKUP_WEIGHT
+                    and r.get("lookup_nodes") == LOOKUP_NODES)
     return {k: float(v) for k, v in (kv.split("=") for kv in args.tau.split(",") if kv)}
 
 
@@ -129,21 +132,22 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         print(f"{name}: plain step {t_plain:.2f} ms" + (f" (graph {g_plain:.2f} ms)" if g_plain else ""), flush=True)
         plain_cache = None
         for tree_name in args.trees.split(","):
-            tree, budget = TREES[tree_name]
+            tree, budget = tree_spec(tree_name)
             # The transfer layer at the shipped maps' fraction of the depth (t = 20 of 30 layers).
             maps = TransferWeights.untrained(cfg.dim, cfg.n_layers, layer=round(cfg.n_layers * SHIPPED_T))
             dec = ht.HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=budget)
             K = dec.transfer.K
             cache = model.new_cache(1, C + dec._step_tokens())
             cache.lengths.fill_(C)
+            history = torch.zeros(1, cache.max_len, dtype=torch.long, device=dev)  # the lookup's tokens
             root = torch.zeros(1, dtype=torch.long, device=dev)
             drafts = torch.randn(1, K, cfg.vocab_size, device=dev).log_softmax(-1)
 
-            step, _ = dec._forward_pass(True, root, drafts, cache, None, None, None)
+            step, _ = dec._forward_pass(True, root, drafts, cache, None, None, None, history)
             t_step = timed(step, args.reps, dev)
             g_step = graph_ms(step, args) if args.graphs else None
             mem = peak_mib(step, dev, base)
-            T = dec.tree.budget
+            T = dec.tree.budget + dec.lookup_nodes
             best = g_step if g_step and g_plain else t_step
             ref = g_plain if g_step and g_plain else t_plain
             row = dict(shape=name, tree=tree_name, tokens=T * (1 + K), ms=t_step, graph_ms=g_step, peak_mib=mem,

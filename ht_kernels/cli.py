@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 
-from .decode.lookup import WEIGHT as LOOKUP_WEIGHT
+from .decode.lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT
 from .drafts.prompts import encode_prompt
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bfloat16: the tokens of plain decoding bit for bit, not only up to near-ties (slower)")
     g.add_argument("--lookup", type=float, default=LOOKUP_WEIGHT,
                    help=f"weight of the context lookup's guesses among the drafts (default {LOOKUP_WEIGHT}; 0: off)")
+    g.add_argument("--lookup-nodes", type=int, help=f"tree nodes carrying the lookup's guess on (default "
+                                                    f"{LOOKUP_NODES} with the lookup)")
     return p.parse_args(argv)
 
 
@@ -110,7 +112,8 @@ def generate(args: argparse.Namespace) -> None:
     if tree == "auto":
         print("tree auto: choosing the tree for this machine (measured once, then cached)", file=sys.stderr, flush=True)
     dec = ht.HiddenTransferDecoder(model, transfer=None if args.ar else resolve_transfer_arg(args.transfer),
-                                   tree=tree, budget=args.budget, exact=exact, lookup=0.0 if args.ar else args.lookup)
+                                   tree=tree, budget=args.budget, exact=exact,
+                                   lookup=0.0 if args.ar else args.lookup, lookup_nodes=None if args.ar else args.lookup_nodes)
     gen = None if args.seed is None else torch.Generator(model.device).manual_seed(args.seed)
     stream = TextStream(tok)
     run = dec.generate_ar if args.ar else dec.generate

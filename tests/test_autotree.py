@@ -161,7 +161,7 @@ def test_depth_drafts_with_the_first_maps(tree):
     dec = HiddenTransferDecoder(model, weights, tree=tree, budget=6, depth=2)
     alone = HiddenTransferDecoder(model, TransferWeights(weights.weight[:2], weights.bias[:2], weights.layer),
                                   tree=tree, budget=6)
-    assert dec.transfer.K == dec.tree.K == 2 and dec.maps.K == 3 and dec._step_tokens() == dec.tree.budget * 3
+    assert dec.transfer.K == dec.tree.K == 2 and dec.maps.K == 3 and dec._step_tokens() == (dec.tree.budget + dec.lookup_nodes) * 3
     out = dec.generate(prompts, max_new_tokens=30)
     assert out == alone.generate(prompts, max_new_tokens=30)
     assert out.sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences

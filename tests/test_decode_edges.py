@@ -153,7 +153,7 @@ def test_root_only_steps():
     assert out.accept_lengths == [[1] * n] * 3
 
     k1 = TransferWeights.untrained(model.config.dim, model.config.n_layers, K=1)
-    for dec in (HiddenTransferDecoder(model, k1, tree=[(0,)]),
+    for dec in (HiddenTransferDecoder(model, k1, tree=[(0,)], lookup=0.0),
                 ScriptedDraftDecoder(model, k1, tree=[(0,)], reference=reference, right=True)):
         assert dec.tree.budget == 2
         out = dec.generate(PROMPTS, max_new_tokens=n)

@@ -53,7 +53,8 @@ class MedusaDecoder(HiddenTransferDecoder):
     (the baseline is Medusa's drafts alone). generate / generate_ar as there."""
 
     def __init__(self, model, heads, *, tree=None, budget: int = 16, backend: str = "auto", cuda_graphs: bool = True,
-                 prepack: bool | None = None, lookup: float = 0.0, lookup_ngram: int = 3, lookup_nodes: int = 0):
+                 prepack: bool | None = None, lookup: float = 0.0, lookup_ngram: int = 3,
+                 lookup_nodes: int | None = None):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 

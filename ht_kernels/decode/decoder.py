@@ -27,7 +27,7 @@ from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
 from .graphs import StepGraph
-from .lookup import WEIGHT as LOOKUP_WEIGHT, extend_tree, lookup_drafts, with_lookup
+from .lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT, extend_tree, lookup_drafts, with_lookup
 from .sampling import greedy, sample, verify_tree_sampling, warp_probs
 from .transfer import resolve_transfer
 from .trees import DEFAULT_PATHS, StepTree, TreePolicy, step_layout
@@ -68,13 +68,14 @@ class HiddenTransferDecoder:
     lookup: the weight w in [0, 1) of the context lookup's guesses mixed into each step's drafts
     (`lookup.py`: the tokens that followed the latest earlier occurrence of the last `lookup_ngram` or
     fewer tokens, root included; default 0.25); 0: drafts from the maps alone. lookup_nodes: that many
-    more tree nodes per step carry the guess on below its deepest node in the tree (`extend_tree`).
+    more tree nodes per step carry the guess on below its deepest node in the tree (`extend_tree`;
+    None: 2 with the lookup, 0 without).
     """
 
     def __init__(self, model, transfer="default", *, tree=None, budget: int = 16, n_chains: int | None = None,
                  backend: str = "auto", cuda_graphs: bool = True, prepack: bool | None = None,
                  exact: bool = False, depth: int | None = None, lookup: float = LOOKUP_WEIGHT,
-                 lookup_ngram: int = 3, lookup_nodes: int = 0):
+                 lookup_ngram: int = 3, lookup_nodes: int | None = None):
         if not hasattr(model, "run_layers"):
             from ..loading import load_model
 
@@ -118,11 +119,13 @@ class HiddenTransferDecoder:
         refine = self.transfer.refine  # re-ranks the drafts once the next root is known (`_refine`), or None
         self.refiner = None if refine is None else RootRefiner.from_weights(*refine).to(self.model.device)
 
-    def _set_lookup(self, lookup: float, ngram: int, nodes: int) -> None:
+    def _set_lookup(self, lookup: float, ngram: int, nodes: int | None) -> None:
         if not (isinstance(lookup, (int, float)) and 0.0 <= lookup < 1.0):
             raise ValueError(f"lookup must be a weight in [0, 1), got {lookup!r}")
         if not isinstance(ngram, int) or ngram < 1:
             raise ValueError(f"lookup_ngram must be an int >= 1, got {ngram!r}")
+        if nodes is None:
+            nodes = LOOKUP_NODES if lookup else 0
         if not isinstance(nodes, int) or nodes < 0 or (nodes and not lookup):
             raise ValueError(f"lookup_nodes must be an int >= 0, and 0 without the lookup (lookup={lookup!r}), "
                              f"got {nodes!r}")
@@ -226,7 +229,8 @@ class HiddenTransferDecoder:
         lengths of the rows that go on) and, greedy, reads nothing on the host, so a CUDA graph can
         replay it. history: None, or [B, S] each row's tokens by position, the root at cache.lengths:
         the pass mixes the context lookup's guesses into the drafts and writes its new tokens there."""
-        out = torch.zeros(root.shape[0], 1 + (self.tree.size + self.lookup_nodes if speculative else 1), dtype=torch.long,
+        nodes = self.tree.size + (self.lookup_nodes if history is not None else 0)
+        out = torch.zeros(root.shape[0], 1 + (nodes if speculative else 1), dtype=torch.long,
                           device=root.device)
         if not speculative:
             def forward_pass():

@@ -21,9 +21,10 @@ import torch
 
 from .trees import StepTree
 
-# The decoder's default weight: on the dev prompts tau is flat from 0.1 to 0.4 and 0.25 is at its top
-# (benchmarks/RESULTS.md, "Context lookup").
-WEIGHT = 0.25
+# The decoder's defaults (benchmarks/RESULTS.md, "Context lookup"): on the dev prompts tau is flat in the
+# weight from 0.1 to 0.4, 0.25 at its top; 2 more nodes raise tau by 0.09-0.13 at an equal node count and
+# paid on the 2-core CPU (4 raise it further, at a larger step).
+WEIGHT, NODES = 0.25, 2
 
 
 def lookup_drafts(tokens: torch.Tensor, ends: torch.Tensor, K: int, ngram: int = 3) -> torch.Tensor:
