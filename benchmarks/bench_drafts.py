@@ -166,20 +166,21 @@ def _mean(rows: list[list[int]]) -> float:
 
 def print_rows(rows: list[dict], trees: list[str]) -> None:
     K = max(r["K"] for r in rows)
-    print(f"{'drafter':>22} {'t':>3} {'K':>2}  " + "  ".join(f"{'top1@' + str(i + 1):>7}" for i in range(K)) + "  "
+    w = max(22, *(len(r["name"]) for r in rows))
+    print(f"{'drafter':>{w}} {'t':>3} {'K':>2}  " + "  ".join(f"{'top1@' + str(i + 1):>7}" for i in range(K)) + "  "
           + "  ".join(f"{'top5@' + str(i + 1):>7}" for i in range(K)) + "  " + "  ".join(f"{'tau ' + t:>14}" for t in trees))
     for r in rows:
         acc = lambda v: "  ".join(f"{v[i]:7.3f}" if i < len(v) else f"{'-':>7}" for i in range(K))  # noqa: E731
-        print(f"{r['name']:>22} {r['layer'] or '-':>3} {r['K']:>2}  {acc(r['top1'])}  {acc(r['top5'])}  "
+        print(f"{r['name']:>{w}} {r['layer'] or '-':>3} {r['K']:>2}  {acc(r['top1'])}  {acc(r['top5'])}  "
               + "  ".join(f"{r['tau'][t]:14.3f}" for t in trees))
     cats = list(rows[0]["by_category"])
     if len(cats) > 1:
         last = next(k for k in rows[0]["by_category"][cats[0]] if k.startswith("tau"))
         print(f"\nper category: top-1 at depth 1 / {last}")
-        print(f"{'category':>16} {'prompts':>7}  " + "  ".join(f"{r['name']:>22}" for r in rows))
+        print(f"{'category':>16} {'prompts':>7}  " + "  ".join(f"{r['name']:>{w}}" for r in rows))
         for c in cats:
             print(f"{c:>16} {rows[0]['by_category'][c]['prompts']:>7}  " + "  ".join(
-                f"{r['by_category'][c]['top1'][0]:>13.3f} / {r['by_category'][c][last]:.2f}" for r in rows))
+                f"{r['by_category'][c]['top1'][0]:>{w - 7}.3f} / {r['by_category'][c][last]:.2f}" for r in rows))
     for r in rows:
         for t, (real, replay) in r.get("tau_decoded", {}).items():
             print(f"{r['name']}: tree {t}: decoded tau {real:.3f}, replayed tau {replay:.3f} (same prompts)")
