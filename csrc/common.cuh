@@ -85,6 +85,16 @@ __device__ __forceinline__ bool bad_length(const TreeAttentionParams& p, int b) 
   return n < 0 || n > p.S - p.T;
 }
 
+// The element offset of cache position j of row b (KV head 0) in k_cache / v_cache, contiguous or paged;
+// bad: its block id lies outside [0, num_blocks) (then the offset is 0 and must not be used).
+__device__ __forceinline__ int64_t cache_offset(const TreeAttentionParams& p, int b, int j, bool& bad) {
+  bad = false;
+  if (!p.block_table) return b * p.cache_stride_b + static_cast<int64_t>(j) * p.cache_stride_s;
+  const int block = p.block_table[b * p.table_stride_b + (j / p.page) * p.table_stride_n];
+  bad = block < 0 || block >= p.num_blocks;
+  return bad ? 0 : block * p.cache_stride_b + static_cast<int64_t>(j % p.page) * p.cache_stride_s;
+}
+
 }  // namespace ht
 
 // BOOL_SWITCH(cond, NAME, [&] { ... NAME ... }): the lambda runs with NAME a constexpr bool.

@@ -10,9 +10,20 @@ __device__ __forceinline__ int64_t load_index(const void* p, int64_t i) {
   return I64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
+// Byte offset of slot j of row b (stride_b, stride_s apart, or through the block table); bad: its block id
+// lies outside [0, num_blocks) (then the offset must not be used).
+__device__ __forceinline__ int64_t slot_offset(const CompactKvParams& p, int b, int64_t j, bool& bad) {
+  bad = false;
+  if (!p.block_table) return b * p.stride_b + j * p.stride_s;
+  const int block = p.block_table[b * p.table_stride_b + (j / p.page) * p.table_stride_n];
+  bad = block < 0 || block >= p.num_blocks;
+  return block * p.stride_b + (j % p.page) * p.stride_s;
+}
+
 // Grid (column blocks, B, L or 2 L with v); a thread owns one column (h, u) of one layer and row of k
-// or v: `step` bytes apart, Unit wide (several elements of a contiguous D, or one element). It stages the column's sources in shared memory ([A][blockDim] Units) before writing any
-// destination, so any index list is safe, overlapping ones included. Identity moves are skipped.
+// or v: `step` bytes apart, Unit wide (several elements of a contiguous D, or one element). It stages the
+// column's sources in shared memory ([A][blockDim] Units) before writing any destination, so any index
+// list is safe, overlapping ones included. Identity moves, and moves from or to a bad block id, are skipped.
 template <typename Unit, bool ACC64, bool LEN64>
 __global__ void compact_kv_kernel(CompactKvParams p, int64_t units, int64_t step) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -21,16 +32,23 @@ __global__ void compact_kv_kernel(CompactKvParams p, int64_t units, int64_t step
   if (col >= units * p.H) return;
   const int b = blockIdx.y, l = blockIdx.z % p.L;
   unsigned char* cache = static_cast<unsigned char*>(blockIdx.z < p.L ? p.k : p.v);
-  unsigned char* base = cache + l * p.stride_l + b * p.stride_b + (col / units) * p.stride_h + (col % units) * step;
+  unsigned char* base = cache + l * p.stride_l + (col / units) * p.stride_h + (col % units) * step;
   const int64_t n = p.cache_seqlens[b];
   const int count = static_cast<int>(load_index<LEN64>(p.accept_len, b));
+  bool bad = false;
   for (int i = 0; i < count; ++i) {
     const int64_t src = load_index<ACC64>(p.accepted, b * p.accepted_stride + i);
-    if (src != i) stage[i * blockDim.x + threadIdx.x] = *reinterpret_cast<const Unit*>(base + (n + src) * p.stride_s);
+    if (src == i) continue;
+    const int64_t at = slot_offset(p, b, n + src, bad);
+    if (!bad) stage[i * blockDim.x + threadIdx.x] = *reinterpret_cast<const Unit*>(base + at);
   }
   for (int i = 0; i < count; ++i) {
     const int64_t src = load_index<ACC64>(p.accepted, b * p.accepted_stride + i);
-    if (src != i) *reinterpret_cast<Unit*>(base + (n + i) * p.stride_s) = stage[i * blockDim.x + threadIdx.x];
+    if (src == i) continue;
+    bool bad_src = false;
+    slot_offset(p, b, n + src, bad_src);
+    const int64_t at = slot_offset(p, b, n + i, bad);
+    if (!bad && !bad_src) *reinterpret_cast<Unit*>(base + at) = stage[i * blockDim.x + threadIdx.x];
   }
 }
 

@@ -16,12 +16,18 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 // compact_kv: cache[l, b, n + i] = old cache[l, b, n + accepted[b, i]] for i < accept_len[b], n =
 // cache_seqlens[b], every layer, in k and (when not null) v, which share their strides. The caches
 // are [L, B, S, H, D] with elements of elem_bytes; all sources of a row are read before any of its
-// slots is written.
+// slots is written. Paged caches (block_table non-null): [L, num_blocks, page, H, D], stride_b steps one
+// block, and slot j of row b is slot j % page of block block_table[b * table_stride_b + (j / page) *
+// table_stride_n]; a move whose block id lies outside [0, num_blocks) is skipped (nothing is read or
+// written through it).
 struct CompactKvParams {
   void* k;
   void* v;                             // or null: k only
   int64_t stride_l, stride_b, stride_s, stride_h, stride_d;  // bytes
   int L, B, H, D, elem_bytes;
+  const int32_t* block_table;          // or null: contiguous [L, B, S, H, D] caches
+  int64_t table_stride_b, table_stride_n;
+  int page, num_blocks;
   const int32_t* cache_seqlens;        // [B]
   const void* accepted;                // [B, A] int32 or int64, row stride accepted_stride
   int64_t accepted_stride;
@@ -73,16 +79,24 @@ void run_hidden_transfer(const HiddenTransferParams& p, cudaStream_t stream);
 // out_partial [splits, B, T, Hq, D] and lse_partial [splits, B, Hq, T], merged in a fixed order.
 // cache_seqlens is read on the device only: a row with n outside [0, S - T] gets NaN out and lse, and
 // none of its cache slots is read or written.
+// Paged caches (block_table non-null, flash-attn's convention): k_cache, v_cache are [num_blocks, page,
+// Hkv, D] (cache_stride_b steps one block, cache_stride_s one slot), position j of row b lives at slot
+// j % page of block block_table[b * table_stride_b + (j / page) * table_stride_n], and S is the row's
+// logical capacity max_blocks * page. A row that uses a block id outside [0, num_blocks) gets NaN out
+// and lse, and nothing is read or written through that id (the tree slots under good ids are written).
 // sm90: use the Hopper kernel (tree_attention_sm90.cuh: wgmma, TMA, warp specialisation) when the device
-// is compute capability 9.0 and the module holds sm_90a code; else, and when the caches cannot be
-// described by a TMA tensor map, the default kernel runs. Opt-in (HT_KERNELS_CUDA_SM90=1 in Python)
-// until a GPU run has validated it.
+// is compute capability 9.0 and the module holds sm_90a code; else, and when the caches are paged or
+// cannot be described by a TMA tensor map, the default kernel runs. Opt-in (HT_KERNELS_CUDA_SM90=1 in
+// Python) until a GPU run has validated it.
 struct TreeAttentionParams {
   const void* q;
   int64_t q_stride_b, q_stride_t, q_stride_h;
   void* k_cache;
   void* v_cache;
   int64_t cache_stride_b, cache_stride_s, cache_stride_h;
+  const int32_t* block_table;          // or null: contiguous [B, S, Hkv, D] caches
+  int64_t table_stride_b, table_stride_n;
+  int page, num_blocks;
   const void* k_new;
   const void* v_new;
   int64_t new_stride_b, new_stride_t, new_stride_h;
@@ -108,8 +122,8 @@ constexpr int kMinSplitKeys = 256;
 int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S, bool sm90 = false);
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 // The attention launch of the Hopper kernel (no cache write, no merge); false, having launched nothing,
-// when it cannot run here (device not compute capability 9.0, no sm_90a code in the module, no tensor map
-// for these caches).
+// when it cannot run here (device not compute capability 9.0, no sm_90a code in the module, paged caches,
+// no tensor map for these caches).
 bool launch_tree_attention_sm90(const TreeAttentionParams& p, cudaStream_t stream);
 
 }  // namespace ht

@@ -27,7 +27,9 @@ struct TreeAttentionTraits {
 // tiles are XOR-swizzled by 16-byte chunk so ldmatrix reads are free of bank conflicts. Keys at or
 // past n + T are zero-filled, never read. Online softmax in base 2 with fp32 accumulators; a row that
 // sees nothing ends with l = 0: out 0, lse -inf. A row whose length n lies outside [0, S - T] reads no
-// cache slot and gets NaN outputs and lse (the host never reads the lengths).
+// cache slot and gets NaN outputs and lse (the host never reads the lengths). Paged caches: each key's
+// slot is looked up in the block table as its tile loads; a key under a bad block id is zero-filled, not
+// read, and makes the block's outputs NaN (the merge carries a split's NaN to the row's output).
 template <typename Traits, bool SPLIT>
 __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams p) {
   using T = typename Traits::T;
@@ -36,8 +38,8 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
   const int b = blockIdx.x / p.Hkv, h = blockIdx.x % p.Hkv;
   const int G = p.Hq / p.Hkv, rows = p.T * G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const bool bad = bad_length(p, b);
-  const int n = bad ? 0 : p.cache_seqlens[b];
+  const bool bad_len = bad_length(p, b);
+  const int n = bad_len ? 0 : p.cache_seqlens[b];
   const int keys = n + p.T;
   const int nblocks = (keys + BN - 1) / BN;
   // A split takes at least kMinSplitKeys of the row's live keys: a short row runs on fewer splits, the
@@ -60,15 +62,19 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
     }
   }
 
-  const char* k_base = static_cast<const char*>(p.k_cache) + 2 * (b * p.cache_stride_b + h * p.cache_stride_h);
-  const char* v_base = static_cast<const char*>(p.v_cache) + 2 * (b * p.cache_stride_b + h * p.cache_stride_h);
+  const char* k_base = static_cast<const char*>(p.k_cache) + 2 * h * p.cache_stride_h;
+  const char* v_base = static_cast<const char*>(p.v_cache) + 2 * h * p.cache_stride_h;
+  bool bad_block = false;  // a key this thread loaded lies in a block id outside [0, num_blocks)
   auto load_tile = [&](int kb, int stage) {
     unsigned char* ks = smem + stage * 2 * Traits::kTileBytes;
     unsigned char* vs = ks + Traits::kTileBytes;
     for (int c = threadIdx.x; c < BN * CH; c += Traits::kThreads) {
       const int r = c / CH, ch = c % CH, key = kb * BN + r;
-      const bool valid = key < keys;
-      const int64_t offset = 2 * (static_cast<int64_t>(valid ? key : 0) * p.cache_stride_s) + 16 * ch;
+      bool oob = false;
+      const int64_t at = key < keys ? cache_offset(p, b, key, oob) : 0;
+      bad_block |= oob;
+      const bool valid = key < keys && !oob;
+      const int64_t offset = 2 * at + 16 * ch;
       const int dst = 16 * (r * CH + (ch ^ (r & 7)));
       cp_async_16(ks + dst, k_base + offset, valid);
       cp_async_16(vs + dst, v_base + offset, valid);
@@ -175,6 +181,7 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
   }
 
   // Epilogue: total l over the group, normalise, store (out in T, or fp32 partials per split).
+  const bool bad = __syncthreads_or(bad_block) || bad_len;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float total = l[half];
@@ -211,7 +218,11 @@ __global__ void tree_attention_merge_kernel(TreeAttentionParams p) {
   const int64_t per_split = static_cast<int64_t>(p.B) * p.Hq * p.T;
   const float* lse = p.lse_partial + (static_cast<int64_t>(b) * p.Hq + hq) * p.T + i;
   float mx = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, lse[s * per_split]);
+  bool nan = false;  // a split saw a bad block id
+  for (int s = 0; s < p.num_splits; ++s) {
+    nan |= isnan(lse[s * per_split]);
+    mx = fmaxf(mx, lse[s * per_split]);
+  }
   float total = 0.f, sum = 0.f;
   const float* out = p.out_partial + static_cast<int64_t>(idx) * p.D + threadIdx.x;
   if (mx > -INFINITY) {
@@ -221,7 +232,7 @@ __global__ void tree_attention_merge_kernel(TreeAttentionParams p) {
       sum += w * out[s * per_split * p.D];
     }
   }
-  const bool bad = bad_length(p, b);
+  const bool bad = nan || bad_length(p, b);
   T* dst = static_cast<T*>(p.out) + b * p.out_stride_b + i * p.out_stride_t + hq * p.out_stride_h + threadIdx.x;
   *dst = from_float<T>(bad ? NAN : total > 0.f ? sum / total : 0.f);
   if (threadIdx.x == 0)
@@ -232,11 +243,13 @@ __global__ void tree_attention_merge_kernel(TreeAttentionParams p) {
 __global__ void tree_attention_write_kv_kernel(TreeAttentionParams p) {
   const int j = blockIdx.x, b = blockIdx.y, chunks = p.D / 8;
   if (bad_length(p, b)) return;  // a length outside [0, S - T]: no slot of the row is written
-  const int64_t slot = p.cache_seqlens[b] + j;
+  bool bad = false;
+  const int64_t slot = cache_offset(p, b, p.cache_seqlens[b] + j, bad);
+  if (bad) return;  // a block id outside [0, num_blocks): nothing is written through it
   for (int c = threadIdx.x; c < p.Hkv * chunks; c += blockDim.x) {
     const int h = c / chunks, ch = c % chunks;
     const int64_t src = b * p.new_stride_b + j * p.new_stride_t + h * p.new_stride_h + 8 * ch;
-    const int64_t dst = b * p.cache_stride_b + slot * p.cache_stride_s + h * p.cache_stride_h + 8 * ch;
+    const int64_t dst = slot + h * p.cache_stride_h + 8 * ch;
     *reinterpret_cast<uint4*>(static_cast<char*>(p.k_cache) + 2 * dst) =
         *reinterpret_cast<const uint4*>(static_cast<const char*>(p.k_new) + 2 * src);
     *reinterpret_cast<uint4*>(static_cast<char*>(p.v_cache) + 2 * dst) =

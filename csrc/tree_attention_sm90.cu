@@ -71,7 +71,7 @@ bool launch_tree_attention_sm90(const TreeAttentionParams& p, cudaStream_t strea
   check_cuda(cudaGetDevice(&device), "tree_attention");
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "tree_attention");
   check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "tree_attention");
-  if (major != 9 || minor != 0) return false;
+  if (major != 9 || minor != 0 || p.block_table) return false;  // paged caches: the default kernel
   return HT_HEADDIM_SWITCH(p.D, D, [&] { return HT_HALF_SWITCH(p.dtype, T, [&] { return launch<D, T>(p, stream); }); });
 }
 

@@ -20,10 +20,14 @@ except cuda_build.CudaBuildError as e:
     pytest.skip(f"cannot build the CUDA extension here: {e}", allow_module_level=True)
 
 SO = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
-# q, its strides, caches, their strides, new k/v, their strides, lengths, mask, its stride, out, its strides, lse,
-# partials, B, T, Hq, Hkv, D, S, splits, scale, dtype (bf16), stream, sm90: one tiny case at address 0.
-TREE_ATTENTION_ARGS = [0, 64, 64, 64, 0, 0, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 64, 64, 0, 0, 0,
-                       1, 1, 1, 1, 64, 4, 1, 0.125, 2, 0, False]
+# q, its strides, caches, their strides, block table, its strides, page, num_blocks, new k/v, their strides,
+# lengths, mask, its stride, out, its strides, lse, partials, B, T, Hq, Hkv, D, S, splits, scale, dtype (bf16),
+# stream, sm90: one tiny case at address 0.
+TREE_ATTENTION_ARGS = [0, 64, 64, 64, 0, 0, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 64, 64,
+                       0, 0, 0, 1, 1, 1, 1, 64, 4, 1, 0.125, 2, 0, False]
+# k, v, their strides (l, b, s, h, d), L, B, H, D, elem_bytes, block table, its strides, page, num_blocks,
+# lengths, accepted, its stride, int64, accept_len, int64, A, stream.
+COMPACT_KV_ARGS = [0, 0, 0, 0, 0, 0, 2, 1, 1, 1, 8, 2, 0, 0, 0, 0, 0, 0, 0, 1, True, 0, False, 1, 0]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +63,13 @@ def test_imports_with_the_launchers_and_its_source_hash(built):
 def test_launch_without_gpu_raises_runtime_error(built):
     _, C = built
     launches = [  # (the op the error names, a call)
-        ("compact_kv", lambda: C.compact_kv(0, 0, 0, 0, 0, 0, 2, 1, 1, 1, 8, 2, 0, 0, 1, True, 0, False, 1, 0)),
+        ("compact_kv", lambda: C.compact_kv(*COMPACT_KV_ARGS)),
         ("verify_tree_greedy", lambda: C.verify_tree_greedy(0, 0, 0, 0, 0, 0, 1, 1, 0)),
         ("hidden_transfer", lambda: C.hidden_transfer(0, 8, 0, 64, 8, 0, 0, 0, 8, 8, 1, 1, 1, 8, 2, 0)),
         ("tree_attention", lambda: C.tree_attention(*TREE_ATTENTION_ARGS)),
         ("tree_attention", lambda: C.tree_attention(*TREE_ATTENTION_ARGS[:-1], True)),  # the Hopper kernel asked for
+        ("tree_attention", lambda: C.tree_attention(*TREE_ATTENTION_ARGS[:9], 64, 1, 1, 4, 3,  # paged
+                                                    *TREE_ATTENTION_ARGS[14:])),
         ("tree_attention", lambda: C.tree_attention_num_splits(1, 1, 1, 1, 16)),
         ("tree_attention", lambda: C.tree_attention_num_splits(1, 1, 1, 1, 16, sm90=True)),
     ]
@@ -77,11 +83,15 @@ def test_bad_arguments_raise_value_error(built):
     with pytest.raises(ValueError, match="dtype"):
         C.hidden_transfer(0, 8, 0, 64, 8, 0, 0, 0, 8, 8, 1, 1, 1, 8, 7, 0)
     with pytest.raises(ValueError, match="D must be 64 or 128"):
-        C.tree_attention(*TREE_ATTENTION_ARGS[:28], 80, *TREE_ATTENTION_ARGS[29:])
+        C.tree_attention(*TREE_ATTENTION_ARGS[:33], 80, *TREE_ATTENTION_ARGS[34:])
     with pytest.raises(ValueError, match="dtype"):
-        C.tree_attention(*TREE_ATTENTION_ARGS[:32], 0, *TREE_ATTENTION_ARGS[33:])
+        C.tree_attention(*TREE_ATTENTION_ARGS[:37], 0, *TREE_ATTENTION_ARGS[38:])
+    with pytest.raises(ValueError, match="page must be >= 1"):
+        C.tree_attention(*TREE_ATTENTION_ARGS[:9], 64, 1, 1, 0, 3, *TREE_ATTENTION_ARGS[14:])
     with pytest.raises(ValueError, match="elem_bytes"):
-        C.compact_kv(0, 0, 0, 0, 0, 0, 3, 1, 1, 1, 8, 3, 0, 0, 1, True, 0, False, 1, 0)
+        C.compact_kv(*COMPACT_KV_ARGS[:6], 3, *COMPACT_KV_ARGS[7:11], 3, *COMPACT_KV_ARGS[12:])
+    with pytest.raises(ValueError, match="page must be >= 1"):
+        C.compact_kv(*COMPACT_KV_ARGS[:12], 64, 1, 1, 0, 3, *COMPACT_KV_ARGS[17:])
 
 
 def test_hidden_transfer_kernel_choice(built):

@@ -8,7 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ht_kernels
-from helpers import BACKENDS, DEVICE, DTYPES, POISON, assert_close
+from helpers import BACKENDS, CUDA_BACKEND, DEVICE, DTYPES, POISON, assert_close
 from ht_kernels.ops.compact_kv import _compact_kv_torch
 from ht_kernels.reference.compact_kv import compact_kv_ref
 from ht_kernels.reference.tree_attention import tree_attention_ref
@@ -56,12 +56,19 @@ def to_pool(cache, table, used, num_blocks, block_size):
     return pool
 
 
-def run(backend, q, k_cache, v_cache, seqlens, mask, k, v, scale, table, launch):
-    """(out, lse) of the public op, or of the Triton launcher when launch options are given."""
-    if launch:
+def launcher(backend):
+    """The tree_attention_fwd of the triton or cuda backend."""
+    if backend == "cuda":
+        from ht_kernels.cuda.tree_attention import tree_attention_fwd
+    else:
         from ht_kernels.triton.tree_attention import tree_attention_fwd
+    return tree_attention_fwd
 
-        return tree_attention_fwd(q, k_cache, v_cache, seqlens, mask, k, v, scale, block_table=table, **launch)
+
+def run(backend, q, k_cache, v_cache, seqlens, mask, k, v, scale, table, launch):
+    """(out, lse) of the public op, or of the backend's launcher when launch options are given."""
+    if launch:
+        return launcher(backend)(q, k_cache, v_cache, seqlens, mask, k, v, scale, block_table=table, **launch)
     return ht_kernels.tree_attention(q, k_cache, v_cache, seqlens, mask, k=k, v=v, softmax_scale=scale,
                                      return_lse=True, block_table=table, backend=backend)
 
@@ -124,17 +131,37 @@ def test_triton_tiles_and_splits(config, splits, block_size):
     check_paged("triton", case, block_size, num_splits=splits, config=config)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (a GPU or TRITON_INTERPRET=1)")
+# The CUDA kernel on the shapes it takes (fp16/bf16, head dims 64 and 128): block sizes narrower and wider
+# than its 64-key tiles, prefixes ending mid-block, GQA, per-row masks, one split and several.
+CUDA_CASES = [  # Hq, Hkv, D, T, lens, dtype, splits
+    (8, 2, 64, 21, [16, 5, 63], torch.float16, 1),
+    (4, 4, 128, 40, [300, 0, 129], torch.bfloat16, 3),
+    (6, 2, 128, 9, [700, 64, 1], torch.float16, 4),
+]
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("case", range(len(CUDA_CASES)))
+@pytest.mark.parametrize("with_kv", [True, False])
+def test_cuda_matches_reference(backend, block_size, case, with_kv):
+    Hq, Hkv, D, T, lens, dtype, splits = CUDA_CASES[case]
+    tree = make_case(len(lens), T, Hq, Hkv, D, dtype, lens, per_row=True, with_kv=with_kv)
+    check_paged(backend, tree, block_size, num_splits=splits)
+    check_paged(backend, tree, block_size, strided=True, pad=-1)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"] + CUDA_BACKEND)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("where", ["prefix", "tree", "length"])
-def test_triton_checks_block_ids_and_lengths_on_the_device(splits, where):
+def test_kernels_check_block_ids_and_lengths_on_the_device(backend, splits, where):
     """A row that uses a block id outside [0, num_blocks), in its prefix or its tree slots, or whose length
     breaks the capacity, gets NaN outputs and lse; nothing is read or written through a bad id, and a bad
     length writes nothing. The other row is exact. Entries past a row's used blocks are never looked at."""
-    from ht_kernels.triton.tree_attention import tree_attention_fwd
-
+    tree_attention_fwd = launcher(backend)
     T, bs = 6, 16
-    q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, T, 4, 2, 32, torch.float32, [40, 300])
+    D, dtype = (64, torch.float16) if backend == "cuda" else (32, torch.float32)
+    q, k_cache, v_cache, seqlens, mask, k, v = make_case(2, T, 4, 2, D, dtype, [40, 300])
     table, used, num_blocks = paged_layout(seqlens.tolist(), T, bs, pad=-7)
     k_pool, v_pool = (to_pool(c, table, used, num_blocks, bs) for c in (k_cache, v_cache))
     ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens, mask, k, v)[:2]
@@ -152,8 +179,8 @@ def test_triton_checks_block_ids_and_lengths_on_the_device(splits, where):
     out = torch.full_like(q, 12345.0)
     lse = torch.full(ref_lse.shape, 12345.0, device=q.device)
     tree_attention_fwd(q, k_pool, v_pool, lens, mask, k, v, block_table=table, out=out, lse=lse, num_splits=splits)
-    assert_close(out[:1], ref_out[:1], torch.float32, "out")
-    assert_close(lse[:1], ref_lse[:1], torch.float32, "lse")
+    assert_close(out[:1], ref_out[:1], dtype, "out")
+    assert_close(lse[:1], ref_lse[:1], dtype, "lse")
     assert out[1].isnan().all() and lse[1].isnan().all()
     assert torch.equal(bits(k_pool), bits(expected[0])) and torch.equal(bits(v_pool), bits(expected[1]))
 
@@ -236,15 +263,19 @@ def test_cache_bounds_known_skips_the_table_check():
         op.check_block_table(lens, 4, table, 6, 16)
 
 
-def test_cuda_backend_refuses_paged_caches():
+def test_cuda_backend_takes_paged_caches_it_can_run():
+    """The CUDA kernel's limits are those of contiguous caches: fp16/bf16 pools of head dim 64 or 128 pass
+    `unsupported`, fp32 ones raise BackendUnavailableError."""
     from ht_kernels.cuda.tree_attention import unsupported
 
     good, _ = _bad_inputs()
     good = {name: t.to(DEVICE) for name, t in good.items()}
     with pytest.raises(ht_kernels.BackendUnavailableError, match="cuda"):
         ht_kernels.tree_attention(**good, backend="cuda")
-    why = unsupported(good["q"], good["k_cache"], good["v_cache"], good["block_table"])
-    assert why and "paged caches (block_table) are not supported by backend='cuda'" in why
+    q, pool = torch.randn(2, 4, 4, 64).half(), torch.randn(6, 16, 2, 64).half()
+    assert unsupported(q, pool, pool.clone(), good["block_table"]) is None
+    why = unsupported(q.float(), pool.float(), pool.float(), good["block_table"])
+    assert why and "fp16 and bf16" in why
 
 
 def test_auto_runs_paged_caches():
@@ -340,7 +371,28 @@ def test_compact_kv_bad_block_table_raises_value_error(case):
     assert torch.equal(args["k_cache"], before)
 
 
-def test_compact_kv_cuda_refuses_and_the_op_registers():
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("layered", [True, False], ids=["LBSHD", "BSHD"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_compact_kv_cuda(backend, layered, block_size):
+    """The CUDA kernel's paged move equals the torch backend's, bitwise; the moves of a row whose blocks
+    all have ids outside [0, num_blocks) are skipped (as if it had accepted only its root)."""
+    lens, T = [0, 13, 5, 37], 20
+    (k_cache, v_cache, seqlens, accepted, accept_len), (table, used, num_blocks) = compact_paged_case(
+        layered, torch.float16, lens, T, block_size)
+    bad = table.clone()
+    bad[0] = num_blocks
+    root_only = accept_len.clone()
+    root_only[0] = 1
+    for got_table, want_len in ((table, accept_len), (bad, root_only)):
+        k_pool, v_pool = (pool_layers(c, table, used, num_blocks, block_size) for c in (k_cache, v_cache))
+        want = k_pool.clone(), v_pool.clone()
+        ht_kernels.compact_kv(*want, seqlens, accepted, want_len, block_table=table, backend="torch")
+        ht_kernels.compact_kv(k_pool, v_pool, seqlens, accepted, accept_len, block_table=got_table, backend=backend)
+        assert torch.equal(bits(k_pool), bits(want[0])) and torch.equal(bits(v_pool), bits(want[1]))
+
+
+def test_compact_kv_cuda_refuses_cpu_tensors_and_the_op_registers():
     good, _ = _compact_bad_inputs()
     with pytest.raises(ht_kernels.BackendUnavailableError, match="cuda"):
         ht_kernels.compact_kv(**good, backend="cuda")

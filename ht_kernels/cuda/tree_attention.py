@@ -2,8 +2,8 @@
 
 `HT_KERNELS_CUDA_SM90=1` opts in to the Hopper kernel (csrc/tree_attention_sm90.cuh: wgmma, TMA, warp
 specialisation) on compute capability 9.0 devices; it stays off by default until a GPU run has validated
-it, and the sm_80 kernel runs everywhere else (and where the caches cannot be described by a TMA tensor
-map). The variable is read at every call.
+it, and the sm_80 kernel runs everywhere else (and for paged caches or caches a TMA tensor map cannot
+describe). The variable is read at every call.
 """
 from __future__ import annotations
 
@@ -26,10 +26,8 @@ def use_sm90(device) -> bool:
 
 def unsupported(q, k_cache, v_cache, block_table=None) -> str | None:
     """Why the CUDA kernel cannot take these inputs (None when it can): fp16/bf16, head dim 64 or 128,
-    contiguous (not paged) caches with a contiguous last dim, 16-byte aligned rows and the same strides
+    caches (contiguous or paged) with a contiguous last dim, 16-byte aligned rows and the same strides
     for k and v."""
-    if block_table is not None:
-        return "paged caches (block_table) are not supported by backend='cuda' yet"
     if q.dtype not in DTYPE_CODES:
         return f"it takes fp16 and bf16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
@@ -49,13 +47,17 @@ def _workspace(*shape: int, device) -> torch.Tensor:
 
 
 def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=None, softmax_scale=None, *,
-                       out=None, lse=None, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       out=None, lse=None, num_splits: int | None = None,
+                       block_table=None) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, T, Hq, D], lse [B, Hq, T] fp32 of ht_kernels.tree_attention (inputs checked there and by
     `unsupported`); k, v are written into the caches first. out, lse: optional buffers of those shapes
-    (out with a contiguous last dim). num_splits: None picks about two waves of blocks."""
+    (out with a contiguous last dim). num_splits: None picks about two waves of blocks. block_table
+    [B, max_blocks] int32: paged caches [num_blocks, block_size, Hkv, D]."""
     C = load()
     B, T, Hq, D = q.shape
     S, Hkv = k_cache.shape[1:3]
+    page, num_blocks = (S, k_cache.shape[0]) if block_table is not None else (0, 0)
+    S = block_table.shape[1] * page if block_table is not None else S  # a row's logical capacity
     if q.stride(-1) != 1 or q.data_ptr() % 4 or any(s % 2 for s in q.stride()):
         q = q.contiguous()
     cache_seqlens = cache_seqlens.contiguous()
@@ -71,8 +73,9 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     if k is not None:
         k, v = k.contiguous(), v.contiguous()
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    table = (0, 0, 0) if block_table is None else (block_table.data_ptr(), *block_table.stride())
     C.tree_attention(q.data_ptr(), *q.stride()[:3], k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
-                     0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
+                     *table, page, num_blocks, 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
                      *(k.stride()[:3] if k is not None else (0, 0, 0)), cache_seqlens.data_ptr(), mask.data_ptr(),
                      T * T if mask.dim() == 3 else 0, out.data_ptr(), *out.stride()[:3], lse.data_ptr(),
                      0 if part_out is None else part_out.data_ptr(), 0 if part_lse is None else part_lse.data_ptr(),

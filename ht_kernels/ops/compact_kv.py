@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import BackendUnavailableError, device_guard, resolve_backend, shape_of
+from ._backend import device_guard, resolve_backend, shape_of
 
 BACKENDS = ("cuda", "torch")
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -39,18 +39,17 @@ def compact_kv(
     block_table: [B, max_blocks] int32 or None: paged caches, [L, num_blocks, block_size, H, D] or
     [num_blocks, block_size, H, D], as in `tree_attention`: slot p of row b above is
     cache[..., block_table[b, p // block_size], p % block_size], and S is max_blocks * block_size.
-    backend: "auto" (torch) | "cuda" (CUDA tensors, no block_table) | "torch"; "triton" raises
+    backend: "auto" (torch) | "cuda" (CUDA tensors) | "torch"; "triton" raises
     BackendUnavailableError.
 
     Shapes, dtypes and devices are always checked. The values (1 <= accept_len <= A, cache_seqlens
     >= 0, 0 <= accepted[b, i] and cache_seqlens[b] + max(accept_len[b] - 1, accepted[b, i]) < S, and
     block ids in [0, num_blocks) up to the last slot a row moves) are checked only for CPU tensors: on
-    a GPU that would cost a host sync, and out-of-range values are undefined behaviour there.
+    a GPU that would cost a host sync, and out-of-range values are undefined behaviour there (except
+    block ids: the cuda kernel skips a move from or to a block id outside [0, num_blocks)).
     """
     _check_inputs(k_cache, v_cache, cache_seqlens, accepted, accept_len, block_table)
     name = resolve_backend("compact_kv", backend, k_cache.device, available=BACKENDS)
-    if name == "cuda" and block_table is not None:
-        raise BackendUnavailableError("compact_kv: paged caches (block_table) are not supported by backend='cuda' yet")
     # Eager calls run the op's body directly: the dispatch of a custom op that mutates its inputs costs
     # about 0.3 ms a call on CPU, more than the body. torch.compile sees the registered op.
     op = torch.ops.ht_kernels.compact_kv if torch.compiler.is_compiling() else _compact_kv_impl
@@ -170,7 +169,7 @@ def _compact_kv_impl(
         from ..cuda.compact_kv import compact_kv_fwd
 
         with device_guard(k_cache.device):
-            compact_kv_fwd(k_cache, v_cache, cache_seqlens, accepted, accept_len)
+            compact_kv_fwd(k_cache, v_cache, cache_seqlens, accepted, accept_len, block_table)
     else:
         _compact_kv_torch(k_cache, v_cache, cache_seqlens, accepted, accept_len, block_table)
 

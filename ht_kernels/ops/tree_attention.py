@@ -44,7 +44,7 @@ def tree_attention(
     are then [num_blocks, block_size, Hkv, D] and logical position p of row b lives at
     k_cache[block_table[b, p // block_size], p % block_size]; results equal the contiguous call's.
     backend: "auto" (triton on CUDA tensors, torch elsewhere) | "cuda" (fp16/bf16, head dims 64 and 128,
-    16-byte aligned cache rows, no block_table; other inputs raise BackendUnavailableError) | "triton" |
+    16-byte aligned cache rows, contiguous or paged; other inputs raise BackendUnavailableError) | "triton" |
     "torch".
 
     The lengths must satisfy 0 <= cache_seqlens <= S - T (capacity max_blocks * block_size when paged)
@@ -217,7 +217,8 @@ def _tree_attention_impl(
         from ..cuda.tree_attention import tree_attention_fwd
 
         with device_guard(q.device):
-            return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale)
+            return tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale,
+                                      block_table=block_table)
     if backend == "triton":
         from ..triton.tree_attention import tree_attention_fwd
 
