@@ -148,7 +148,16 @@ def test_cuda_matches_reference(backend, block_size, case, with_kv):
     Hq, Hkv, D, T, lens, dtype, splits = CUDA_CASES[case]
     tree = make_case(len(lens), T, Hq, Hkv, D, dtype, lens, per_row=True, with_kv=with_kv)
     check_paged(backend, tree, block_size, num_splits=splits)
-    check_paged(backend, tree, block_size, strided=True, pad=-1)
+    check_paged(backend, tree, block_size, strided=True, pad=-1, scale=0.3, num_splits=splits)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cuda_through_the_public_op(backend, block_size):
+    """ht_kernels.tree_attention(backend="cuda") with a block table (its split count: one split for these
+    capacities, paged and contiguous alike, so the two calls agree bitwise)."""
+    Hq, Hkv, D, T, lens, dtype, _ = CUDA_CASES[0]
+    check_paged(backend, make_case(len(lens), T, Hq, Hkv, D, dtype, lens, per_row=True), block_size)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"] + CUDA_BACKEND)
