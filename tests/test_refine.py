@@ -78,14 +78,15 @@ def test_refiner_learns_what_the_root_decides():
 
 def test_decoder_refines_the_drafts_of_every_step_with_its_root(monkeypatch):
     """The first step's tree is chosen from the prefill's drafts refined with the prefill's root, and
-    every later one from refined drafts too; the output stays plain decoding's."""
+    every later one from refined drafts too; the output stays plain decoding's. (Without the context
+    lookup, whose guesses would be mixed into the drafts the tree sees wherever the root recurs.)"""
     from test_train import with_refiner
 
     from ht_kernels.decode.decoder import HiddenTransferDecoder
     from ht_kernels.decode.trees import TreePolicy
 
     model = tiny_model(vocab=32)
-    dec = HiddenTransferDecoder(model, with_refiner(random_transfer(model)))
+    dec = HiddenTransferDecoder(model, with_refiner(random_transfer(model)), lookup=0.0)
     seen, choose = [], TreePolicy.choose
     monkeypatch.setattr(TreePolicy, "choose", lambda self, root, drafts: seen.append((root.clone(), drafts.clone()))
                         or choose(self, root, drafts))
