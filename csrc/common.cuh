@@ -85,14 +85,23 @@ __device__ __forceinline__ bool bad_length(const TreeAttentionParams& p, int b) 
   return n < 0 || n > p.S - p.T;
 }
 
-// The element offset of cache position j of row b (KV head 0) in k_cache / v_cache, contiguous or paged;
-// bad: its block id lies outside [0, num_blocks) (then the offset is 0 and must not be used).
-__device__ __forceinline__ int64_t cache_offset(const TreeAttentionParams& p, int b, int j, bool& bad) {
+// The offset of slot j of row b: b stride_b + j stride_s for a contiguous cache (table null), else
+// block stride_b + (j % page) stride_s with block = table[b table_stride_b + (j / page) table_stride_n];
+// bad: that block id lies outside [0, num_blocks) (then the offset is 0 and must not be used).
+__device__ __forceinline__ int64_t slot_offset(const int32_t* table, int64_t table_stride_b, int64_t table_stride_n,
+                                               int page, int num_blocks, int64_t stride_b, int64_t stride_s, int b,
+                                               int64_t j, bool& bad) {
   bad = false;
-  if (!p.block_table) return b * p.cache_stride_b + static_cast<int64_t>(j) * p.cache_stride_s;
-  const int block = p.block_table[b * p.table_stride_b + (j / p.page) * p.table_stride_n];
-  bad = block < 0 || block >= p.num_blocks;
-  return bad ? 0 : block * p.cache_stride_b + static_cast<int64_t>(j % p.page) * p.cache_stride_s;
+  if (!table) return b * stride_b + j * stride_s;
+  const int block = table[b * table_stride_b + (j / page) * table_stride_n];
+  bad = block < 0 || block >= num_blocks;
+  return bad ? 0 : block * stride_b + (j % page) * stride_s;
+}
+
+// The element offset of cache position j of row b (KV head 0) in k_cache / v_cache (slot_offset).
+__device__ __forceinline__ int64_t cache_offset(const TreeAttentionParams& p, int b, int j, bool& bad) {
+  return slot_offset(p.block_table, p.table_stride_b, p.table_stride_n, p.page, p.num_blocks, p.cache_stride_b,
+                     p.cache_stride_s, b, j, bad);
 }
 
 }  // namespace ht

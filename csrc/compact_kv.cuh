@@ -10,14 +10,10 @@ __device__ __forceinline__ int64_t load_index(const void* p, int64_t i) {
   return I64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
-// Byte offset of slot j of row b (stride_b, stride_s apart, or through the block table); bad: its block id
-// lies outside [0, num_blocks) (then the offset must not be used).
+// The byte offset of slot j of row b (common.cuh's slot_offset with the caches' byte strides).
 __device__ __forceinline__ int64_t slot_offset(const CompactKvParams& p, int b, int64_t j, bool& bad) {
-  bad = false;
-  if (!p.block_table) return b * p.stride_b + j * p.stride_s;
-  const int block = p.block_table[b * p.table_stride_b + (j / p.page) * p.table_stride_n];
-  bad = block < 0 || block >= p.num_blocks;
-  return block * p.stride_b + (j % p.page) * p.stride_s;
+  return slot_offset(p.block_table, p.table_stride_b, p.table_stride_n, p.page, p.num_blocks, p.stride_b, p.stride_s,
+                     b, j, bad);
 }
 
 // Grid (column blocks, B, L or 2 L with v); a thread owns one column (h, u) of one layer and row of k
@@ -35,20 +31,20 @@ __global__ void compact_kv_kernel(CompactKvParams p, int64_t units, int64_t step
   unsigned char* base = cache + l * p.stride_l + (col / units) * p.stride_h + (col % units) * step;
   const int64_t n = p.cache_seqlens[b];
   const int count = static_cast<int>(load_index<LEN64>(p.accept_len, b));
-  bool bad = false;
   for (int i = 0; i < count; ++i) {
     const int64_t src = load_index<ACC64>(p.accepted, b * p.accepted_stride + i);
     if (src == i) continue;
-    const int64_t at = slot_offset(p, b, n + src, bad);
-    if (!bad) stage[i * blockDim.x + threadIdx.x] = *reinterpret_cast<const Unit*>(base + at);
+    bool bad;
+    const int64_t from = slot_offset(p, b, n + src, bad);
+    if (!bad) stage[i * blockDim.x + threadIdx.x] = *reinterpret_cast<const Unit*>(base + from);
   }
   for (int i = 0; i < count; ++i) {
     const int64_t src = load_index<ACC64>(p.accepted, b * p.accepted_stride + i);
     if (src == i) continue;
-    bool bad_src = false;
-    slot_offset(p, b, n + src, bad_src);
-    const int64_t at = slot_offset(p, b, n + i, bad);
-    if (!bad && !bad_src) *reinterpret_cast<Unit*>(base + at) = stage[i * blockDim.x + threadIdx.x];
+    bool bad_src, bad_dst;
+    slot_offset(p, b, n + src, bad_src);  // its source was staged only when good
+    const int64_t to = slot_offset(p, b, n + i, bad_dst);
+    if (!bad_src && !bad_dst) *reinterpret_cast<Unit*>(base + to) = stage[i * blockDim.x + threadIdx.x];
   }
 }
 

@@ -56,8 +56,10 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     C = load()
     B, T, Hq, D = q.shape
     S, Hkv = k_cache.shape[1:3]
-    page, num_blocks = (S, k_cache.shape[0]) if block_table is not None else (0, 0)
-    S = block_table.shape[1] * page if block_table is not None else S  # a row's logical capacity
+    table = (0, 0, 0, 0, 0)  # block table, its strides, positions per block, blocks: none (contiguous)
+    if block_table is not None:
+        table = (block_table.data_ptr(), *block_table.stride(), S, k_cache.shape[0])
+        S = block_table.shape[1] * S  # a row's logical capacity
     if q.stride(-1) != 1 or q.data_ptr() % 4 or any(s % 2 for s in q.stride()):
         q = q.contiguous()
     cache_seqlens = cache_seqlens.contiguous()
@@ -73,9 +75,8 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     if k is not None:
         k, v = k.contiguous(), v.contiguous()
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    table = (0, 0, 0) if block_table is None else (block_table.data_ptr(), *block_table.stride())
     C.tree_attention(q.data_ptr(), *q.stride()[:3], k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
-                     *table, page, num_blocks, 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
+                     *table, 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
                      *(k.stride()[:3] if k is not None else (0, 0, 0)), cache_seqlens.data_ptr(), mask.data_ptr(),
                      T * T if mask.dim() == 3 else 0, out.data_ptr(), *out.stride()[:3], lse.data_ptr(),
                      0 if part_out is None else part_out.data_ptr(), 0 if part_lse is None else part_lse.data_ptr(),
