@@ -14,6 +14,8 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 log="$out/gpu_check.log"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HT_KERNELS_CACHE=${HT_KERNELS_CACHE:-/tmp/ht_kernels}
+cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)  # build for this GPU only
+export HT_KERNELS_CUDA_ARCHS=${HT_KERNELS_CUDA_ARCHS:-$([ "$cc" = 90 ] && echo 90a || echo "$cc")}
 step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log" | tail -"${TAIL:-40}"; }
 step nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 step python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -21,20 +23,20 @@ step git log -1 --format=%H
 TAIL=8 step timeout 150 python3 -c "from ht_kernels.cuda.build import load; print('built', load().__file__)"
 TAIL=15 step env HT_KERNELS_CUDA_SM90=1 timeout 90 python3 -m pytest -q --maxfail=3 -p no:cacheprovider \
     tests/test_cuda_sm90.py::test_sm90_kernel_runs_and_agrees_with_the_default_kernel \
-    tests/test_cuda_sm90.py::test_sm90_kernel_matches_reference tests/test_tree_attention.py -k cuda
+    tests/test_cuda_sm90.py::test_sm90_kernel_matches_reference tests/test_tree_attention.py tests/test_paged_kv.py -k cuda
 TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py -k small_case
 step env HT_KERNELS_CUDA_SM90=1 timeout 40 python3 benchmarks/bench_tree_attention.py --providers cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_sm90.json"
 TAIL=4 step timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
     tests/test_cuda_ext.py -k small_case
-step timeout 60 python3 benchmarks/tune_tree_attention.py --json "$out/tune_tree_attention.json"
+step timeout 100 python3 benchmarks/tune_tree_attention.py --splits 1,4,16 --json "$out/tune_tree_attention.json"
 step timeout 90 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
 step timeout 50 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_flex.json"
 step timeout 45 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"
 step timeout 30 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json"
-TAIL=15 step timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_tree_attention.py \
+TAIL=15 step timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_tree_attention.py \
     tests/test_hidden_transfer.py tests/test_compact_kv.py tests/test_paged_kv.py tests/test_verify_tree.py \
     tests/test_decode_graphs.py
 step python3 benchmarks/gpu_summary.py "$out"
