@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (about 8 minutes on an H100): builds the CUDA extension; first the opt-in
+# One prepared run for a lent GPU (about 5.5 minutes on an H200, 2026-12-04): builds the CUDA extension; first the opt-in
 # Hopper tree-attention kernel (HT_KERNELS_CUDA_SM90=1; on other GPUs the flag changes nothing): its GPU
 # tests and the cuda backend's tree-attention tests against fp64 references, memcheck of the small case and
 # its time on the target case; then compute-sanitizer's memcheck on a small case of each CUDA kernel, tunes
 # the Triton tree attention's tiles and splits, the kernel benchmarks (device times from CUDA-graph
 # replays), then the GPU tests of the kernels (cuda and triton backends against fp64 references, contiguous
 # and paged caches) and of the decoding step as a CUDA graph.
-# Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11:
-#     bash benchmarks/gpu_check.sh        # under $OUT (or benchmarks/results): gpu_check.log and 6 JSON files
+# Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11 (the
+# first command keeps half of SmolLM2's GGUF for gpu_decode.sh, the next call; see there):
+#     cp gpu/smollm2.gguf.partaa /tmp/; bash benchmarks/gpu_check.sh   # under $OUT: gpu_check.log, 6 JSON files
 # Record the figures, with the card's name, the date and the commit, in benchmarks/RESULTS.md.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -36,7 +37,7 @@ step timeout 50 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_flex.json"
 step timeout 45 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"
 step timeout 30 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json"
-TAIL=15 step timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_tree_attention.py \
-    tests/test_hidden_transfer.py tests/test_compact_kv.py tests/test_paged_kv.py tests/test_verify_tree.py \
-    tests/test_decode_graphs.py
+TAIL=15 step timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_hidden_transfer.py \
+    tests/test_compact_kv.py tests/test_paged_kv.py tests/test_verify_tree.py tests/test_decode_graphs.py \
+    tests/test_tree_attention.py
 step python3 benchmarks/gpu_summary.py "$out"

@@ -74,24 +74,28 @@ def main() -> None:
 
 
 def print_table_entries(rows: list, tiles: dict, table_key, arch: int, dtype: torch.dtype) -> None:
-    """The fastest correct tiles with the split heuristic per case, as TUNED entries (a faster rule is
-    said and not entered)."""
-    print("\n# TUNED entries, fastest tiles with the split heuristic per case")
-    key_of = lambda r: tuple(r[k] for k in ("Hq", "Hkv", "B", "L", "T", "D"))  # noqa: E731
-    for case in dict.fromkeys(map(key_of, rows)):
-        timed = [r for r in rows if key_of(r) == case and r["provider"] in tiles and r["status"] == "ok"]
-        if not timed:
+    """One TUNED entry per table key: the tiles, timed with the split heuristic, whose time over the fastest
+    correct tiles' is smallest on average over the key's cases (the rule's choice is said, not entered)."""
+    print("\n# TUNED entries, the tiles nearest the fastest on every case of a key, split heuristic")
+    shape = lambda r: tuple(r[k] for k in ("Hq", "Hkv", "B", "L", "T", "D"))  # noqa: E731
+    timed = [r for r in rows if r["provider"] in tiles and r["status"] == "ok"]
+    by_key: dict = {}
+    for r in timed:
+        key = table_key(arch, dtype, r["D"], r["T"] * r["Hq"] // r["Hkv"])
+        by_key.setdefault(key, {}).setdefault(shape(r), {})[r["provider"]] = r["median_us"]
+    for key, cases in by_key.items():
+        common = set.intersection(*(set(c) for c in cases.values()))
+        if not common:
             continue
-        best = min(timed, key=lambda r: r["median_us"])
-        rule = next((r["median_us"] for r in timed if r["provider"] == "default/auto"), None)
-        Hq, Hkv, B, L, T, D = case
-        where = f"# Hq {Hq} Hkv {Hkv} B {B} L {L} T {T}: {best['median_us']:.1f} us"
-        if not tiles[best["provider"]]:
-            print(f"{where}, the rule is fastest")
-            continue
-        entry = ", ".join(f"{k}={v}" for k, v in tiles[best["provider"]].items())
-        versus = f", the rule {rule:.1f} us" if rule else ""
-        print(f"TUNED[{table_key(arch, dtype, D, T * Hq // Hkv)}] = dict({entry})  {where}{versus}")
+        slowdown = {p: sum(c[p] / min(c.values()) for c in cases.values()) / len(cases) for p in common}
+        best = min(sorted(common), key=slowdown.get)
+        for (Hq, Hkv, B, L, T, D), c in cases.items():
+            print(f"# Hq {Hq} Hkv {Hkv} B {B} L {L} T {T}: {best} {c[best]:.1f} us, the fastest "
+                  f"{min(c, key=c.get)} {min(c.values()):.1f} us, the rule {c.get('default/auto', float('nan')):.1f} us")
+        if not tiles[best]:
+            print(f"# {key}: the rule is fastest")
+        else:
+            print(f"TUNED[{key}] = dict({', '.join(f'{k}={v}' for k, v in tiles[best].items())})")
 
 
 if __name__ == "__main__":

@@ -166,3 +166,24 @@ def test_depth_drafts_with_the_first_maps(tree):
     assert out == alone.generate(prompts, max_new_tokens=30)
     assert out.sequences == dec.generate_ar(prompts, max_new_tokens=30).sequences
     assert max(a for row in out.accept_lengths for a in row) > 1
+
+
+def test_warmup_rounds_are_not_timed():
+    """_median_ms times only the rounds after `warmup`: a step that is slow for its first calls (a CUDA
+    graph's eager warm-up and recording) is timed by its fast calls, every candidate the same number of
+    times."""
+    import time
+
+    calls = {"slow start": 0, "steady": 0}
+
+    def step(key, slow_calls):
+        def fn():
+            calls[key] += 1
+            time.sleep(0.05 if calls[key] <= slow_calls else 0.001)
+        return fn
+
+    ms = autotree._median_ms({"slow start": step("slow start", 3), "steady": step("steady", 0)},
+                             torch.device("cpu"), reps=3, warmup=3)
+    assert calls == {"slow start": 6, "steady": 6}
+    assert ms["slow start"] < 20 and ms["steady"] < 20
+    assert autotree._median_ms({"slow start": step("slow start", 9)}, torch.device("cpu"), reps=3)["slow start"] > 40

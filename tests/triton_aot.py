@@ -93,6 +93,12 @@ def tree_attention_launches() -> list:
         kv = torch.zeros(1, 64, 1, 128, dtype=dtype) if with_kv else None
         log += capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), torch.zeros(1, dtype=torch.int32),
                                                            torch.ones(64, 64, dtype=torch.bool), kv, kv, config=config))
+    for (_, dtype_name, D, rows), config in mod.TUNED.items():  # the measured entries, at their row buckets
+        dtype, G = getattr(torch, dtype_name), 4
+        q, kc = torch.zeros(1, rows // G, G, D, dtype=dtype), torch.zeros(1, 300, 1, D, dtype=dtype)
+        log += capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), torch.zeros(1, dtype=torch.int32),
+                                                           torch.ones(rows // G, rows // G, dtype=torch.bool),
+                                                           config=config))
     for dtype, (D, T, G, splits, with_kv) in itertools.product(  # paged caches: 16 blocks of 64 positions
             (torch.float16, torch.bfloat16), ((128, 64, 4, 1, True), (128, 16, 1, 4, False), (64, 130, 1, 2, True))):
         q, kc = torch.zeros(1, T, G, D, dtype=dtype), torch.zeros(16, 64, 1, D, dtype=dtype)

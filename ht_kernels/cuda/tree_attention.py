@@ -66,7 +66,7 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     mask = tree_mask.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse is None else lse
-    sm90 = use_sm90(q.device)
+    sm90 = use_sm90(q.device) and block_table is None  # paged caches: the default kernel
     splits = num_splits or C.tree_attention_num_splits(B, T, Hq, Hkv, S, sm90)
     part_out = part_lse = None
     if splits > 1:

@@ -34,7 +34,7 @@ BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CHAINS = (1, 2, 3, 4, 6, 8, 32, 64)  # capped at the budget: chains under every node
 MIN_GAIN = 0.01  # a budget is timed only if its replayed tau beats the next smaller one's by this much
 COARSE_REPS, FINALISTS = 3, 6  # every candidate is timed COARSE_REPS times, the best FINALISTS `reps` times
-VERSION = 9  # bump when the measurement or the cost of a step changes, so cached choices are remade
+VERSION = 10  # bump when the measurement or the cost of a step changes, so cached choices are remade
 
 
 @dataclass
@@ -185,17 +185,18 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, 
     return {c: sum(v) / max(1, len(v)) for c, v in lengths.items()}
 
 
-def _median_ms(fns: dict, device, reps: int) -> dict:
+def _median_ms(fns: dict, device, reps: int, warmup: int = 1) -> dict:
     """Median milliseconds of each callable, timed in turns (one call of each per round), so that a
-    change in the machine's speed during the measurement hits every candidate alike."""
+    change in the machine's speed during the measurement hits every candidate alike; the first `warmup`
+    rounds are not timed."""
     times = {key: [] for key in fns}
-    for r in range(reps + 1):  # round 0 warms up
+    for r in range(warmup + reps):
         for key, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
-            if r:
+            if r >= warmup:
                 times[key].append(time.perf_counter() - t0)
     return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
@@ -251,7 +252,8 @@ def _step_latencies(decoder, cands, once, context: int, reps: int):
         fns = {(b, c, d): timed((TreePolicy(d, None, budget=b, calibration=decoder.maps.first(d).calibration), c,
                                  once[b, c, d], d)) for b, c, d in cands}
         fns["plain"] = timed()
-        ms = _median_ms(fns, dev, reps)
+        # a StepGraph runs its warm-up steps eagerly and records on the next call: time its replays only
+        ms = _median_ms(fns, dev, reps, warmup=StepGraph.WARMUP + 1 if graphs else 1)
     finally:
         decoder.tree, decoder.n_chains, decoder.head_once = saved[:3]
         decoder.use_depth(saved[3])

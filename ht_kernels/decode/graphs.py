@@ -21,7 +21,9 @@ class StepGraph:
     goes on eagerly; `graph` is then None and `error` says why.
     """
 
-    def __init__(self, step: Callable[[], None], device: torch.device, warmup: int = 2):
+    WARMUP = 2
+
+    def __init__(self, step: Callable[[], None], device: torch.device, warmup: int = WARMUP):
         if device.type != "cuda":
             raise ValueError(f"StepGraph: CUDA graphs need a CUDA device, got {device}")
         self.step, self.device, self.warmup = step, device, warmup

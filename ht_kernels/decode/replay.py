@@ -75,7 +75,8 @@ class Replay:
 
     def __init__(self, policy: TreePolicy, logp: torch.Tensor, greedy: torch.Tensor,
                  guess: torch.Tensor | None = None, lookup: float = 0.0, nodes: int = 0):
-        self.policy, self.logp, self.greedy = policy, logp, greedy
+        # a host-side walk over small tables: on the CPU, where root_guesses are built, whatever the model's device
+        self.policy, self.logp, self.greedy = policy, logp.cpu(), greedy.cpu()
         self.guess, self.lookup, self.nodes = guess, lookup, nodes
         self._steps: dict[int, tuple] = {}
         self._owner: dict[tuple[int, int | None], list[int]] = {}
