@@ -42,6 +42,8 @@ def parse_args(description: str, quick_help: str, extra=None) -> argparse.Namesp
                    help="CUDA: time replays of a CUDA graph of GRAPH_CALLS calls, the device time alone, as a "
                         "decoding step replays them (default), or each eager call between CUDA events, launch "
                         "overhead included; a provider that cannot be captured is timed with events")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: also list the device time of each kernel a provider launches (torch.profiler)")
     if extra:
         extra(p)
     args = p.parse_args()
@@ -106,6 +108,24 @@ def time_fn(fn, warmup: float = 25, rep: float = 100, *, device: torch.device,
             us.append((time.perf_counter() - t0) * 1e6)
     deciles = statistics.quantiles(us, n=10)
     return statistics.median(us), deciles[1], deciles[7], "events" if cuda else "cpu"
+
+
+def profile_kernels(fn, calls: int = 20) -> list[tuple[str, float]]:
+    """(kernel name, device microseconds per call) of every kernel that one fn() call launches on CUDA,
+    the longest first, from torch.profiler over `calls` eager calls after one untimed call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            totals[e.name] = totals.get(e.name, 0.0) + e.time_range.elapsed_us() / calls
+    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def _captured(fn, calls: int):
@@ -199,6 +219,8 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
             else:
                 cells = [f"MISMATCH (rel rms {r['rel_rms'] or float('nan'):.2g})"]
             print(line([*case.values(), name, *cells]), flush=True)
+            for kernel, us in r.get("kernels", []):
+                print(f"{'':>12}{us:10.1f} us  {kernel[:100]}")
             rows.append({**case, "provider": name, **r})
     for s in case_skips:
         print(f"skipped: case {' '.join(f'{k}={v}' for k, v in s['case'].items())} ({s['reason']})")
@@ -233,6 +255,8 @@ def _run_case(args, case, inputs, providers, reference, provider_skips) -> dict:
         median, p20, p80, timed = time_fn(fn, device=args.device, graph=args.timing == "graph")
         results[name] = {"status": "ok", "rel_rms": err, "median_us": median, "p20_us": p20, "p80_us": p80,
                          "timed": timed}
+        if args.profile and args.device.type == "cuda":
+            results[name]["kernels"] = profile_kernels(fn)
     return {name: results[name] for name in providers if name in results}  # in the providers' order
 
 

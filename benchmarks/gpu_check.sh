@@ -4,11 +4,11 @@
 # tests and the cuda backend's tree-attention tests against fp64 references, memcheck of the small case and
 # its time on the target case; then compute-sanitizer's memcheck on a small case of each CUDA kernel, tunes
 # the Triton tree attention's tiles and splits, the kernel benchmarks (device times from CUDA-graph
-# replays), then the GPU tests of the kernels (cuda and triton backends against fp64 references, contiguous
+# replays; the kernels each provider launches at batch 1), then the GPU tests of the kernels (cuda and triton backends against fp64 references, contiguous
 # and paged caches) and of the decoding step as a CUDA graph.
 # Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11 (the
 # first command keeps half of SmolLM2's GGUF for gpu_decode.sh, the next call; see there):
-#     cp gpu/smollm2.gguf.partaa /tmp/; bash benchmarks/gpu_check.sh   # under $OUT: gpu_check.log, 6 JSON files
+#     cp gpu/smollm2.gguf.partaa /tmp/; bash benchmarks/gpu_check.sh   # under $OUT: gpu_check.log, 7 JSON files
 # Record the figures, with the card's name, the date and the commit, in benchmarks/RESULTS.md.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -33,6 +33,8 @@ TAIL=4 step timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 pyth
     tests/test_cuda_ext.py -k small_case
 step timeout 100 python3 benchmarks/tune_tree_attention.py --splits 1,4,16 --json "$out/tune_tree_attention.json"
 step timeout 90 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
+step timeout 40 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --case B=1,L=4096 --profile \
+    --json "$out/tree_attention_profile.json"
 step timeout 50 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_flex.json"
 step timeout 45 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"

@@ -144,6 +144,7 @@ def test_softmax_scale_and_strided_inputs(backend):
     k_cache = wide[..., 16:64]  # a non-contiguous view
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     seqlens = torch.stack([seqlens, seqlens + 1], dim=1)[:, 0]  # stride 2, neighbours differ
+    mask = mask.transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major
     check(backend, (q, k_cache, v_cache, seqlens, mask, k, v), scale=0.3)
 
 

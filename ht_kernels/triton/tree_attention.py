@@ -7,8 +7,8 @@ so every K/V block is loaded once for all of them. Each program runs two stages:
 - prefix stage: the full BLOCK_N blocks of the cache prefix [0, cache_seqlens[b]) that belong to its
   split, with no mask work at all;
 - tree stage (last split only): the prefix tail that does not fill a block, then the T tree tokens,
-  masked by the ancestor bits of `tree_mask` packed into 32-bit words (no cap on T), in blocks of
-  BLOCK_T keys, which may be narrower than the prefix stage's BLOCK_N.
+  masked by `tree_mask`'s bytes, read in place (no cap on T, no packing launch before the kernel), in
+  blocks of BLOCK_T keys, which may be narrower than the prefix stage's BLOCK_N.
 
 Online softmax in fp32, base 2, with the softmax scale and log2(e) folded into one multiplier. With
 several splits each writes a normalised partial output and its log-sum-exp, and a second small kernel
@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tree import pack_mask_bits
 from . import interpreting
 
 LOG2E = 1.4426950408889634
@@ -67,13 +66,13 @@ def _paged_rows(BLOCK_TABLE, pos, m_pos, sbtn, PAGE, NUM_BLOCKS, skb, sks, svb, 
 
 @triton.jit
 def _tree_attention_fwd_kernel(
-    Q, KC, VC, KN, VN, SEQLENS, BITS, BLOCK_TABLE, O, LSE,
+    Q, KC, VC, KN, VN, SEQLENS, MASK, BLOCK_TABLE, O, LSE,
     s_len, sqb, sqt, sqh, sqd,
     skb, sks, skh, skd,
     svb, svs, svh, svd,
     snb, snt, snh, snd,
     swb, swt, swh, swd,
-    sbb, sbt,
+    smb, smt, smj,
     sbtb, sbtn,
     sos, sob, sot, soh, sod,
     sls, slb, slh, slt,
@@ -177,8 +176,8 @@ def _tree_attention_fwd_kernel(
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
 
-    # Tree stage (last split): the prefix tail, then the tree tokens under the packed ancestor bits, in
-    # blocks of BLOCK_T keys (its mask work holds more registers per key than the prefix stage).
+    # Tree stage (last split): the prefix tail, then the tree tokens under the mask, in blocks of BLOCK_T
+    # keys (its mask work holds more registers per key than the prefix stage).
     o_n = tl.arange(0, BLOCK_T)
     off_k = o_d[:, None] * skd + o_n[None, :] * sks
     off_v = o_n[:, None] * svs + o_d[None, :] * svd
@@ -216,10 +215,9 @@ def _tree_attention_fwd_kernel(
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        words = tl.load(BITS + b * sbb + o_t[:, None] * sbt + (o_j // 32)[None, :],
-                        mask=m_r[:, None] & m_tree[None, :], other=0)
-        bit = (words >> (o_j % 32)[None, :]) & 1
-        visible = m_pre[None, :] | (m_tree[None, :] & (bit != 0))
+        seen = tl.load(MASK + b * smb + o_t[:, None] * smt + o_j[None, :] * smj,
+                       mask=m_r[:, None] & m_tree[None, :], other=0)
+        visible = m_pre[None, :] | (seen != 0)
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
@@ -387,10 +385,9 @@ def tree_attention_fwd(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    bits = pack_mask_bits(tree_mask)
-    if bits.dim() == 2:
-        bits = bits.unsqueeze(0).expand(B, -1, -1)  # stride 0 over rows: one shared mask
-    bits_b = bits.stride(0)
+    mask = tree_mask.view(torch.uint8)  # its bytes, in place
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0).expand(B, -1, -1)  # stride 0 over rows: one shared mask
 
     arch = device_arch(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else None
@@ -414,9 +411,9 @@ def tree_attention_fwd(
     # Without PAGED the table is a placeholder, never read
     table, table_strides = (block_table, block_table.stride()) if paged else (cache_seqlens, (0, 0))
     _tree_attention_fwd_kernel[(B * Hkv, m_tiles, splits)](
-        q, k_cache, v_cache, kn, vn, cache_seqlens, bits, table, o_buf, l_buf,
+        q, k_cache, v_cache, kn, vn, cache_seqlens, mask, table, o_buf, l_buf,
         cache_seqlens.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
-        bits_b, bits.stride(1), *table_strides, *o_buf.stride(), *l_buf.stride(),
+        *mask.stride(), *table_strides, *o_buf.stride(), *l_buf.stride(),
         T, Hkv, D, page, S, k_cache.shape[0] if paged else 0, scale * LOG2E,
         G=G, NUM_SPLITS=splits, MIN_SPLIT_BLOCKS=1 if num_splits else max(1, MIN_SPLIT_KEYS // cfg["BLOCK_N"]),
         HAS_KV=has_kv, PAGED=paged, **cfg,
