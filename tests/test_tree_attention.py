@@ -151,10 +151,12 @@ def test_softmax_scale_and_strided_inputs(backend):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_kv(num_splits, dtype):
-    # 8 splits over at most 4 full blocks: empty splits must merge as nothing.
+@pytest.mark.parametrize("tiles", [{}, dict(BLOCK_N=16, BLOCK_T=16)])
+def test_split_kv(num_splits, dtype, tiles):
+    # 8 splits over at most 4 full blocks: empty splits must merge as nothing. With 16-key tiles the tree
+    # stage's blocks (the prefix tail, the 20 tree tokens) are dealt over the splits too.
     case = make_case(3, 20, 8, 2, 80, dtype, [260, 0, 129], per_row=True)
-    check("triton", case, num_splits=num_splits)
+    check("triton", case, num_splits=num_splits, config=tiles)
 
 
 @pytest.mark.parametrize("sms", [108, 132])

@@ -6,9 +6,11 @@ so every K/V block is loaded once for all of them. Each program runs two stages:
 
 - prefix stage: the full BLOCK_N blocks of the cache prefix [0, cache_seqlens[b]) that belong to its
   split, with no mask work at all;
-- tree stage (last split only): the prefix tail that does not fill a block, then the T tree tokens,
-  masked by `tree_mask`'s bytes, read in place (no cap on T, no packing launch before the kernel), in
-  blocks of BLOCK_T keys, which may be narrower than the prefix stage's BLOCK_N.
+- tree stage: the prefix tail that does not fill a block, then the T tree tokens, masked by
+  `tree_mask`'s bytes, read in place (no cap on T, no packing launch before the kernel), in blocks of
+  BLOCK_T keys, which may be narrower than the prefix stage's BLOCK_N. The blocks are dealt round-robin
+  to the splits, so that with several splits no program runs its share of the prefix and the whole
+  tree one after the other (the critical path at batch 1).
 
 Online softmax in fp32, base 2, with the softmax scale and log2(e) folded into one multiplier. With
 several splits each writes a normalised partial output and its log-sum-exp, and a second small kernel
@@ -176,16 +178,13 @@ def _tree_attention_fwd_kernel(
         s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
 
-    # Tree stage (last split): the prefix tail, then the tree tokens under the mask, in blocks of BLOCK_T
-    # keys (its mask work holds more registers per key than the prefix stage).
+    # Tree stage: the prefix tail, then the tree tokens under the mask, in blocks of BLOCK_T keys (its mask
+    # work holds more registers per key than the prefix stage), block c on split c % NUM_SPLITS.
     o_n = tl.arange(0, BLOCK_T)
     off_k = o_d[:, None] * skd + o_n[None, :] * sks
     off_v = o_n[:, None] * svs + o_d[None, :] * svd
     tail_lo = n_full * BLOCK_N
-    tail_hi = tl.where(last_split, seqlen + T, tail_lo)
-    p_k = KC + tail_lo.to(tl.int64) * sks
-    p_v = VC + tail_lo.to(tl.int64) * svs
-    for start in range(tail_lo, tail_hi, BLOCK_T):
+    for start in range(tail_lo + split * BLOCK_T, seqlen + T, NUM_SPLITS * BLOCK_T):
         m_pre = start + o_n < seqlen
         o_j = start + o_n - seqlen  # tree token index
         m_tree = (o_j >= 0) & (o_j < T)
@@ -198,10 +197,8 @@ def _tree_attention_fwd_kernel(
             t_k = KC + r_k[None, :] + o_d[:, None] * skd
             t_v = VC + r_v[:, None] + o_d[None, :] * svd
         else:
-            t_k = p_k + off_k
-            t_v = p_v + off_v
-            p_k += BLOCK_T * sks
-            p_v += BLOCK_T * svs
+            t_k = KC + tl.cast(start, tl.int64) * sks + off_k
+            t_v = VC + tl.cast(start, tl.int64) * svs + off_v
         if HAS_KV:  # prefix tail from the cache, tree tokens from k / v
             b_k = tl.load(t_k, mask=m_pre[None, :] & m_d[:, None], other=0.0)
             b_k += tl.load(KN + o_j[None, :] * snt + o_d[:, None] * snd,
