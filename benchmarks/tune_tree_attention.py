@@ -5,7 +5,8 @@ Every candidate of `ht_kernels.triton.tree_attention.TUNE_CANDIDATES`, and kerne
 output (written into a NaN-poisoned buffer) is checked against the torch backend before it is timed.
 The ratio column is the default's time over the candidate's. Cases: one decoding step's tree attention
 at the shapes of Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads), batch 1, 2048 cached tokens and a
-16-node tree with 48 pseudo tokens (T 64), and the kernel benchmark's target case (B 8, L 16384).
+16-node tree with 48 pseudo tokens (T 64), and the kernel benchmark's target cases (B 8, L 16384, T 64
+and the memory-bound T 16).
 
     python benchmarks/tune_tree_attention.py [--splits 1,2,4,8,16] [--json PATH] [--case B=1]
 
@@ -23,7 +24,8 @@ from _harness import Skip, parse_args, run
 from bench_tree_attention import gb_per_s, make_inputs
 
 CASES = [dict(Hq=32, Hkv=32, B=1, L=2048, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=2048, T=64, D=128),
-         dict(Hq=32, Hkv=8, B=8, L=16384, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=4096, T=16, D=128)]
+         dict(Hq=32, Hkv=8, B=8, L=16384, T=64, D=128), dict(Hq=32, Hkv=8, B=1, L=4096, T=16, D=128),
+         dict(Hq=32, Hkv=8, B=8, L=16384, T=16, D=128)]
 QUICK = [dict(Hq=4, Hkv=2, B=2, L=70, T=5, D=16)]
 
 

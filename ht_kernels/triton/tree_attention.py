@@ -271,6 +271,8 @@ TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "num_warps", "num_stages")
 TUNE_CANDIDATES = (
     dict(BLOCK_N=64, BLOCK_T=16), dict(BLOCK_N=64, BLOCK_T=16, num_stages=3), dict(BLOCK_N=128, BLOCK_T=16),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_T=16, num_stages=3), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_T=16),
+    dict(BLOCK_N=64, BLOCK_T=16, num_stages=4), dict(BLOCK_N=64, BLOCK_T=32, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_T=16, num_stages=3),
 )
 
 
