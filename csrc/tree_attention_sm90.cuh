@@ -42,9 +42,12 @@ struct TreeAttentionSm90Traits {
   static constexpr int kQBytes = 64 * D * 2;                // one consumer's Q tile
   static constexpr int kTileBytes = kBlockN * D * 2;        // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kStages = D == 64 ? 4 : 2;           // 128 KB of K/V in flight either way
+  // Stages: the consumers hold two (S_j = Q K_j^T and P_{j-1} V_{j-1} run together), so a third lets the
+  // producer load tile j + 1 during iteration j; with two its load latency stalled every iteration.
+  static constexpr int kStages = D == 64 ? 4 : 3;           // 128 / 192 KB of K/V
   static constexpr int kBarrierOffset = kConsumers * kQBytes + kStages * kStageBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + slack to align to 1024
+  static_assert(kSmemBytes <= 232448, "more shared memory than an sm_90 block may have");
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block");
 };
