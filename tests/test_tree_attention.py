@@ -162,7 +162,7 @@ def test_split_kv(num_splits, dtype, tiles):
 @pytest.mark.parametrize("sms", [108, 132])
 def test_split_heuristic_fills_the_gpu_without_reading_the_lengths(sms):
     """Splits for B = 1..64 rows and caches of 512..128k positions (Hkv 8, one query tile per (b, h)):
-    about two waves where the cache allows it, one split once the programs alone fill the GPU, never
+    about two waves where the cache allows it, one split once the programs alone fill 90% of a wave, never
     more than one per MIN_SPLIT_KEYS positions of capacity or MAX_SPLITS, fewer as B grows."""
     from ht_kernels.triton.tree_attention import MAX_SPLITS, MIN_SPLIT_KEYS, split_count
 
@@ -172,7 +172,7 @@ def test_split_heuristic_fills_the_gpu_without_reading_the_lengths(sms):
             programs = B * 8
             n = split_count(programs, L, sms)
             assert 1 <= n <= min(MAX_SPLITS, max(1, L // MIN_SPLIT_KEYS))
-            if programs >= 2 * sms:
+            if 10 * programs >= 9 * sms:
                 assert n == 1
             elif L // MIN_SPLIT_KEYS >= MAX_SPLITS:  # the cache allows it: two waves, at most one more split
                 assert programs * n >= min(2 * sms, programs * MAX_SPLITS) and programs * (n - 1) < 2 * sms
