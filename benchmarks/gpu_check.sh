@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (about 7 minutes on an H200; 5.5 before the Triton tests): builds the CUDA extension; first the opt-in
-# Hopper tree-attention kernel (HT_KERNELS_CUDA_SM90=1; on other GPUs the flag changes nothing): its GPU
-# tests and the cuda backend's tree-attention tests against fp64 references, memcheck of the small case and
-# its time on the target case; then compute-sanitizer's memcheck on a small case of each CUDA kernel, tunes
-# the Triton tree attention's tiles and splits, the kernel benchmarks (device times from CUDA-graph
-# replays; the kernels each provider launches at batch 1), then the GPU tests of the kernels (cuda and triton backends against fp64 references, contiguous
-# and paged caches) and of the decoding step as a CUDA graph.
+# One prepared run for a lent GPU (about 7 minutes on an H200): builds the CUDA extension for the GPU at
+# hand; first the opt-in Hopper tree-attention kernel (HT_KERNELS_CUDA_SM90=1; on other GPUs the flag
+# changes nothing): its GPU tests and the cuda backend's tree-attention tests against fp64 references,
+# contiguous and paged, memcheck of the small case and its time on the target case; then compute-sanitizer's
+# memcheck on a small case of each CUDA kernel, tunes the Triton tree attention's tiles and splits, the
+# kernel benchmarks (device times from CUDA-graph replays; the kernels each provider launches at batch 1),
+# then the GPU tests of the Triton tree attention, of the other kernels and of the decoding step as a CUDA
+# graph, and the target table.
 # Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11 (the
 # first command keeps half of SmolLM2's GGUF for gpu_decode.sh, the next call; see there):
 #     cp gpu/smollm2.gguf.partaa /tmp/; bash benchmarks/gpu_check.sh   # under $OUT: gpu_check.log, 7 JSON files
