@@ -92,8 +92,9 @@ def print_table_entries(rows: list, tiles: dict, table_key, arch: int, dtype: to
         slowdown = {p: sum(c[p] / min(c.values()) for c in cases.values()) / len(cases) for p in common}
         best = min(sorted(common), key=slowdown.get)
         for (Hq, Hkv, B, L, T, D), c in cases.items():
+            rule = c.get("default/auto", float("nan"))
             print(f"# Hq {Hq} Hkv {Hkv} B {B} L {L} T {T}: {best} {c[best]:.1f} us, the fastest "
-                  f"{min(c, key=c.get)} {min(c.values()):.1f} us, the rule {c.get('default/auto', float('nan')):.1f} us")
+                  f"{min(c, key=c.get)} {min(c.values()):.1f} us, the rule {rule:.1f} us")
         if not tiles[best]:
             print(f"# {key}: the rule is fastest")
         else:

@@ -335,15 +335,17 @@ MAX_SPLITS = 64
 
 def split_count(programs: int, capacity: int, sms: int) -> int:
     """KV splits of a launch of `programs` (b, h, query tile) programs over caches of `capacity` positions,
-    on a GPU of `sms` SMs: about two waves of programs (the GPU full at batch 1), at most one split per
-    MIN_SPLIT_KEYS positions of capacity and MAX_SPLITS; one split where the programs fill most of a wave
-    alone (H200, B 8, L 16384, T 64, 128 programs on 132 SMs: 336 us at one split, 374 us at two). The
+    on a GPU of `sms` SMs: as many as fit in two waves of programs (the GPU full at batch 1; rounding up
+    would start a third, mostly idle wave: at B 8, L 16384, T 16 on an H200, 64 programs took 5 splits,
+    320 programs for 264 places), at most one split per MIN_SPLIT_KEYS positions of capacity and
+    MAX_SPLITS; one split where the programs fill most of a wave alone (H200, B 8, L 16384, T 64, 128
+    programs on 132 SMs: 336 us at one split, 374 us at two). The
     count is fixed at launch without reading the lengths on the host; the kernel then spreads each row's
     live prefix over at most live / MIN_SPLIT_KEYS of them (the rest end at once, and the merge weighs them
     0), so the work follows the live prefix."""
     if 10 * programs >= 9 * sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
+    return max(1, min(2 * sms // programs, capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 def _num_splits(programs: int, capacity: int, device: torch.device) -> int:
