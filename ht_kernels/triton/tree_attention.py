@@ -339,10 +339,10 @@ def split_count(programs: int, capacity: int, sms: int) -> int:
     would start a third, mostly idle wave: at B 8, L 16384, T 16 on an H200, 64 programs took 5 splits,
     320 programs for 264 places), at most one split per MIN_SPLIT_KEYS positions of capacity and
     MAX_SPLITS; one split where the programs fill most of a wave alone (H200, B 8, L 16384, T 64, 128
-    programs on 132 SMs: 336 us at one split, 374 us at two). The
-    count is fixed at launch without reading the lengths on the host; the kernel then spreads each row's
-    live prefix over at most live / MIN_SPLIT_KEYS of them (the rest end at once, and the merge weighs them
-    0), so the work follows the live prefix."""
+    programs on 132 SMs: 336 us at one split, 374 us at two). The count is fixed at launch without
+    reading the lengths on the host; the kernel then spreads each row's live prefix over at most
+    live / MIN_SPLIT_KEYS of them (the rest end at once, and the merge weighs them 0), so the work follows
+    the live prefix."""
     if 10 * programs >= 9 * sms:
         return 1
     return max(1, min(2 * sms // programs, capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
