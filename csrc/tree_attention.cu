@@ -38,7 +38,8 @@ int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S, bool sm90) {
   const int block_m = sm90 ? 128 : 64, blocks = sm90 ? sms : 2 * sms;  // blocks in one wave (sm90: 1 per SM)
   const int tiles = B * Hkv * ((T * (Hq / Hkv) + block_m - 1) / block_m);
   if (tiles >= blocks) return 1;
-  return std::max(1, std::min({(blocks + tiles - 1) / tiles, S / kMinSplitKeys, 64}));
+  // As many splits as one wave of blocks holds: rounding up would start another, mostly idle wave.
+  return std::max(1, std::min({blocks / tiles, S / kMinSplitKeys, 64}));
 }
 
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
