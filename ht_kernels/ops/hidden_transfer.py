@@ -106,6 +106,8 @@ def _rows_view(out: torch.Tensor, N: int, K: int, D: int) -> torch.Tensor | None
 def _hidden_transfer_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str
 ) -> torch.Tensor:
+    if backend == "torch":  # the GEMM's own output, not copied into another buffer (H200: 2.6 us of 39)
+        return hidden_transfer_torch(hidden, weight, bias)
     out = hidden.new_empty(*hidden.shape[:-1], *weight.shape[:2])
     _run(hidden, weight, bias, out, backend)
     return out
