@@ -126,8 +126,9 @@ def main() -> None:
             return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True,
                                     kernel_options=options).transpose(1, 2)
         try:
-            call(None)()
-            return call(None)
+            fn = call(None)
+            fn()
+            return fn
         except Exception:  # noqa: BLE001 - torch 2.11 on an H200: its decoding kernel, chosen for < 128
             # queries with GQA, had no config for these shapes (NoValidChoicesError); the main kernel then
             return call({"FORCE_USE_FLEX_ATTENTION": True})

@@ -177,6 +177,7 @@ def _replayed_taus(decoder, prompts, cands, gen_tokens) -> dict[tuple[int, int, 
             mine = [(b, c) for b, c, d in cands if d == depth]
             cal = decoder.maps.first(depth).calibration
             for (logp, nxt), e in zip(draft_logprobs(model, drafter, examples), examples):  # one replay per budget
+                logp, nxt = logp.cpu(), nxt.cpu()  # once for all budgets' replays, which walk on the CPU
                 guess = root_guesses(e, depth + decoder.lookup_nodes, decoder.lookup_ngram) if decoder.lookup else None
                 replays = {b: Replay(TreePolicy(depth, None, budget=b, calibration=cal), logp, nxt, guess, decoder.lookup,
                                      decoder.lookup_nodes) for b, _ in mine}
