@@ -118,39 +118,39 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
       }
     }
 
-    // Scale to base 2 and mask: element c of n-tile nt is (row[c / 2], key kb BN + 8 nt + 2 t + c % 2).
-    const bool prefix_only = (kb + 1) * BN <= n;
+    // Mask the raw scores: element c of n-tile nt is (row[c / 2], key kb BN + 8 nt + 2 t + c % 2).
+    if ((kb + 1) * BN > n) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+      for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = s[nt][c] * scale_log2;
-        if (!prefix_only) {
+        for (int c = 0; c < 4; ++c) {
           const int key = kb * BN + nt * 8 + 2 * t + (c & 1), r = row[c >> 1];
           const bool visible = key < n || (key < keys && r < rows &&
                                            p.tree_mask[b * p.mask_stride_b + static_cast<int64_t>(r / G) * p.T + key - n]);
-          if (!visible) x = -INFINITY;
+          if (!visible) s[nt][c] = -INFINITY;
         }
-        s[nt][c] = x;
       }
     }
 
-    // Online softmax: the four lanes of a group hold one row pair; reduce the max across them.
+    // Online softmax of the base-2 logits s * scale_log2 (scale_log2 > 0): the four lanes of a group hold
+    // one row pair; reduce the max of the raw scores across them and scale it once per row (rounding is
+    // monotonic, so this is the max of the rounded logits), then one FMA per exponent.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float mx = m[half];
+      float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m[half], mx * scale_log2);
       const float base = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: keep everything at 0
       const float correction = exp2f(m[half] - base);
       m[half] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * half] = exp2f(s[nt][2 * half] - base);
-        s[nt][2 * half + 1] = exp2f(s[nt][2 * half + 1] - base);
+        s[nt][2 * half] = exp2f(fmaf(s[nt][2 * half], scale_log2, -base));
+        s[nt][2 * half + 1] = exp2f(fmaf(s[nt][2 * half + 1], scale_log2, -base));
         sum += s[nt][2 * half] + s[nt][2 * half + 1];
       }
       l[half] = l[half] * correction + sum;

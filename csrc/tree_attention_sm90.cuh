@@ -166,28 +166,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::rs(o, pa[kk], desc_mn_major(v_addr, BN, kk), 1);
     wgmma_commit();
   };
-  // Scale, mask and exponentiate S of key block kb in place; corr: the factor of each row's old O and l.
+  // Mask and exponentiate the raw scores S of key block kb in place (base-2 logits s * scale_log2, with
+  // scale_log2 > 0: the raw max is scaled once per row, then one FMA per exponent); corr: the factor of
+  // each row's old O and l.
   auto softmax = [&](int kb) {
-    const bool prefix_only = (kb + 1) * BN <= n;
+    if ((kb + 1) * BN > n) {
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) {
-      float x = s[i] * scale_log2;
-      if (!prefix_only) {
+      for (int i = 0; i < BN / 2; ++i) {
         const int key = kb * BN + acc_col(lane, i), r = tile0 + acc_row(warp, lane, i);
         const bool visible = key < n || (key < keys && r < rows &&
                                          p.tree_mask[b * p.mask_stride_b + static_cast<int64_t>(r / G) * p.T + key - n]);
-        if (!visible) x = -INFINITY;
+        if (!visible) s[i] = -INFINITY;
       }
-      s[i] = x;
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float mx = m[half];
+      float mx = -INFINITY;
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i)
         if (acc_half(i) == half) mx = fmaxf(mx, s[i]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m[half], mx * scale_log2);
       const float base = mx == -INFINITY ? 0.f : mx;       // nothing visible yet: keep everything at 0
       corr[half] = exp2f(m[half] - base);
       m[half] = mx;
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i)
         if (acc_half(i) == half) {
-          s[i] = exp2f(s[i] - base);
+          s[i] = exp2f(fmaf(s[i], scale_log2, -base));
           sum += s[i];
         }
       l[half] = l[half] * corr[half] + sum;

@@ -148,6 +148,15 @@ def test_softmax_scale_and_strided_inputs(backend):
     check(backend, (q, k_cache, v_cache, seqlens, mask, k, v), scale=0.3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 2.5])
+def test_any_softmax_scale(backend, scale):
+    """The kernels scale the row max, not every score, so they take positive scales only: a negative scale
+    runs on -q and a zero one weighs every visible key alike; both must still match the reference."""
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    check(backend, make_case(2, 9, 4, 2, 64, dtype, [40, 3], mask="any"), scale=scale)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend cannot run here")
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES)

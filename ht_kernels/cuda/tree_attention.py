@@ -60,6 +60,9 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     if block_table is not None:
         table = (block_table.data_ptr(), *block_table.stride(), S, k_cache.shape[0])
         S = block_table.shape[1] * S  # a row's logical capacity
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if scale <= 0:  # the kernels' softmax wants a positive scale: -q for a negative one (exact), and
+        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)  # for 0, equal weights
     if q.stride(-1) != 1 or q.data_ptr() % 4 or any(s % 2 for s in q.stride()):
         q = q.contiguous()
     cache_seqlens = cache_seqlens.contiguous()
@@ -74,7 +77,6 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
         part_lse = _workspace(splits, B, Hq, T, device=q.device)
     if k is not None:
         k, v = k.contiguous(), v.contiguous()
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     C.tree_attention(q.data_ptr(), *q.stride()[:3], k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
                      *table, 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
                      *(k.stride()[:3] if k is not None else (0, 0, 0)), cache_seqlens.data_ptr(), mask.data_ptr(),

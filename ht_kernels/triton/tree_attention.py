@@ -42,13 +42,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
-    """Fold one block of base-2 scores s [BM, BN] (-inf where hidden) and values v [BN, BD] into the
-    running (acc, max, sum). Rows that have seen nothing keep m = -inf, l = 0, acc = 0."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_softmax_step(acc, m_i, l_i, s, qk_scale, v, DOT_PREC: tl.constexpr):
+    """Fold one block of raw scores s = q k [BM, BN] (-inf where hidden), whose base-2 logits are
+    s * qk_scale (qk_scale > 0), and values v [BN, BD] into the running (acc, max, sum) of the logits.
+    Rows that have seen nothing keep m = -inf, l = 0, acc = 0.
+    The block's max is taken over the raw scores and scaled once per row (rounding is monotonic, so this
+    is the max of the rounded logits, bit for bit), and each exponent is one FMA: one multiply per score
+    fewer than scaling the scores first."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_base)
-    p = tl.exp2(s - m_base[:, None])
+    p = tl.exp2(s * qk_scale - m_base[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -175,8 +179,8 @@ def _tree_attention_fwd_kernel(
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
+        s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, qk_scale, b_v, DOT_PREC)
 
     # Tree stage: the prefix tail, then the tree tokens under the mask, in blocks of BLOCK_T keys (its mask
     # work holds more registers per key than the prefix stage), block c on split c % NUM_SPLITS.
@@ -215,9 +219,8 @@ def _tree_attention_fwd_kernel(
         seen = tl.load(MASK + b * smb + o_t[:, None] * smt + o_j[None, :] * smj,
                        mask=m_r[:, None] & m_tree[None, :], other=0)
         visible = m_pre[None, :] | (seen != 0)
-        s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
-        s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, b_v, DOT_PREC)
+        s = tl.where(visible, tl.dot(b_q, b_k, input_precision=DOT_PREC), float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, qk_scale, b_v, DOT_PREC)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -388,6 +391,8 @@ def tree_attention_fwd(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if scale <= 0:  # the kernel's softmax step wants a positive scale: -q for a negative one (exact), and
+        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)  # for 0, equal weights
     mask = tree_mask.view(torch.uint8)  # its bytes, in place
     if mask.dim() == 2:
         mask = mask.unsqueeze(0).expand(B, -1, -1)  # stride 0 over rows: one shared mask

@@ -238,13 +238,11 @@ double emulate(int D, int n, int T, int G, const std::vector<int>& mask, bool ro
     for (int warp = 0; warp < 4; ++warp)
       for (int lane = 0; lane < 32; ++lane) {
         const int tid = tid_of(warp, lane);
-        for (int i = 0; i < BN / 2; ++i) {
-          float x = s[tid * (BN / 2) + i] * scale_log2;
-          if (!prefix_only && !visible(acc_row(warp, lane, i), kb * BN + acc_col(lane, i))) x = -INFINITY;
-          s[tid * (BN / 2) + i] = x;
-        }
+        for (int i = 0; i < BN / 2; ++i)  // raw scores, masked
+          if (!prefix_only && !visible(acc_row(warp, lane, i), kb * BN + acc_col(lane, i)))
+            s[tid * (BN / 2) + i] = -INFINITY;
         for (int half = 0; half < 2; ++half) {
-          float x = m[tid * 2 + half];
+          float x = -INFINITY;
           for (int i = 0; i < BN / 2; ++i)
             if (acc_half(i) == half) x = std::fmax(x, s[tid * (BN / 2) + i]);
           mx[tid * 2 + half] = x;
@@ -254,6 +252,7 @@ double emulate(int D, int n, int T, int G, const std::vector<int>& mask, bool ro
       for (int half = 0; half < 2; ++half) {
         float x = -INFINITY;
         for (int lq = 0; lq < 4; ++lq) x = std::fmax(x, mx[((tid & ~3) + lq) * 2 + half]);
+        x = std::fmax(m[tid * 2 + half], x * scale_log2);
         const float base = x == -INFINITY ? 0.f : x;
         corr[tid * 2 + half] = std::exp2(m[tid * 2 + half] - base);
         m[tid * 2 + half] = x;
@@ -261,7 +260,7 @@ double emulate(int D, int n, int T, int G, const std::vector<int>& mask, bool ro
         for (int i = 0; i < BN / 2; ++i)
           if (acc_half(i) == half) {
             float& e = s[tid * (BN / 2) + i];
-            e = std::exp2(e - base);
+            e = std::exp2(std::fma(e, scale_log2, -base));
             sum += e;
           }
         l[tid * 2 + half] = l[tid * 2 + half] * corr[tid * 2 + half] + sum;
