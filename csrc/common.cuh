@@ -26,6 +26,15 @@ template <> __device__ __forceinline__ float from_float(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
+// 2^x on the special-function unit, results below 2^-126 flushed to zero: the softmax's probabilities are
+// at most 1 against a sum of at least 1, so such values vanish anyway. exp2f keeps them, at the cost of a
+// range test and two multiplies around every exponent.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // One m16n8k16 tensor-core product with fp32 accumulation: acc += A (16 x 16, row) * B (16 x 8, col).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);

@@ -144,13 +144,13 @@ __global__ void __launch_bounds__(128) tree_attention_kernel(TreeAttentionParams
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       mx = fmaxf(m[half], mx * scale_log2);
       const float base = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: keep everything at 0
-      const float correction = exp2f(m[half] - base);
+      const float correction = exp2_ftz(m[half] - base);
       m[half] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * half] = exp2f(fmaf(s[nt][2 * half], scale_log2, -base));
-        s[nt][2 * half + 1] = exp2f(fmaf(s[nt][2 * half + 1], scale_log2, -base));
+        s[nt][2 * half] = exp2_ftz(fmaf(s[nt][2 * half], scale_log2, -base));
+        s[nt][2 * half + 1] = exp2_ftz(fmaf(s[nt][2 * half + 1], scale_log2, -base));
         sum += s[nt][2 * half] + s[nt][2 * half + 1];
       }
       l[half] = l[half] * correction + sum;

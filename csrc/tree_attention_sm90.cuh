@@ -189,13 +189,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       mx = fmaxf(m[half], mx * scale_log2);
       const float base = mx == -INFINITY ? 0.f : mx;       // nothing visible yet: keep everything at 0
-      corr[half] = exp2f(m[half] - base);
+      corr[half] = exp2_ftz(m[half] - base);
       m[half] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i)
         if (acc_half(i) == half) {
-          s[i] = exp2f(fmaf(s[i], scale_log2, -base));
+          s[i] = exp2_ftz(fmaf(s[i], scale_log2, -base));
           sum += s[i];
         }
       l[half] = l[half] * corr[half] + sum;
