@@ -116,6 +116,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   unsigned char* qs = smem + cw * Traits::kQBytes;
   const uint32_t q_addr = smem_addr(qs);
   const float scale_log2 = p.scale * 1.4426950408889634f;
+  // Offsets in tree_mask of the tree tokens' rows of this thread's two query rows (-1 past the last row).
+  int64_t mask_row[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = tile0 + acc_row(warp, lane, 2 * half);
+    mask_row[half] = r < rows ? b * p.mask_stride_b + static_cast<int64_t>(r / G) * p.T : -1;
+  }
 
   // Q -> shared memory (swizzled, zero rows past the last), 4 bytes at a time (q needs 4-byte alignment only).
   for (int c = tid; c < 64 * D / 2; c += 128) {
@@ -173,9 +180,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if ((kb + 1) * BN > n) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) {
-        const int key = kb * BN + acc_col(lane, i), r = tile0 + acc_row(warp, lane, i);
-        const bool visible = key < n || (key < keys && r < rows &&
-                                         p.tree_mask[b * p.mask_stride_b + static_cast<int64_t>(r / G) * p.T + key - n]);
+        const int key = kb * BN + acc_col(lane, i);
+        const int64_t mr = mask_row[acc_half(i)];
+        const bool visible = key < n || (key < keys && mr >= 0 && p.tree_mask[mr + key - n]);
         if (!visible) s[i] = -INFINITY;
       }
     }
