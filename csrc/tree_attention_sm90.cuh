@@ -46,10 +46,10 @@ struct TreeAttentionSm90Traits {
   // producer load tile j + 1 during iteration j; with two its load latency stalled every iteration.
   static constexpr int kStages = D == 64 ? 4 : 3;           // 128 / 192 KB of K/V
   static constexpr int kBarrierOffset = kConsumers * kQBytes + kStages * kStageBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + slack to align to 1024
+  static constexpr int kScratchOffset = kBarrierOffset + 2 * kStages * 8;  // one float per consumer thread
+  static constexpr int kSmemBytes = kScratchOffset + 128 * kConsumers * 4 + 1024;  // + slack to align to 1024
   static_assert(kSmemBytes <= 232448, "more shared memory than an sm_90 block may have");
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block");
 };
 
 template <typename Traits, bool SPLIT>
@@ -114,6 +114,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (cw >= active) return;
   const int tile0 = block_row0 + 64 * cw;  // first packed query row of this warpgroup
   unsigned char* qs = smem + cw * Traits::kQBytes;
+  const uint32_t scratch = smem_addr(smem + Traits::kScratchOffset) + 4 * (threadIdx.x - 128);
   const uint32_t q_addr = smem_addr(qs);
   const float scale_log2 = p.scale * 1.4426950408889634f;
   // Offsets in tree_mask of the tree tokens' rows of this thread's two query rows (-1 past the last row).
@@ -234,6 +235,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
       fence_regs(s);
       softmax(kb_begin + j);
+      // Keep the softmax ahead of the wait for P_{j-1} V_{j-1}. Left alone, ptxas schedules every exponential
+      // after that wait (its results go to registers the in-flight wgmma still reads), and nothing overlaps.
+      // A shared-memory store of the row sums, which need every exponential, does not move past the wait.
+      st_shared_f32(scratch, l[0] + l[1]);
       wgmma_wait<0>();
       fence_regs(o);
 #pragma unroll

@@ -104,6 +104,22 @@ def test_sm90a_code_uses_warpgroup_mma_tma_and_setmaxnreg(sm90a):
         assert "HMMA" not in sass.replace("HGMMA", ""), f"{name}: mma.sync on the Hopper path"
 
 
+def test_sm90a_softmax_overlaps_the_pv_product(sm90a):
+    """In the main loop, every exponential of S_j runs between the wait for S_j (wait_group 1) and the wait
+    for P_{j-1} V_{j-1} (wait_group 0), so the softmax overlaps that product; the new P is packed after it.
+    (Without the shared-memory store of the row sums that pins them, ptxas moved all of them past the
+    second wait.)"""
+    functions = {name: sass for name, sass in sass_functions(sm90a[0]).items() if KERNEL in name}
+    assert len(functions) == 8, sorted(functions)
+    for name, sass in functions.items():
+        ops = re.findall(r"/\*[0-9a-f]{4,5}\*/\s+([^;]*);", sass)
+        start = next(i for i, op in enumerate(ops) if "DEPBAR.LE gsb0, 0x1" in op)
+        end = next(i for i in range(start, len(ops)) if "DEPBAR.LE gsb0, 0x0" in ops[i])
+        between = ops[start:end]
+        exps = sum("MUFU.EX2" in op for op in between)
+        assert exps >= 64 and not any("F2FP" in op for op in between), f"{name}: {exps} exponentials overlap"
+
+
 def test_sm90a_kernels_do_not_spill(sm90a):
     report = sm90a[1]
     entries = re.findall(rf"Function properties for (\S*{KERNEL}\S*)\n\s*(\d+) bytes stack frame, (\d+) bytes spill "
