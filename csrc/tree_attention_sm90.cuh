@@ -5,9 +5,9 @@
 // split rule, partials layout and merge kernel as tree_attention.cuh), 3 warpgroups:
 // - warpgroup 0, the producer: one thread streams K and V tiles of kBlockN keys with TMA (a 4-d tensor map
 //   over the cache, 128-byte swizzle, one box of 64 head-dim values per column block) into a ring of
-//   kStages shared-memory stages. Stage s has a "full" mbarrier (the producer's arrive.expect_tx; the TMA
-//   bytes complete it) and an "empty" one (one arrival per consumer warp once its last wgmma reading the
-//   stage has finished). It gives most of its registers away (setmaxnreg.dec).
+//   kStages shared-memory stages. Stage s has two "full" mbarriers, one for K and one for V (the producer's
+//   arrive.expect_tx; the TMA bytes complete it), so that S_j = Q K_j^T can start before V_j has landed, and
+//   an "empty" one (one arrival per consumer warp once its last wgmma reading the stage has finished). It gives most of its registers away (setmaxnreg.dec).
 // - warpgroups 1 and 2, the consumers: 64 query rows each (a warpgroup with no live row idles). Q is
 //   staged once in shared memory in the same swizzled layout. Per key tile j:
 //       S_j = Q K_j^T           wgmma m64n128k16, A and B from shared memory (K-major descriptors)
@@ -46,7 +46,7 @@ struct TreeAttentionSm90Traits {
   // producer load tile j + 1 during iteration j; with two its load latency stalled every iteration.
   static constexpr int kStages = D == 64 ? 4 : 3;           // 128 / 192 KB of K/V
   static constexpr int kBarrierOffset = kConsumers * kQBytes + kStages * kStageBytes;
-  static constexpr int kScratchOffset = kBarrierOffset + 2 * kStages * 8;  // one float per consumer thread
+  static constexpr int kScratchOffset = kBarrierOffset + 3 * kStages * 8;  // one float per consumer thread
   static constexpr int kSmemBytes = kScratchOffset + 128 * kConsumers * 4 + 1024;  // + slack to align to 1024
   static_assert(kSmemBytes <= 232448, "more shared memory than an sm_90 block may have");
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
@@ -63,8 +63,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   // 128-byte swizzle atoms must be 1024-byte aligned in the shared address space.
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Traits::kBarrierOffset);
-  uint64_t* empty = full + ST;
+  uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + Traits::kBarrierOffset);
+  uint64_t* full_v = full_k + ST;
+  uint64_t* empty = full_k + 2 * ST;
   const uint32_t kv_addr = smem_addr(smem + Traits::kConsumers * Traits::kQBytes);
 
   const int b = blockIdx.x / p.Hkv, h = blockIdx.x % p.Hkv;
@@ -82,7 +83,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; ++s) {
-      mbar_init(&full[s], 1);
+      mbar_init(&full_k[s], 1);
+      mbar_init(&full_v[s], 1);
       mbar_init(&empty[s], 4 * active);
     }
     mbar_init_fence();
@@ -96,14 +98,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int j = 0; j < n_tiles; ++j) {
       const int stage = j % ST;
       if (j >= ST) mbar_wait(&empty[stage], ((j / ST) - 1) & 1);  // its previous tile is consumed
-      mbar_arrive_expect_tx(&full[stage], Traits::kStageBytes);
       unsigned char* ks = smem + Traits::kConsumers * Traits::kQBytes + stage * Traits::kStageBytes;
       const int key0 = (kb_begin + j) * BN;
+      mbar_arrive_expect_tx(&full_k[stage], Traits::kTileBytes);
 #pragma unroll
-      for (int cb = 0; cb < CB; ++cb) {  // tensor map dims (D, Hkv, S, B)
-        tma_load_4d(ks + cb * BN * 128, &k_map, 64 * cb, h, key0, b, &full[stage]);
-        tma_load_4d(ks + Traits::kTileBytes + cb * BN * 128, &v_map, 64 * cb, h, key0, b, &full[stage]);
-      }
+      for (int cb = 0; cb < CB; ++cb)  // tensor map dims (D, Hkv, S, B)
+        tma_load_4d(ks + cb * BN * 128, &k_map, 64 * cb, h, key0, b, &full_k[stage]);
+      mbar_arrive_expect_tx(&full_v[stage], Traits::kTileBytes);
+#pragma unroll
+      for (int cb = 0; cb < CB; ++cb)
+        tma_load_4d(ks + Traits::kTileBytes + cb * BN * 128, &v_map, 64 * cb, h, key0, b, &full_v[stage]);
     }
     return;
   }
@@ -145,8 +149,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, corr[2];
 
-  auto wait_full = [&](int j) {
-    mbar_wait(&full[j % ST], (j / ST) & 1);
+  auto wait_k = [&](int j) { mbar_wait(&full_k[j % ST], (j / ST) & 1); };
+  auto wait_v = [&](int j) {
+    mbar_wait(&full_v[j % ST], (j / ST) & 1);
     const int kb = kb_begin + j, first = keys - kb * BN;
     if (first < BN) {  // the row's last tile: zero its V rows from `first` on (keys >= n + T: stale, maybe NaN)
       unsigned char* vs = smem + Traits::kConsumers * Traits::kQBytes + (j % ST) * Traits::kStageBytes + Traits::kTileBytes;
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   };
 
   if (n_tiles > 0) {
-    wait_full(0);
+    wait_k(0);
     wgmma_fence();
     issue_qk(0);
     wgmma_wait<0>();
@@ -225,7 +230,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     softmax(kb_begin);
     pack_p();  // O is still 0: nothing to rescale
     for (int j = 1; j < n_tiles; ++j) {
-      wait_full(j);
+      wait_k(j);
+      wait_v(j - 1);
       fence_regs(o);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
@@ -251,6 +257,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     fence_regs(o);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
+    wait_v(n_tiles - 1);
     wgmma_fence();
     issue_pv(n_tiles - 1);
     wgmma_wait<0>();
