@@ -38,7 +38,7 @@ def triton_cubin() -> tuple[bytes, str]:
 
     from ht_kernels.triton import tree_attention as mod
 
-    config = mod.TUNED[(90, "bfloat16", 128, 256)]
+    config = mod.TUNED[(90, "16-bit", 128, 256)]
     q, kc = torch.zeros(1, 64, 4, 128, dtype=torch.bfloat16), torch.zeros(1, 300, 1, 128, dtype=torch.bfloat16)
     log = capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), torch.zeros(1, dtype=torch.int32),
                                                       torch.ones(64, 64, dtype=torch.bool), config=config))

@@ -344,18 +344,21 @@ def launcher(backend):
 
 
 def test_kernel_config_takes_the_tuned_entry_of_its_arch(monkeypatch):
-    """TUNED entries apply to their (arch, dtype, BLOCK_D, row bucket) only, and never under the interpreter."""
+    """TUNED entries apply to their (arch, dtype class, BLOCK_D, row bucket) only, and never under the
+    interpreter; fp16 and bf16 share entries."""
     from ht_kernels.triton import tree_attention as tri
 
-    assert tri.table_key(90, torch.bfloat16, 80, 65) == (90, "bfloat16", 128, 128)
+    assert tri.table_key(90, torch.bfloat16, 80, 65) == tri.table_key(90, torch.float16, 80, 65) == (90, "16-bit", 128, 128)
+    assert tri.table_key(90, torch.float32, 80, 65) == (90, "float32", 128, 128)
     assert tri.table_key(80, torch.float16, 128, 3)[3] == 16 and tri.table_key(80, torch.float16, 128, 4096)[3] == 256
-    monkeypatch.setitem(tri.TUNED, (90, "bfloat16", 128, 256), dict(BLOCK_N=64, BLOCK_T=16, num_stages=3))
+    monkeypatch.setitem(tri.TUNED, (90, "16-bit", 128, 256), dict(BLOCK_N=64, BLOCK_T=16, num_stages=3))
     rule = tri.kernel_config(256, 128, torch.bfloat16, False, None)
     tuned = tri.kernel_config(200, 128, torch.bfloat16, False, 90)
     assert (tuned["BLOCK_N"], tuned["BLOCK_T"], tuned["num_stages"]) == (64, 16, 3)
+    assert tri.kernel_config(200, 128, torch.float16, False, 90)["BLOCK_N"] == 64
     assert {k: v for k, v in tuned.items() if k not in ("BLOCK_N", "BLOCK_T", "num_stages")} == \
         {k: v for k, v in rule.items() if k not in ("BLOCK_N", "BLOCK_T", "num_stages")}
-    for other in [(100, 128, torch.bfloat16, False, 90), (256, 128, torch.float16, False, 90),
+    for other in [(100, 128, torch.bfloat16, False, 90), (256, 128, torch.float32, False, 90),
                   (256, 128, torch.bfloat16, False, 80), (256, 64, torch.bfloat16, False, 90),
                   (256, 128, torch.bfloat16, True, 90)]:
         assert tri.kernel_config(*other)["BLOCK_N"] == tri.kernel_config(*other[:4])["BLOCK_N"] == rule["BLOCK_N"]

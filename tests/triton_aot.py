@@ -94,7 +94,7 @@ def tree_attention_launches() -> list:
         log += capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), torch.zeros(1, dtype=torch.int32),
                                                            torch.ones(64, 64, dtype=torch.bool), kv, kv, config=config))
     for (_, dtype_name, D, rows), config in mod.TUNED.items():  # the measured entries, at their row buckets
-        dtype, G = getattr(torch, dtype_name), 4
+        dtype, G = torch.float32 if dtype_name == "float32" else torch.bfloat16, 4
         q, kc = torch.zeros(1, rows // G, G, D, dtype=dtype), torch.zeros(1, 300, 1, D, dtype=dtype)
         log += capture(mod, lambda: mod.tree_attention_fwd(q, kc, kc.clone(), torch.zeros(1, dtype=torch.int32),
                                                            torch.ones(rows // G, rows // G, dtype=torch.bool),

@@ -279,23 +279,25 @@ TUNE_CANDIDATES = (
 )
 
 
-# Measured tiles per (arch, dtype, BLOCK_D, packed rows rounded up to a power of two, at most 256): what
+# Measured tiles per (arch, dtype class, BLOCK_D, packed rows rounded up to a power of two, at most 256): what
 # benchmarks/tune_tree_attention.py prints as the fastest correct candidate on a GPU of that arch (the
 # tiles only; the split count stays the heuristic's). Shapes without an entry take kernel_config's rule.
+# fp16 and bf16 share entries ("16-bit"): their kernels differ in the MMA's input type and the conversion
+# of P only, at the same tensor-core rate; fp32 is its own class.
 # H200, 2026-12-04 (benchmarks/RESULTS.md), bf16, D 128, split heuristic, against the rule:
 #   64 rows (where BLOCK_M is 64 anyway): Hq/Hkv 32/32 B 1 L 2048 T 64: 39.1-39.9 us (rule 45.2);
 #     32/8 B 1 L 4096 T 16: 27.0 us (rule 30.7)
 #   256 rows: 32/8 B 1 L 2048 T 64: 37.6 us (rule 38.9); 32/8 B 8 L 16384 T 64: 373.8 us (rule 706.9)
 TUNED: dict[tuple[int, str, int, int], dict] = {
-    (90, "bfloat16", 128, 64): dict(BLOCK_N=64, BLOCK_T=16, num_stages=3),
-    (90, "bfloat16", 128, 256): dict(BLOCK_N=64, BLOCK_T=16, num_stages=3),
+    (90, "16-bit", 128, 64): dict(BLOCK_N=64, BLOCK_T=16, num_stages=3),
+    (90, "16-bit", 128, 256): dict(BLOCK_N=64, BLOCK_T=16, num_stages=3),
 }
 
 
 def table_key(arch: int, dtype: torch.dtype, D: int, rows: int) -> tuple[int, str, int, int]:
-    """The TUNED key of a launch: (compute capability as 80 / 90, dtype name, BLOCK_D, row bucket)."""
+    """The TUNED key of a launch: (compute capability as 80 / 90, "16-bit" or "float32", BLOCK_D, row bucket)."""
     bucket = min(256, max(16, triton.next_power_of_2(rows)))
-    return arch, str(dtype).removeprefix("torch."), max(16, triton.next_power_of_2(D)), bucket
+    return arch, "float32" if dtype == torch.float32 else "16-bit", max(16, triton.next_power_of_2(D)), bucket
 
 
 def kernel_config(rows: int, D: int, dtype: torch.dtype, interpret: bool, arch: int | None = None) -> dict:
