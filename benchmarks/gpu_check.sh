@@ -2,7 +2,7 @@
 # One prepared run for a lent GPU (about 7 minutes on an H200): builds the CUDA extension for the GPU at
 # hand; first the opt-in Hopper tree-attention kernel (HT_KERNELS_CUDA_SM90=1; on other GPUs the flag
 # changes nothing): its GPU tests and the cuda backend's tree-attention tests against fp64 references,
-# contiguous and paged, memcheck of the small case and its time on the target case; then compute-sanitizer's
+# contiguous and paged, memcheck and synccheck of the small case and its time on the target case; then compute-sanitizer's
 # memcheck on a small case of each CUDA kernel, tunes the Triton tree attention's tiles and splits, the
 # kernel benchmarks (device times from CUDA-graph replays; the kernels each provider launches at batch 1),
 # then the GPU tests of the Triton tree attention, of the other kernels and of the decoding step as a CUDA
@@ -26,8 +26,10 @@ TAIL=8 step timeout 150 python3 -c "from ht_kernels.cuda.build import load; prin
 TAIL=15 step env HT_KERNELS_CUDA_SM90=1 timeout 90 python3 -m pytest -q --maxfail=3 -p no:cacheprovider \
     tests/test_cuda_sm90.py::test_sm90_kernel_runs_and_agrees_with_the_default_kernel \
     tests/test_cuda_sm90.py::test_sm90_kernel_matches_reference tests/test_tree_attention.py tests/test_paged_kv.py -k cuda
-TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py -k small_case
+for tool in memcheck synccheck; do  # synccheck: the consumers' turns (named barriers) and the mbarriers
+  TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 45 compute-sanitizer --tool $tool --error-exitcode 3 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py -k small_case
+done
 step env HT_KERNELS_CUDA_SM90=1 timeout 40 python3 benchmarks/bench_tree_attention.py --providers cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_sm90.json"
 TAIL=4 step timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \

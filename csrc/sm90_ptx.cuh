@@ -81,6 +81,11 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrive at named barrier `id` of `threads` threads without waiting (the other side waits with bar.sync).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- register reallocation ---------------------------------------------------------------------------
 template <int REGS> __device__ __forceinline__ void regs_dealloc() {
 #ifdef HT_SM90A

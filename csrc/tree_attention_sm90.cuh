@@ -7,13 +7,17 @@
 //   over the cache, 128-byte swizzle, one box of 64 head-dim values per column block) into a ring of
 //   kStages shared-memory stages. Stage s has two "full" mbarriers, one for K and one for V (the producer's
 //   arrive.expect_tx; the TMA bytes complete it), so that S_j = Q K_j^T can start before V_j has landed, and
-//   an "empty" one (one arrival per consumer warp once its last wgmma reading the stage has finished). It gives most of its registers away (setmaxnreg.dec).
+//   an "empty" one (one arrival per consumer warp once its last wgmma reading the stage has finished). It
+//   gives most of its registers away (setmaxnreg.dec).
 // - warpgroups 1 and 2, the consumers: 64 query rows each (a warpgroup with no live row idles). Q is
 //   staged once in shared memory in the same swizzled layout. Per key tile j:
 //       S_j = Q K_j^T           wgmma m64n128k16, A and B from shared memory (K-major descriptors)
 //       O  += P_{j-1} V_{j-1}   wgmma m64nDk16, A = P from registers, B = V transposed (MN-major)
 //   both issued back to back, then the online softmax of S_j runs while P_{j-1} V_{j-1} is still in the
 //   tensor cores (FlashAttention-3's intra-warpgroup overlap); O is rescaled once that product is done.
+//   With both consumers live they take turns to issue their products (FlashAttention-3's ping-pong: two
+//   named barriers pass the turn), so that one's softmax runs while the other's products use the tensor
+//   cores, rather than both computing softmaxes at the same time.
 //   Base-2 softmax with the scale folded into log2 units, fp32 accumulators, the tree mask only on tiles
 //   that reach past the prefix, exactly as the sm_80 kernel.
 // Keys at or past n + T: TMA reads them when they share the row's last tile (it zero-fills only past the
@@ -49,7 +53,8 @@ struct TreeAttentionSm90Traits {
   static constexpr int kScratchOffset = kBarrierOffset + 3 * kStages * 8;  // one float per consumer thread
   static constexpr int kSmemBytes = kScratchOffset + 128 * kConsumers * 4 + 1024;  // + slack to align to 1024
   static_assert(kSmemBytes <= 232448, "more shared memory than an sm_90 block may have");
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kTurn = 3;  // named barriers kTurn, kTurn + 1: the consumers' turns (1, 2: their own)  // 128 x 40 + 256 x 232 <= 64 K
 };
 
 template <typename Traits, bool SPLIT>
@@ -163,6 +168,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       named_barrier(1 + cw, 128);
     }
   };
+  // Ping-pong: before issuing products a consumer waits for its turn (barrier kTurn + cw: its own 128
+  // threads and the other consumer's 128 arrivals), and after issuing passes the turn on. Consumer 0 goes
+  // first (consumer 1 arrives once up front); each issues n_tiles + 1 times, and consumer 1 skips its last
+  // pass, which nobody would wait for, so every barrier phase gets exactly 256 threads.
+  const bool pingpong = active == 2;
+  int issues_left = n_tiles + 1;
+  auto take_turn = [&] {
+    if (pingpong) named_barrier(Traits::kTurn + cw, 256);
+  };
+  auto pass_turn = [&] {
+    if (pingpong && (cw == 0 || --issues_left > 0)) named_barrier_arrive(Traits::kTurn + 1 - cw, 256);
+  };
+  if (pingpong && cw == 1 && n_tiles > 0) named_barrier_arrive(Traits::kTurn, 256);
   auto release = [&](int j) {
     if (lane == 0) mbar_arrive(&empty[j % ST]);
   };
@@ -223,8 +241,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (n_tiles > 0) {
     wait_k(0);
+    take_turn();
     wgmma_fence();
     issue_qk(0);
+    pass_turn();
     wgmma_wait<0>();
     fence_regs(s);
     softmax(kb_begin);
@@ -235,9 +255,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_regs(o);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
+      take_turn();
       wgmma_fence();
       issue_qk(j);
       issue_pv(j - 1);
+      pass_turn();
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
       fence_regs(s);
       softmax(kb_begin + j);
@@ -258,8 +280,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) fence_regs(pa[kk]);
     wait_v(n_tiles - 1);
+    take_turn();
     wgmma_fence();
     issue_pv(n_tiles - 1);
+    pass_turn();
     wgmma_wait<0>();
     fence_regs(o);
     release(n_tiles - 1);

@@ -162,6 +162,13 @@ def test_small_case_of_each_kernel():
     got, want = ([ht.tree_attention(q, *[c.clone() for c in caches], lens, mask, k=kv[0], v=kv[1], backend=b)
                   for b in ("cuda", "torch")])
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    # 80 packed query rows over 2 tiles of 128 keys: with HT_KERNELS_CUDA_SM90=1 both consumer warpgroups of
+    # the Hopper kernel work and take turns
+    q, caches = torch.randn(1, 40, 4, 64, device=dev, dtype=dtype), [torch.randn(1, 250, 2, 64, device=dev, dtype=dtype)
+                                                                      for _ in range(2)]
+    lens, mask = torch.tensor([200], dtype=torch.int32, device=dev), torch.ones(40, 40, device=dev).tril().bool()
+    got, want = ([ht.tree_attention(q, *caches, lens, mask, backend=b) for b in ("cuda", "torch")])
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
     hidden, weight = torch.randn(7, 64, device=dev, dtype=dtype), torch.randn(3, 64, 64, device=dev, dtype=dtype) / 8
     torch.testing.assert_close(ht.hidden_transfer(hidden, weight, backend="cuda"),
