@@ -15,9 +15,10 @@ compute-sanitizer, and the GPU tests below):
   swizzle atom for the K-major k-steps and tnspB for V;
 - the tensor maps (cuTensorMapEncodeTiled through the runtime's driver entry point; dims (D, Hkv, S, B)) and
   the TMA boxes landing where wgmma_layout.h says, zero-filled past S;
-- the mbarrier protocol (phases, expect-tx byte counts, one arrival per consumer warp), the proxy fences after
-  the Q stores and the zeroing of stale V rows, and the overlap of the softmax with the in-flight P V wgmma
-  (register fences, wgmma.wait_group 1);
+- the mbarrier protocol (phases, expect-tx byte counts of the separate K and V barriers, one arrival per
+  consumer warp), the consumers' turns (bar.sync / bar.arrive of 256 threads; synccheck in gpu_check.sh), the
+  proxy fences after the Q stores and the zeroing of stale V rows, and the overlap of the softmax with the
+  in-flight P V wgmma (register fences, wgmma.wait_group 1; the SASS order is checked here);
 - setmaxnreg (40 / 232 registers) taking effect, shared memory within the opt-in limit, and the speed.
 """
 from __future__ import annotations
