@@ -53,8 +53,8 @@ struct TreeAttentionSm90Traits {
   static constexpr int kScratchOffset = kBarrierOffset + 3 * kStages * 8;  // one float per consumer thread
   static constexpr int kSmemBytes = kScratchOffset + 128 * kConsumers * 4 + 1024;  // + slack to align to 1024
   static_assert(kSmemBytes <= 232448, "more shared memory than an sm_90 block may have");
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-  static constexpr int kTurn = 3;  // named barriers kTurn, kTurn + 1: the consumers' turns (1, 2: their own)  // 128 x 40 + 256 x 232 <= 64 K
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
+  static constexpr int kTurn = 3;  // named barriers kTurn, kTurn + 1: the consumers' turns (1, 2: their own)
 };
 
 template <typename Traits, bool SPLIT>
