@@ -177,7 +177,11 @@ def _bad_inputs():
         ("k_cache", dict(k_cache=kc.int(), v_cache=kc.int())),
         ("v_cache", dict(v_cache=kc[:, :, :8])),
         ("v_cache", dict(v_cache=kc.half())),
-        ("different tensors", dict(v_cache=kc)),
+        ("share memory", dict(v_cache=kc)),
+        ("share memory", dict(v_cache=kc.view(kc.shape))),
+        ("share memory", dict(k_cache=kc[:, :, :15], v_cache=kc[:, :, 1:])),  # slots one apart
+        ("expanded", dict(k_cache=kc[:1].expand(L, B, S, H, D))),
+        ("require grad", dict(k_cache=kc.clone().requires_grad_())),
         ("cache_seqlens", dict(cache_seqlens=lens.long())),
         ("cache_seqlens", dict(cache_seqlens=lens[:1])),
         ("cache_seqlens", dict(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32))),
@@ -208,6 +212,17 @@ def test_bad_input_raises_value_error(case):
         ht_kernels.compact_kv(*args.values(), backend="torch")
     if args["k_cache"].dtype.is_floating_point:
         assert torch.equal(args["k_cache"], before)      # nothing moved before the error
+
+
+def test_interleaved_caches_do_not_share_memory():
+    """K and V as the two halves of one [L, B, S, 2, H, D] buffer are accepted: no element is in both."""
+    kv = torch.randn(2, 2, 16, 2, 2, 8)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    acc, alen = torch.tensor([[0, 2, 3], [0, 1, 2]]), torch.tensor([3, 2], dtype=torch.int32)
+    want = [kv[:, :, :, i].clone() for i in range(2)]
+    ht_kernels.compact_kv(*want, lens, acc, alen, backend="torch")
+    ht_kernels.compact_kv(kv[:, :, :, 0], kv[:, :, :, 1], lens, acc, alen, backend="torch")
+    assert torch.equal(kv[:, :, :, 0], want[0]) and torch.equal(kv[:, :, :, 1], want[1])
 
 
 def test_backends():

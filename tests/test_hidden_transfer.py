@@ -89,6 +89,16 @@ def test_gradcheck_fp64(bias):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("K,D", [(0, 4), (2, 0)])
+def test_grads_of_empty_maps(K, D):
+    """No map (K = 0) or no feature (D = 0): empty outputs, and gradients of the inputs' shapes (zeros)."""
+    hidden, weight = torch.randn(3, D, requires_grad=True), torch.randn(K, D, D, requires_grad=True)
+    out = ht_kernels.hidden_transfer(hidden, weight)
+    out.sum().backward()
+    assert out.shape == (3, K, D) and hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+    assert not hidden.grad.any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grads_match_reference(backend):
     hidden, weight, bias = make((3, 5), 80, 3, torch.float32)
@@ -127,7 +137,7 @@ def test_compile_fullgraph_matches_eager():
 
 def _bad_inputs():
     h, w, b = make((7,), 16, 2, torch.float32, device="cpu")
-    out = torch.empty(7, 2, 16)
+    out, big = torch.empty(7, 2, 16), torch.randn(1024)
     return [  # (hidden, weight, bias, out, argument named in the message)
         (h[0, 0], w, b, None, "hidden"), (h[:, :8], w, b, None, "hidden"),
         (h.double(), w.double(), b.double(), None, "hidden"), (h.int(), w.int(), None, None, "hidden"),
@@ -136,6 +146,10 @@ def _bad_inputs():
         (h, w, b.half(), None, "bias"), (h, w, b.to("meta"), None, "bias"), (h, w, b, out[:, :1], "out"),
         (h, w, b, out[None], "out"), (h, w, b, out.half(), "out"), (h, w, b, out.to("meta"), "out"),
         (h.clone().requires_grad_(), w, b, out, "out"),
+        (h, w, b, out[:, :1].expand(7, 2, 16), "out"),                         # written through stride 0
+        (out[:, 0], w, b, out, "hidden"),                                     # hidden is out's first map
+        (h, big[:512].view(2, 16, 16), b, big[500:724].view(7, 2, 16), "weight"),  # 12 elements in both
+        (h, w, big[:32].view(2, 16), big[16:240].view(7, 2, 16), "bias"),
     ]
 
 

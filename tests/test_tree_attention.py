@@ -315,6 +315,14 @@ def test_named_backend_that_cannot_run_raises(monkeypatch):
         ht_kernels.tree_attention(*case, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         ht_kernels.tree_attention(*case, backend="flash")
+    with pytest.raises(ht_kernels.BackendUnavailableError, match="meta"):
+        ht_kernels.tree_attention(*(t.to("meta") for t in case))
+
+
+def test_error_messages_name_non_tensors_briefly():
+    q, kc, vc, lens, mask = make_case(1, 3, 2, 1, 32, torch.float32, [5], with_kv=False)[:5]
+    with pytest.raises(ValueError, match=r"q must be a 4-D tensor, got a list of length 300$"):
+        ht_kernels.tree_attention([0.5] * 300, kc, vc, lens, mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,6 +337,30 @@ def test_empty_tree_or_batch(backend, B, T):
                                          return_lse=True, backend=backend)
     assert out.shape == q.shape and lse.shape == (B, q.shape[2], T) and lse.dtype == torch.float32
     assert torch.equal(k_cache.view(torch.int32), before.view(torch.int32))  # bitwise: the poison is NaN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("paged", [False, True])
+def test_no_query_heads_still_writes_the_cache(backend, paged):
+    """Hq = 0 (zero queries, as with B = 0 or T = 0): empty outputs, and k and v still land in the cache."""
+    B, T, Hkv, D, S = 2, 3, 1, 16, 12
+    k, v = (torch.randn(B, T, Hkv, D, device=DEVICE) for _ in range(2))
+    lens = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = (torch.zeros(B, S, Hkv, D, device=DEVICE) for _ in range(2))
+    table = None
+    if paged:  # blocks of 4 positions, rows' blocks in reverse order
+        k_cache, v_cache = (torch.zeros(2 * S // 4, 4, Hkv, D, device=DEVICE) for _ in range(2))
+        table = torch.arange(2 * S // 4, dtype=torch.int32, device=DEVICE).flip(0).view(B, S // 4)
+    q = torch.randn(B, T, 0, D, device=DEVICE)
+    out, lse = ht_kernels.tree_attention(q, k_cache, v_cache, lens, torch.ones(T, T, dtype=torch.bool, device=DEVICE),
+                                         k=k, v=v, return_lse=True, block_table=table, backend=backend)
+    assert out.shape == (B, T, 0, D) and lse.shape == (B, 0, T)
+    for b, n in enumerate(lens.tolist()):
+        for j in range(T):
+            p = n + j
+            kc, vc = (c[b, p] if table is None else c[table[b, p // 4], p % 4] for c in (k_cache, v_cache))
+            assert torch.equal(kc, k[b, j]) and torch.equal(vc, v[b, j])
+    assert int((k_cache != 0).any(-1).sum()) == B * T * Hkv  # nothing else written
 
 
 KERNELS = (["triton"] if "triton" in BACKENDS else []) + CUDA_BACKEND
@@ -422,6 +454,14 @@ def _bad_inputs():
         ("k must", dict(k=kv[:, :3], v=kv[:, :3])),
         ("v must", dict(k=kv, v=kv.half())),
         ("device|meta", dict(cache_seqlens=lens.to("meta"))),
+        ("head dim", dict(q=q[..., :0], k_cache=kc[..., :0], v_cache=kc[..., :0])),
+        ("KV head", dict(k_cache=kc[:, :, :0], v_cache=kc[:, :, :0])),
+        *(("softmax_scale", dict(softmax_scale=bad)) for bad in (float("nan"), float("inf"), -float("inf"), 1j,
+                                                                   "0.5", torch.ones(2), torch.tensor(1j))),
+        ("expanded", dict(k_cache=kc[:1].expand(B, S, Hkv, D), k=kv, v=kv)),  # written through stride 0
+        ("share memory", dict(v_cache=kc, k=kv, v=kv)),
+        ("share memory", dict(k_cache=kc[:, :-1], v_cache=kc[:, 1:], k=kv, v=kv)),  # slots one apart
+        ("require grad", dict(k_cache=kc.clone().requires_grad_(), k=kv, v=kv)),
     ]
 
 
@@ -430,9 +470,9 @@ def test_bad_input_raises_value_error(case):
     good, bad = _bad_inputs()
     name, change = bad[case]
     args = {**good, **change}
-    k, v = args.pop("k", None), args.pop("v", None)
+    k, v, scale = args.pop("k", None), args.pop("v", None), args.pop("softmax_scale", None)
     with pytest.raises(ValueError, match=name):
-        ht_kernels.tree_attention(*args.values(), k=k, v=v, backend="torch")
+        ht_kernels.tree_attention(*args.values(), k=k, v=v, softmax_scale=scale, backend="torch")
 
 
 def test_opcheck_and_compile():

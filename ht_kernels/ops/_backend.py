@@ -59,5 +59,69 @@ def device_guard(device: torch.device):
 
 
 def shape_of(t) -> str:
-    """How a tensor argument is named in error messages: its shape, or the repr of a non-tensor."""
-    return str(list(t.shape)) if isinstance(t, torch.Tensor) else repr(t)
+    """How an argument is named in error messages: a tensor's shape, a sequence's type and length, or a
+    short repr of anything else."""
+    if isinstance(t, torch.Tensor):
+        return str(list(t.shape))
+    if isinstance(t, (list, tuple)):
+        return f"a {type(t).__name__} of length {len(t)}"
+    text = repr(t)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory through a stride of 0 (an expanded view): writing to t in
+    place would then write some elements twice."""
+    return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride()))
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b reach a common element. Exact for views of one storage with one element size (two
+    interleaved views that never touch the same element do not share memory, e.g. the K and V halves of a
+    [B, S, 2, H, D] buffer); conservative (True) where the search would take long. For meta tensors and
+    under torch.compile, whose fake tensors have no memory, False."""
+    if torch.compiler.is_compiling() or a.is_meta or a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    size = a.element_size()
+    delta, misaligned = divmod(b.data_ptr() - a.data_ptr(), size)
+    if size != b.element_size() or misaligned:
+        return True
+    # Is there an index i of a and j of b with sum(i_k a.stride(k)) - sum(j_k b.stride(k)) = delta? Terms of
+    # one stride merge into one coefficient range; a depth-first search over the strides, largest first,
+    # keeps only coefficients whose remainder the smaller strides can still reach.
+    ranges: dict[int, list[int]] = {}
+    for t, sign in ((a, 1), (b, -1)):
+        for n, stride in zip(t.shape, t.stride()):
+            if n > 1 and stride > 0:
+                lo, hi = ranges.setdefault(stride, [0, 0])
+                ranges[stride] = [lo + min(0, sign * (n - 1)), hi + max(0, sign * (n - 1))]
+    terms = sorted(((st, lo, hi) for st, (lo, hi) in ranges.items()), reverse=True)
+    low, high = [0] * (len(terms) + 1), [0] * (len(terms) + 1)  # what the strides from i on can sum to
+    for i in range(len(terms) - 1, -1, -1):
+        st, lo, hi = terms[i]
+        low[i], high[i] = low[i + 1] + lo * st, high[i + 1] + hi * st
+    budget = [10_000]
+
+    def reach(i: int, rest: int) -> bool:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return True
+        if i == len(terms):
+            return rest == 0
+        if not low[i] <= rest <= high[i]:
+            return False
+        st, lo, hi = terms[i]
+        first, last = max(lo, -((high[i + 1] - rest) // st)), min(hi, (rest - low[i + 1]) // st)
+        return any(reach(i + 1, rest - c * st) for c in range(first, last + 1))
+
+    return reach(0, delta)
+
+
+def check_writable(op: str, name: str, t: torch.Tensor) -> None:
+    """ValueError unless t can be written in place: no element reached twice, no autograd leaf."""
+    if overlaps_itself(t):
+        raise ValueError(f"{op}: {name} is written in place, so it must not be an expanded view (stride 0), got "
+                         f"shape {list(t.shape)} with strides {list(t.stride())}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} is written in place, so it must not require grad (or call under "
+                         f"torch.no_grad())")

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import device_guard, resolve_backend, shape_of
+from ._backend import check_writable, device_guard, resolve_backend, shape_of, shares_memory
 
 BACKENDS = ("cuda", "torch")
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -68,8 +68,10 @@ def _check_inputs(k_cache, v_cache, cache_seqlens, accepted, accept_len, block_t
         fail(f"k_cache and v_cache must have the same shape, got {shape_of(k_cache)} and {shape_of(v_cache)}")
     if v_cache.dtype != k_cache.dtype:
         fail(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
-    if v_cache is k_cache:
-        fail("k_cache and v_cache must be different tensors (the op would move the slots twice)")
+    check_writable("compact_kv", "k_cache", k_cache)
+    check_writable("compact_kv", "v_cache", v_cache)
+    if shares_memory(k_cache, v_cache):
+        fail("k_cache and v_cache must not share memory (the op would move those slots twice)")
     B, rows_of = k_cache.shape[-4], f"k_cache {shape_of(k_cache)}"
     if block_table is not None:
         if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..torch_backend.hidden_transfer import hidden_transfer_torch
-from ._backend import device_guard, resolve_backend, shape_of
+from ._backend import device_guard, overlaps_itself, resolve_backend, shape_of, shares_memory
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What "auto" runs, on every device. On an H100 (benchmarks/RESULTS.md, 2026-11-28; 64 rows, D 4096, K 4,
@@ -72,6 +72,13 @@ def _check_inputs(hidden, weight, bias, out) -> None:
             fail(f"{name} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
         if t is not None and t.device != hidden.device:
             fail(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if out is not None:
+        if overlaps_itself(out):
+            fail(f"out is written in place, so it must not be an expanded view (stride 0), got shape "
+                 f"{list(out.shape)} with strides {list(out.stride())}")
+        for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            if t is not None and shares_memory(out, t):
+                fail(f"out must not share memory with {name} (it would be read after being overwritten)")
 
 
 def _run(hidden, weight, bias, out, backend: str) -> None:
@@ -129,8 +136,9 @@ def _backward(ctx, grad: torch.Tensor):
     hidden, weight = ctx.saved_tensors
     K, D = weight.shape[:2]
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    g = grad.reshape(-1, K * D).to(acc_dtype)                     # [N, K*D]
-    x = hidden.reshape(-1, D).to(acc_dtype)                       # [N, D]
+    N = math.prod(hidden.shape[:-1])
+    g = grad.reshape(N, K * D).to(acc_dtype)                      # [N, K*D]
+    x = hidden.reshape(N, D).to(acc_dtype)                        # [N, D]
     grad_hidden = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_hidden = (g @ weight.reshape(K * D, D).to(acc_dtype)).view(hidden.shape).to(hidden.dtype)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Optional
 
 import torch
 
-from ..torch_backend.tree_attention import tree_attention_torch
-from ._backend import BackendUnavailableError, device_guard, resolve_backend, shape_of
+from ..torch_backend.tree_attention import tree_attention_torch, write_tree_kv
+from ._backend import BackendUnavailableError, check_writable, device_guard, resolve_backend, shape_of, shares_memory
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
@@ -37,9 +38,10 @@ def tree_attention(
     cache_seqlens[b] + j where tree_mask[b, i, j].
     k, v: [B, T, Hkv, D] or None; when given they are written into the cache at cache_seqlens[b] + j
     before attending, otherwise those cache slots must already hold the tree's keys/values.
-    softmax_scale: defaults to 1 / sqrt(D).
+    softmax_scale: a finite real number; defaults to 1 / sqrt(D).
     Returns out [B, T, Hq, D] in q's dtype, and with return_lse also lse [B, Hq, T] fp32 (natural
-    log). A query that sees nothing gets out 0 and lse -inf.
+    log). A query that sees nothing gets out 0 and lse -inf. Forward only: the kernel backends' outputs
+    carry no autograd history.
     block_table: [B, max_blocks] int32 or None: a paged cache (flash-attn's convention). k_cache, v_cache
     are then [num_blocks, block_size, Hkv, D] and logical position p of row b lives at
     k_cache[block_table[b, p // block_size], p % block_size]; results equal the contiguous call's.
@@ -56,7 +58,11 @@ def tree_attention(
     through them and gets NaN in all its outputs and lse.
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_table)
+    scale = _scale(softmax_scale)
     name = resolve_backend("tree_attention", backend, q.device)
+    if q.is_meta:
+        raise BackendUnavailableError("tree_attention: the torch backend reads cache_seqlens on the host, so it "
+                                      "cannot run on meta tensors (torch.compile traces the op without running it)")
     if name == "cuda":
         from ..cuda.tree_attention import unsupported
 
@@ -68,12 +74,26 @@ def tree_attention(
             f"tree_attention: backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, "
             f"got q of shape {tuple(q.shape)}"
         )
-    scale = None if softmax_scale is None else float(softmax_scale)
     # Eager calls run the op's body directly: the custom-op dispatch costs tens of microseconds a call,
     # once per layer. torch.compile sees the registered op.
     op = torch.ops.ht_kernels.tree_attention if torch.compiler.is_compiling() else _tree_attention_impl
     out, lse = op(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, scale, name, block_table)
     return (out, lse) if return_lse else out
+
+
+def _scale(softmax_scale) -> float | None:
+    """softmax_scale as a float (None: the default), or ValueError unless it is one finite real number."""
+    if softmax_scale is None:
+        return None
+    bad = isinstance(softmax_scale, (complex, str, bytes)) or (
+        isinstance(softmax_scale, torch.Tensor) and (softmax_scale.numel() != 1 or softmax_scale.is_complex()))
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError, RuntimeError):
+        bad = True
+    if bad or not math.isfinite(scale):
+        raise ValueError(f"tree_attention: softmax_scale must be a finite real number, got {shape_of(softmax_scale)}")
+    return scale
 
 
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_table=None) -> None:
@@ -84,6 +104,8 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_tab
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             fail(f"{name} must be a 4-D tensor, got {shape_of(t)}")
     B, T, Hq, D = q.shape
+    if D == 0:
+        fail(f"q must have a head dim D >= 1, got q of shape {shape_of(q)}")
     if q.dtype not in DTYPES:
         fail(f"q must be fp16, bf16 or fp32, got {q.dtype}")
     if k_cache.shape != v_cache.shape:
@@ -100,7 +122,9 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_tab
             fail(f"block_table must be [B={B}, max_blocks] for q of shape {shape_of(q)}, got {shape_of(block_table)}")
         if block_table.dtype != torch.int32:
             fail(f"block_table must be int32, got {block_table.dtype}")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0:
+        fail(f"k_cache must have at least one KV head, got {shape_of(k_cache)}")
+    if Hq % Hkv != 0:
         fail(f"the query heads Hq={Hq} of q {shape_of(q)} must be a multiple of the KV heads Hkv={Hkv} "
              f"of k_cache {shape_of(k_cache)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -132,6 +156,11 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, block_tab
     for name, t in tensors.items():
         if t is not None and t.device != q.device:
             fail(f"{name} is on {t.device} but q is on {q.device}")
+    if k is not None:  # the caches are written
+        check_writable("tree_attention", "k_cache", k_cache)
+        check_writable("tree_attention", "v_cache", v_cache)
+        if shares_memory(k_cache, v_cache):
+            fail("k_cache and v_cache must not share memory when k and v are written into them")
 
 
 _BOUNDS_KNOWN = contextvars.ContextVar("ht_kernels_bounds_known", default=False)
@@ -211,8 +240,15 @@ def _tree_attention_impl(
         else:
             check_block_table(cache_seqlens, q.shape[1], block_table, *k_cache.shape[:2])
     B, T, Hq, _ = q.shape
-    if B == 0 or T == 0:  # an empty tree (or batch): nothing to write or attend; no kernel runs on zero queries
-        return q.new_zeros(q.shape), q.new_empty((B, Hq, T), dtype=torch.float32)
+    if q.numel() == 0:  # no query (empty batch, tree or query heads): no kernel runs, k and v are still written
+        if k is not None and k.numel() > 0:
+            if q.is_cuda and backend in ("triton", "cuda"):  # no kernel checks the lengths on the device here
+                if block_table is None:
+                    check_cache_bounds(cache_seqlens, T, k_cache.shape[1])
+                else:
+                    check_block_table(cache_seqlens, T, block_table, *k_cache.shape[:2])
+            write_tree_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+        return q.new_zeros(q.shape), q.new_full((B, Hq, T), float("-inf"), dtype=torch.float32)
     if backend == "cuda":
         from ..cuda.tree_attention import tree_attention_fwd
 

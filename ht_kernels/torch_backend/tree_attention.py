@@ -33,13 +33,23 @@ def tree_attention_torch(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, 
     if FlashCPUPlan.runs(q):
         plan = FlashCPUPlan(cache_seqlens, tree_mask, T, Hq // k_cache.shape[2], q.dtype)
         return plan(q, k_cache, v_cache, k, v, softmax_scale)
-    lens = cache_seqlens.long()
     if k is not None:
-        rows = torch.arange(B, device=q.device)[:, None]
-        pos = lens[:, None] + torch.arange(T, device=q.device)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
-    return _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale)
+        write_tree_kv(k_cache, v_cache, cache_seqlens, k, v)
+    return _materialized(q, k_cache, v_cache, cache_seqlens.long(), tree_mask, softmax_scale)
+
+
+def write_tree_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None) -> None:
+    """k, v [B, T, Hkv, D] into the caches at positions cache_seqlens[b] + j of each row b: [B, S, Hkv, D]
+    caches, or paged ones [num_blocks, block_size, Hkv, D] through block_table [B, max_blocks]."""
+    B, T = k.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(T, device=k.device)                # [B, T]
+    if block_table is None:
+        rows, slots = torch.arange(B, device=k.device)[:, None], pos
+    else:
+        block_size = k_cache.shape[1]
+        rows, slots = block_table.long().gather(1, pos // block_size), pos % block_size
+    k_cache[rows, slots] = k
+    v_cache[rows, slots] = v
 
 
 def _paged(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, block_table):
@@ -52,10 +62,7 @@ def _paged(q, k_cache, v_cache, cache_seqlens, tree_mask, k, v, softmax_scale, b
     num_blocks, block_size = k_cache.shape[:2]
     lens = cache_seqlens.long()
     if k is not None:
-        pos = lens[:, None] + torch.arange(T, device=q.device)                          # [B, T]
-        blocks, slots = block_table.long().gather(1, pos // block_size), pos % block_size
-        k_cache[blocks, slots] = k
-        v_cache[blocks, slots] = v
+        write_tree_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
     n_blocks = (int(lens.max()) + T + block_size - 1) // block_size if B else 0
     ids = block_table[:, :n_blocks].long().clamp(0, num_blocks - 1)                      # [B, n_blocks]
     return tree_attention_torch(q, k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2), cache_seqlens,
@@ -103,7 +110,7 @@ class FlashCPUPlan(_CPUPlan):
     @staticmethod
     def runs(q: torch.Tensor) -> bool:
         """Whether tree attention of q goes through the fused CPU kernel."""
-        return FLASH_CPU and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype in FLASH_DTYPES
+        return FLASH_CPU and q.numel() > 0 and q.device.type == "cpu" and q.dtype in FLASH_DTYPES
 
     def __init__(self, cache_seqlens: torch.Tensor, tree_mask: torch.Tensor, T: int, G: int, dtype: torch.dtype,
                  dead_finite: bool = False):
@@ -180,7 +187,7 @@ class RowExactCPUPlan(_CPUPlan):
     @staticmethod
     def runs(q: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor | None:
         """The tree's depths when q's attention under tree_mask can be row-exact, else None."""
-        if not (FLASH_CPU and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        if not (FLASH_CPU and q.numel() > 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16):
             return None
         depth = tree_depths(tree_mask)
         return depth if depth is not None and int(depth.max()) <= EXACT_BLOCK else None
