@@ -23,15 +23,22 @@ step nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --for
 step python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step git log -1 --format=%H
 TAIL=8 step timeout 150 python3 -c "from ht_kernels.cuda.build import load; print('built', load().__file__)"
-TAIL=15 step env HT_KERNELS_CUDA_SM90=1 timeout 90 python3 -m pytest -q --maxfail=3 -p no:cacheprovider \
-    tests/test_cuda_sm90.py::test_sm90_kernel_runs_and_agrees_with_the_default_kernel \
-    tests/test_cuda_sm90.py::test_sm90_kernel_matches_reference tests/test_tree_attention.py tests/test_paged_kv.py -k cuda
-for tool in memcheck synccheck; do  # synccheck: the consumers' turns (named barriers) and the mbarriers
-  TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 45 compute-sanitizer --tool $tool --error-exitcode 3 \
-      python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py -k small_case
-done
-step env HT_KERNELS_CUDA_SM90=1 timeout 40 python3 benchmarks/bench_tree_attention.py --providers cuda \
-    --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_sm90.json"
+# The Hopper kernel: a probe first (the small case of each CUDA kernel; a hang or a fault shows within 40 s),
+# then its tests, the sanitizers (synccheck: the consumers' turns and the mbarriers) and its time.
+if TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py \
+    -k small_case; then
+  TAIL=15 step env HT_KERNELS_CUDA_SM90=1 timeout 90 python3 -m pytest -q --maxfail=3 -p no:cacheprovider \
+      tests/test_cuda_sm90.py::test_sm90_kernel_runs_and_agrees_with_the_default_kernel \
+      tests/test_cuda_sm90.py::test_sm90_kernel_matches_reference tests/test_tree_attention.py tests/test_paged_kv.py -k cuda
+  for tool in memcheck synccheck; do
+    TAIL=4 step env HT_KERNELS_CUDA_SM90=1 timeout 45 compute-sanitizer --tool $tool --error-exitcode 3 \
+        python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py -k small_case
+  done
+  step env HT_KERNELS_CUDA_SM90=1 timeout 60 python3 benchmarks/bench_tree_attention.py --providers cuda \
+      --case Hkv=8,B=8,L=16384 --json "$out/tree_attention_sm90.json"
+else
+  echo "== the Hopper kernel failed its probe: its other steps are skipped" | tee -a "$log"
+fi
 TAIL=4 step timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
     tests/test_cuda_ext.py -k small_case
 step timeout 150 python3 benchmarks/tune_tree_attention.py --splits 1 --json "$out/tune_tree_attention.json"
