@@ -85,8 +85,9 @@ void run_hidden_transfer(const HiddenTransferParams& p, cudaStream_t stream);
 // logical capacity max_blocks * page. A row that uses a block id outside [0, num_blocks) gets NaN out
 // and lse, and nothing is read or written through that id (the tree slots under good ids are written).
 // sm90: use the Hopper kernel (tree_attention_sm90.cuh: wgmma, TMA, warp specialisation) when the device
-// is compute capability 9.0 and the module holds sm_90a code; else, and when the caches are paged or
-// cannot be described by a TMA tensor map, the default kernel runs. Opt-in (HT_KERNELS_CUDA_SM90=1 in
+// is compute capability 9.0 and the module holds sm_90a code; else, and when paged caches have a block size
+// it does not take (sm90_takes_page) or the caches cannot be described by a TMA tensor map, the default
+// kernel runs. Opt-in (HT_KERNELS_CUDA_SM90=1 in
 // Python) until a GPU run has validated it.
 struct TreeAttentionParams {
   const void* q;
@@ -122,8 +123,11 @@ constexpr int kMinSplitKeys = 256;
 int tree_attention_num_splits(int B, int T, int Hq, int Hkv, int S, bool sm90 = false);
 void run_tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 // The attention launch of the Hopper kernel (no cache write, no merge); false, having launched nothing,
-// when it cannot run here (device not compute capability 9.0, no sm_90a code in the module, paged caches,
-// no tensor map for these caches).
+// when it cannot run here (device not compute capability 9.0, no sm_90a code in the module, paged caches
+// of a block size it does not take, no tensor map for these caches).
 bool launch_tree_attention_sm90(const TreeAttentionParams& p, cudaStream_t stream);
+// Whether the Hopper kernel takes paged caches of blocks of `page` positions: its 128-key tiles must fall into
+// whole swizzle atoms of 8 rows within one block (ht_kernels/cuda/tree_attention.py mirrors this).
+constexpr bool sm90_takes_page(int page) { return page > 0 && (page % 128 == 0 || (128 % page == 0 && page >= 8)); }
 
 }  // namespace ht

@@ -23,6 +23,11 @@
 // Keys at or past n + T: TMA reads them when they share the row's last tile (it zero-fills only past the
 // capacity S), so the consumers zero those V rows in shared memory and the mask sets their scores to -inf;
 // stale (even NaN) slots therefore never reach the output.
+// Paged caches (blocks of `page` positions, page a multiple of 128 or one of 8, 16, 32, 64): a key tile
+// arrives in pieces of min(page, 128) keys, one TMA box per piece and column block, each piece within one
+// block whose id the producer reads from the table; pieces that start at or past n + T are not loaded (their
+// bytes are left out of the barrier's count), and a used piece whose block id lies outside [0, num_blocks)
+// is not loaded either but flags the row, whose outputs then are NaN, as in the sm_80 kernel.
 // Index math (fragments, swizzle, descriptors, P -> A) lives in wgmma_layout.h and is checked on the host
 // by tests/test_cuda_sm90.py.
 #pragma once
@@ -50,7 +55,8 @@ struct TreeAttentionSm90Traits {
   // producer load tile j + 1 during iteration j; with two its load latency stalled every iteration.
   static constexpr int kStages = D == 64 ? 4 : 3;           // 128 / 192 KB of K/V
   static constexpr int kBarrierOffset = kConsumers * kQBytes + kStages * kStageBytes;
-  static constexpr int kScratchOffset = kBarrierOffset + 3 * kStages * 8;  // one float per consumer thread
+  static constexpr int kFlagOffset = kBarrierOffset + 3 * kStages * 8;  // a bad block id was met (paged caches)
+  static constexpr int kScratchOffset = kFlagOffset + 8;                 // one float per consumer thread
   static constexpr int kSmemBytes = kScratchOffset + 128 * kConsumers * 4 + 1024;  // + slack to align to 1024
   static_assert(kSmemBytes <= 232448, "more shared memory than an sm_90 block may have");
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
@@ -71,6 +77,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + Traits::kBarrierOffset);
   uint64_t* full_v = full_k + ST;
   uint64_t* empty = full_k + 2 * ST;
+  volatile uint32_t* bad_block = reinterpret_cast<uint32_t*>(smem + Traits::kFlagOffset);
   const uint32_t kv_addr = smem_addr(smem + Traits::kConsumers * Traits::kQBytes);
 
   const int b = blockIdx.x / p.Hkv, h = blockIdx.x % p.Hkv;
@@ -92,6 +99,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mbar_init(&full_v[s], 1);
       mbar_init(&empty[s], 4 * active);
     }
+    *bad_block = 0u;
     mbar_init_fence();
   }
   __syncthreads();
@@ -105,14 +113,44 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (j >= ST) mbar_wait(&empty[stage], ((j / ST) - 1) & 1);  // its previous tile is consumed
       unsigned char* ks = smem + Traits::kConsumers * Traits::kQBytes + stage * Traits::kStageBytes;
       const int key0 = (kb_begin + j) * BN;
-      mbar_arrive_expect_tx(&full_k[stage], Traits::kTileBytes);
+      if (!p.block_table) {
+        mbar_arrive_expect_tx(&full_k[stage], Traits::kTileBytes);
 #pragma unroll
-      for (int cb = 0; cb < CB; ++cb)  // tensor map dims (D, Hkv, S, B)
-        tma_load_4d(ks + cb * BN * 128, &k_map, 64 * cb, h, key0, b, &full_k[stage]);
-      mbar_arrive_expect_tx(&full_v[stage], Traits::kTileBytes);
+        for (int cb = 0; cb < CB; ++cb)  // tensor map dims (D, Hkv, S, B)
+          tma_load_4d(ks + cb * BN * 128, &k_map, 64 * cb, h, key0, b, &full_k[stage]);
+        mbar_arrive_expect_tx(&full_v[stage], Traits::kTileBytes);
 #pragma unroll
-      for (int cb = 0; cb < CB; ++cb)
-        tma_load_4d(ks + Traits::kTileBytes + cb * BN * 128, &v_map, 64 * cb, h, key0, b, &full_v[stage]);
+        for (int cb = 0; cb < CB; ++cb)
+          tma_load_4d(ks + Traits::kTileBytes + cb * BN * 128, &v_map, 64 * cb, h, key0, b, &full_v[stage]);
+        continue;
+      }
+      // Paged: pieces of `piece` keys, tensor map dims (D, Hkv, page, num_blocks). The block id of piece i,
+      // or -1 where it is not loaded (it starts at or past the row's keys, or its id is bad: flagged).
+      const int piece = min(p.page, BN);
+      auto block_of = [&](int i) {
+        const int key = key0 + i * piece;
+        if (key >= keys) return -1;
+        const int id = p.block_table[b * p.table_stride_b + static_cast<int64_t>(key / p.page) * p.table_stride_n];
+        return id >= 0 && id < p.num_blocks ? id : -1;
+      };
+      uint32_t bytes = 0;
+      for (int i = 0; i < BN / piece; ++i) {
+        const bool used = key0 + i * piece < keys, loaded = block_of(i) >= 0;
+        if (used && !loaded) *bad_block = 1u;  // before the arrivals below publish it to the consumers
+        bytes += loaded ? piece * 128 * CB : 0;
+      }
+      for (int kv = 0; kv < 2; ++kv) {
+        uint64_t* bar = kv == 0 ? &full_k[stage] : &full_v[stage];
+        mbar_arrive_expect_tx(bar, bytes);
+        for (int i = 0; i < BN / piece; ++i) {
+          const int id = block_of(i);
+          if (id < 0) continue;
+#pragma unroll
+          for (int cb = 0; cb < CB; ++cb)
+            tma_load_4d(ks + kv * Traits::kTileBytes + cb * BN * 128 + i * piece * 128, kv == 0 ? &k_map : &v_map,
+                        64 * cb, h, (key0 + i * piece) % p.page, id, bar);
+        }
+      }
     }
     return;
   }
@@ -299,8 +337,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int r = tile0 + acc_row(warp, lane, 2 * half);
     if (r >= rows) continue;
     const int i = r / G, hq = h * G + r % G;
-    const float inv = bad ? NAN : total > 0.f ? 1.f / total : 0.f;
-    const float lse = bad ? NAN : total > 0.f ? (m[half] + log2f(total)) * 0.6931471805599453f : -INFINITY;
+    const bool nan = bad || *bad_block;  // every wait on the producer's barriers is behind: the flag is final
+    const float inv = nan ? NAN : total > 0.f ? 1.f / total : 0.f;
+    const float lse = nan ? NAN : total > 0.f ? (m[half] + log2f(total)) * 0.6931471805599453f : -INFINITY;
     if (SPLIT) {
       const int64_t at = ((static_cast<int64_t>(blockIdx.z) * p.B + b) * p.T + i) * p.Hq + hq;
       float* out = p.out_partial + at * D;

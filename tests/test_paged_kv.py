@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ht_kernels
 from helpers import BACKENDS, CUDA_BACKEND, DEVICE, DTYPES, POISON, assert_close
-from ht_kernels.cuda.tree_attention import use_sm90
+from ht_kernels.cuda.tree_attention import sm90_takes_page, use_sm90
 from ht_kernels.ops.compact_kv import _compact_kv_torch
 from ht_kernels.reference.compact_kv import compact_kv_ref
 from ht_kernels.reference.tree_attention import tree_attention_ref
@@ -90,7 +90,7 @@ def check_paged(backend, case, block_size, *, pad=None, strided=False, scale=Non
         launch = {"num_splits": 1}
         out, lse = run(backend, q, k_pool, v_pool, seqlens, mask, k, v, scale, table, launch)
     out_c, lse_c = run(backend, q, k_cache, v_cache, seqlens, mask, k, v, scale, None, launch)
-    if not (backend == "cuda" and use_sm90(q.device)):  # the Hopper kernel takes contiguous caches only
+    if not (backend == "cuda" and use_sm90(q.device) and not sm90_takes_page(block_size)):  # else: two kernels
         assert torch.equal(bits(out), bits(out_c)) and torch.equal(lse, lse_c), "paged and contiguous calls differ"
     for name, pool, cache in (("k", k_pool, k_cache), ("v", v_pool, v_cache)):
         want = to_pool(cache, table, used, num_blocks, block_size)  # the contiguous call wrote k/v there

@@ -2,8 +2,8 @@
 
 `HT_KERNELS_CUDA_SM90=1` opts in to the Hopper kernel (csrc/tree_attention_sm90.cuh: wgmma, TMA, warp
 specialisation) on compute capability 9.0 devices; it stays off by default until a GPU run has validated
-it, and the sm_80 kernel runs everywhere else (and for paged caches or caches a TMA tensor map cannot
-describe). The variable is read at every call.
+it, and the sm_80 kernel runs everywhere else (and for paged caches of block sizes it does not take, or
+caches a TMA tensor map cannot describe). The variable is read at every call.
 """
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ SM90_ENV = "HT_KERNELS_CUDA_SM90"
 def use_sm90(device) -> bool:
     """Whether calls on `device` take the Hopper kernel: HT_KERNELS_CUDA_SM90=1 and compute capability 9.0."""
     return os.environ.get(SM90_ENV, "0") == "1" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def sm90_takes_page(page: int) -> bool:
+    """Whether the Hopper kernel takes paged caches of blocks of `page` positions (csrc/ht_kernels.h's
+    sm90_takes_page: a multiple of 128, or 8, 16, 32, 64)."""
+    return page > 0 and (page % 128 == 0 or (128 % page == 0 and page >= 8))
 
 
 def unsupported(q, k_cache, v_cache, block_table=None) -> str | None:
@@ -69,7 +75,7 @@ def tree_attention_fwd(q, k_cache, v_cache, cache_seqlens, tree_mask, k=None, v=
     mask = tree_mask.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse is None else lse
-    sm90 = use_sm90(q.device) and block_table is None  # paged caches: the default kernel
+    sm90 = use_sm90(q.device) and (block_table is None or sm90_takes_page(k_cache.shape[1]))
     splits = num_splits or C.tree_attention_num_splits(B, T, Hq, Hkv, S, sm90)
     part_out = part_lse = None
     if splits > 1:
