@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (about 7 minutes on an H200): builds the CUDA extension for the GPU at
+# One prepared run for a lent GPU (about 8 minutes on an H200, by estimate): builds the CUDA extension for the GPU at
 # hand; first the opt-in Hopper tree-attention kernel (HT_KERNELS_CUDA_SM90=1; on other GPUs the flag
 # changes nothing): its GPU tests and the cuda backend's tree-attention tests against fp64 references,
 # contiguous and paged, memcheck and synccheck of the small case and its time on the target case; then compute-sanitizer's
