@@ -30,8 +30,11 @@ def main(folder: str) -> None:
     small = rows(d / "tree_attention.json", B=1, L=4096, T=64, Hq=32, Hkv=8, D=128)
     ht = rows(d / "hidden_transfer.json", N=64, K=4, D=4096)
     step = rows(d / "step_ops.json", layers=30, B=8, T=64)
-    cell = lambda r, key, fmt: fmt.format(r[key]) if r and r.get(key) is not None else "-"  # noqa: E731
-    print(f"{'target':<66} {'provider':>8} {'median us':>10} {'measured':>12}")
+    def cell(r, key, fmt):
+        text = fmt.format(r[key]) if r and r.get(key) is not None else "-"
+        return text + (" (events)" if key == "median_us" and r and r.get("timed") == "events" else "")
+    print(f"{'target':<66} {'provider':>8} {'median us':>10} {'measured':>12}  (timed: CUDA-graph replays unless "
+          "a row says events)")
     for name, r in ta.items():
         if name in ("triton", "cuda", "cuda-sm90"):
             vs = "".join(f", {peers[p]['median_us'] / r['median_us']:.2f}x {p}"
