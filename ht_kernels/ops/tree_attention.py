@@ -234,19 +234,15 @@ def _tree_attention_impl(
     backend: str,
     block_table: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (q.is_cuda and backend in ("triton", "cuda")):  # the kernels check the lengths on the device
-        if block_table is None:
-            check_cache_bounds(cache_seqlens, q.shape[1], k_cache.shape[1])
-        else:
-            check_block_table(cache_seqlens, q.shape[1], block_table, *k_cache.shape[:2])
     B, T, Hq, _ = q.shape
+    kernel = q.numel() > 0 and q.is_cuda and backend in ("triton", "cuda")  # it checks the lengths on the device
+    if not kernel:
+        if block_table is None:
+            check_cache_bounds(cache_seqlens, T, k_cache.shape[1])
+        else:
+            check_block_table(cache_seqlens, T, block_table, *k_cache.shape[:2])
     if q.numel() == 0:  # no query (empty batch, tree or query heads): no kernel runs, k and v are still written
         if k is not None and k.numel() > 0:
-            if q.is_cuda and backend in ("triton", "cuda"):  # no kernel checks the lengths on the device here
-                if block_table is None:
-                    check_cache_bounds(cache_seqlens, T, k_cache.shape[1])
-                else:
-                    check_block_table(cache_seqlens, T, block_table, *k_cache.shape[:2])
             write_tree_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
         return q.new_zeros(q.shape), q.new_full((B, Hq, T), float("-inf"), dtype=torch.float32)
     if backend == "cuda":
