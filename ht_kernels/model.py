@@ -237,13 +237,17 @@ class Transformer(nn.Module):
         return emb.cos(), emb.sin()
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor,
-                   layers: range) -> torch.Tensor:
+                   layers: range, finite_from: int | None = None) -> torch.Tensor:
         """Run `layers` on N new tokens per row; returns h [B, N, dim].
 
         h: [B, N, dim]; positions: [B, N] int64 (RoPE positions, any values: tree node at depth d sits
         at lengths + d); mask: bool [N, N] or [B, N, N], which new tokens each new token sees (the
         committed prefix [0, cache.lengths[b]) is always seen). Writes the new keys/values of each layer
         at cache.lengths[b] + j; does not change cache.lengths.
+        finite_from: None, or n: the hidden states of tokens n.. (drafts, whose values may be anything)
+        have NaN and inf replaced by 0 before each layer and at the end. A token that hides a key still
+        multiplies its value by a zero probability, so a non-finite key or value would reach it as NaN;
+        from finite states, keys and values are finite (each layer normalises its input).
         """
         if h.dim() != 3 or tuple(positions.shape) != tuple(h.shape[:2]):
             raise ValueError(f"run_layers: h must be [B, N, dim] and positions [B, N], got h {list(h.shape)} "
@@ -256,7 +260,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)
         attend = self._attention(cache, mask, h)
         for i in layers:
+            if finite_from is not None:
+                h[:, finite_from:].nan_to_num_(0.0, 0.0, 0.0)
             h = self.layers[i](h, cos, sin, cache.k[i], cache.v[i], attend)
+        if finite_from is not None:
+            h[:, finite_from:].nan_to_num_(0.0, 0.0, 0.0)
         return h
 
     def _attention(self, cache: KVCache, mask: torch.Tensor, h: torch.Tensor):

@@ -224,6 +224,31 @@ def _chi2_critical(df: int) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_drafts_that_overflow_stay_lossless(dtype):
+    """Maps near the dtype's largest value make pseudo states inf or NaN: real nodes hide them, and their
+    tokens stay plain decoding's (a masked NaN value used to reach them as 0 * NaN)."""
+    model = tiny_model().to(dtype)
+    D, big = model.config.dim, torch.finfo(dtype).max / 2
+    transfer = TransferWeights(torch.randn(3, D, D).clamp(-1, 1) * big, torch.zeros(3, D), 2)
+    for tree in (None, "dynamic"):
+        dec = HiddenTransferDecoder(model, transfer, tree=tree, lookup=0.0)
+        ar, ht = dec.generate_ar(PROMPTS, max_new_tokens=8), dec.generate(PROMPTS, max_new_tokens=8)
+        assert ht.sequences == ar.sequences
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_maps_are_refused(value):
+    model = tiny_model().to(torch.float16)
+    D = model.config.dim
+    bad = TransferWeights(torch.zeros(3, D, D), torch.zeros(3, D), 2)
+    bad.weight[1, 2, 3] = value
+    with pytest.raises(ValueError, match="weight .* finite"):
+        HiddenTransferDecoder(model, bad)
+    with pytest.raises(ValueError, match="bias .* finite"):  # finite in fp32, inf in fp16
+        HiddenTransferDecoder(model, TransferWeights(torch.zeros(3, D, D), torch.full((3, D), 1e6), 2))
+
+
 def test_transfer_weights_round_trip(tmp_path):
     model = tiny_model()
     w = random_transfer(model, K=4, layer=3)

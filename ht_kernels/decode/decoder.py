@@ -88,6 +88,10 @@ class HiddenTransferDecoder:
         cast = [weights.weight, weights.bias, *(weights.mlp or (None, None)),
                 None if weights.extra is None else weights.extra[1]]
         self._cast = [None if t is None else t.to(param.device, param.dtype) for t in cast]
+        for name, t in zip(("weight", "bias", "mlp down", "mlp up", "extra weight"), self._cast):
+            if t is not None and not bool(t.isfinite().all()):
+                raise ValueError(f"transfer {name} {list(t.shape)} must be finite in the model's {param.dtype}, "
+                                 f"holds {int((~t.isfinite()).sum())} NaN or inf values")
         if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
@@ -304,7 +308,7 @@ class HiddenTransferDecoder:
             chain = transfer_mlp(chain, *self.mlp)
         chain_mask = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
         chain_positions = last[:, None] + torch.arange(1, K + 1, device=dev)
-        hc = m.run_layers(chain, chain_positions, cache, chain_mask, range(t, L))          # [B, K, dim]
+        hc = m.run_layers(chain, chain_positions, cache, chain_mask, range(t, L), finite_from=0)  # [B, K, dim]
         return m.logits(h_out), m.logits(hc).log_softmax(-1), m.norm(hc)
 
     def _forward_all(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -342,7 +346,7 @@ class HiddenTransferDecoder:
             pseudo += hidden_transfer(h_e.gather(1, owners), self.extra_weight, backend=self.backend)
         if self.mlp is not None:
             pseudo.copy_(transfer_mlp(pseudo, *self.mlp))
-        hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers))
+        hs = m.run_layers(hs, positions, cache, lay.mask, range(t, m.config.n_layers), finite_from=T)
         # The LM head reads its whole weight per call: one call over every row can cost less than a call
         # for the real rows and one for the accepted node's chain (`head_once`, chosen by tree auto).
         # Logits stay in the model's dtype: the argmax needs no fp32 copy of them.
