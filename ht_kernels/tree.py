@@ -94,6 +94,8 @@ class Tree:
         Node 0 is the root (the empty path, implicit); the paths follow ordered by (depth, path). Every
         proper prefix of a path must be in paths. `ranks` holds each path's last rank (-1 for the root).
         """
+        if not isinstance(paths, (list, tuple)) or not all(isinstance(path, (list, tuple)) for path in paths):
+            raise ValueError(f"Tree.from_paths: paths must be a list of rank tuples, got {paths!r}")
         paths = [tuple(path) for path in paths]
         for n, path in enumerate(paths):
             if not path or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in path):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ht_kernels as ht
-from ht_kernels.cli import TextStream, main
+from ht_kernels.cli import TextStream, main, parse_args
 from ht_kernels.cpu import best_dtype
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,6 +113,13 @@ def test_generate_errors_exit_2_without_traceback(tmp_path):
                            str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: load_model") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_bad_thread_counts_exit_2(threads):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["generate", "--prompt", "hi", "--threads", threads])
+    assert e.value.code == 2
 
 
 def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):

@@ -232,7 +232,7 @@ def test_drafts_that_overflow_stay_lossless(dtype):
     D, big = model.config.dim, torch.finfo(dtype).max / 2
     transfer = TransferWeights(torch.randn(3, D, D).clamp(-1, 1) * big, torch.zeros(3, D), 2)
     for tree in (None, "dynamic"):
-        dec = HiddenTransferDecoder(model, transfer, tree=tree, lookup=0.0)
+        dec = HiddenTransferDecoder(model, transfer, tree=tree, lookup=0.0, exact=dtype == torch.bfloat16)
         ar, ht = dec.generate_ar(PROMPTS, max_new_tokens=8), dec.generate(PROMPTS, max_new_tokens=8)
         assert ht.sequences == ar.sequences
 
@@ -268,6 +268,25 @@ def test_transfer_weights_round_trip(tmp_path):
     (dict(input_ids=torch.zeros(2, 3)), "input_ids"),
     (dict(input_ids=[[1]], max_new_tokens=0), "max_new_tokens"),
     (dict(input_ids=[[1] * 900], max_new_tokens=200), "positions"),
+    (dict(input_ids=[[1, True]]), "input_ids"),
+    (dict(input_ids=[[1]], max_new_tokens=2.5), "max_new_tokens"),
+    (dict(input_ids=[[1]], max_new_tokens=True), "max_new_tokens"),
+    (dict(input_ids=[[1]], max_new_tokens="5"), "max_new_tokens"),
+    (dict(input_ids=[[1]], temperature=-1.0), "temperature"),
+    (dict(input_ids=[[1]], temperature=math.nan), "temperature"),
+    (dict(input_ids=[[1]], temperature=math.inf), "temperature"),
+    (dict(input_ids=[[1]], temperature="0.5"), "temperature"),
+    (dict(input_ids=[[1]], temperature=1.0, top_p=0.0), "top_p"),
+    (dict(input_ids=[[1]], top_p=1.5), "top_p"),
+    (dict(input_ids=[[1]], temperature=1.0, top_p=math.nan), "top_p"),
+    (dict(input_ids=[[1]], temperature=1.0, top_k=-1), "top_k"),
+    (dict(input_ids=[[1]], temperature=1.0, top_k=2.5), "top_k"),
+    (dict(input_ids=[[1]], temperature=1.0, generator=42), "generator"),
+    (dict(input_ids=[[1]], eos_token_id="13"), "eos_token_id"),
+    (dict(input_ids=[[1]], eos_token_id=13.0), "eos_token_id"),
+    (dict(input_ids=[[1]], eos_token_id=[[1]]), "eos_token_id"),
+    (dict(input_ids=[[1]], eos_token_id=True), "eos_token_id"),
+    (dict(input_ids=[[1]], callback=5), "callback"),
 ])
 def test_bad_generate_arguments(kwargs, match):
     dec = HiddenTransferDecoder(tiny_model(), None)
@@ -287,6 +306,54 @@ def test_bad_transfer_and_tree():
         HiddenTransferDecoder(model, None, tree=TreePolicy(2, [(0,)]))
     with pytest.raises(ValueError, match="prefixes"):
         TreePolicy(3, [(0, 1)])
+    with pytest.raises(ValueError, match="tree must be"):
+        HiddenTransferDecoder(model, None, tree="Dynamic")
+    for kwargs, match in ((dict(K=0), "K must be"), (dict(K=3, budget=2.5), "budget must be"),
+                          (dict(K=3, width=True), "width must be"), (dict(K=3, paths=[0, 1]), "paths"),
+                          (dict(K=3, paths=[(0.5,)]), "paths")):
+        with pytest.raises(ValueError, match=match):
+            TreePolicy(**kwargs)
+    with pytest.raises(ValueError, match="K=3"):
+        TreePolicy(3).choose(torch.zeros(2, dtype=torch.long), torch.zeros(2, 2, 16))
+    D = model.config.dim
+    for weights, match in ((TransferWeights(torch.zeros(3, D, D).numpy(), torch.zeros(3, D), 2), "weight"),
+                           (TransferWeights(torch.zeros(3, D, D), torch.zeros(3, D), 2.0), "layer"),
+                           (TransferWeights(torch.zeros(3, D, D), torch.zeros(3, D), True), "layer")):
+        with pytest.raises(ValueError, match=match):
+            HiddenTransferDecoder(model, weights)
+
+
+def test_bad_transfer_files(tmp_path):
+    from safetensors.torch import save_file
+
+    D = 64
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    save_file({"weight": torch.zeros(3, D, D)}, str(tmp_path / "nobias.safetensors"), metadata={"layer": "2"})
+    save_file({"weight": torch.zeros(3, D, D), "bias": torch.zeros(3, D)}, str(tmp_path / "layer.safetensors"),
+              metadata={"layer": "two"})
+    for name, match in (("empty", "not a readable safetensors file"), ("nobias", "weight and bias"),
+                        ("layer", "integers \\['layer'\\]")):
+        with pytest.raises(ValueError, match=match):
+            TransferWeights.load(tmp_path / f"{name}.safetensors")
+
+
+def test_eos_ids_in_any_integer_form():
+    model = tiny_model()
+    dec = HiddenTransferDecoder(model, random_transfer(model))
+    plain = dec.generate_ar(PROMPTS, max_new_tokens=12).sequences
+    eos = plain[1][3]
+    expected = dec.generate(PROMPTS, max_new_tokens=12, eos_token_id=[eos]).sequences
+    assert expected[1] == plain[1][:4]
+    for form in (eos, torch.tensor(eos), torch.tensor([eos]), (eos,), {eos}):
+        assert dec.generate(PROMPTS, max_new_tokens=12, eos_token_id=form).sequences == expected
+
+
+def test_warp_keeps_the_top_token_at_any_temperature_and_top_p():
+    logits = torch.tensor([[3.0, 1.0, 3.0 - 1e-3, -2.0]])
+    for temperature in (1e-30, 1e-45):
+        assert torch.equal(warp_probs(logits, temperature), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(warp_probs(logits, 1.0, top_p=1e-9), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(warp_probs(logits, 1e30), torch.full((1, 4), 0.25))
 
 
 def test_prefill_chunks_cover_every_row_within_the_budget():

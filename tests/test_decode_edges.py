@@ -170,7 +170,7 @@ def test_static_tree_without_paths_is_rejected():
         HiddenTransferDecoder(model, None, tree=[])
 
 
-@pytest.mark.parametrize("n_chains", [0, -1, 1.5])
+@pytest.mark.parametrize("n_chains", [0, -1, 1.5, True])
 def test_bad_n_chains_is_rejected(n_chains):
     with pytest.raises(ValueError, match="n_chains"):
         HiddenTransferDecoder(tiny_model(), None, n_chains=n_chains)
@@ -236,6 +236,21 @@ def test_cache_capacity_bound():
         with pytest.raises(ValueError, match=f"need {M + 1} positions, more than the model's {M}"):
             run(P, max_new_tokens=n, callback=calls.append)
     assert not calls
+
+
+def test_a_step_reserves_its_own_tokens():
+    """A dynamic tree with fewer candidates than its budget, and chains under some of its nodes, reserves
+    the tokens a step feeds (9 nodes + 2 chains of 1), not budget x (1 + K): prompt + max_new_tokens + 11
+    positions fit max_seq_len exactly."""
+    M, P = 64, [[1, 2, 3], [4, 5]]
+    model = tiny_model(max_seq_len=M)
+    dec = HiddenTransferDecoder(model, random_transfer(model, K=1), tree="dynamic", budget=16, n_chains=2,
+                                lookup=0.0)
+    assert dec.tree.size == 9 and dec._step_tokens() == 9 + 2 * 1
+    n = M - 3 - 11
+    assert_same_greedy(model, P, dec.generate(P, max_new_tokens=n).sequences, plain(model, P, n))
+    with pytest.raises(ValueError, match=f"need {M + 1} positions"):
+        dec.generate(P, max_new_tokens=n + 1)
 
 
 def test_ragged_rows_equal_batch_of_one():

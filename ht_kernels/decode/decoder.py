@@ -10,6 +10,7 @@ what plain decoding would emit (greedy), or a sample of the same distribution (s
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,7 @@ from ..ops.compact_kv import compact_kv
 from ..ops.hidden_transfer import hidden_transfer
 from ..ops.tree_attention import cache_bounds_known
 from ..ops.verify_tree import verify_tree_greedy
+from .checks import count, real, token_ids
 from .graphs import StepGraph
 from .lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT, extend_tree, lookup_drafts, with_lookup
 from .sampling import greedy, sample, verify_tree_sampling, warp_probs
@@ -89,10 +91,11 @@ class HiddenTransferDecoder:
                 None if weights.extra is None else weights.extra[1]]
         self._cast = [None if t is None else t.to(param.device, param.dtype) for t in cast]
         for name, t in zip(("weight", "bias", "mlp down", "mlp up", "extra weight"), self._cast):
-            if t is not None and not bool(t.isfinite().all()):
+            traced = torch.compiler.is_compiling()  # no values to check
+            if t is not None and not traced and not bool(t.isfinite().all()):
                 raise ValueError(f"transfer {name} {list(t.shape)} must be finite in the model's {param.dtype}, "
                                  f"holds {int((~t.isfinite()).sum())} NaN or inf values")
-        if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
+        if n_chains is not None and (not isinstance(n_chains, int) or isinstance(n_chains, bool) or n_chains < 1):
             raise ValueError(f"n_chains must be None (every node) or an int >= 1 (the root's chain at least), "
                              f"got {n_chains!r}")
         self.use_depth(weights.K if depth is None else depth)
@@ -182,10 +185,16 @@ class HiddenTransferDecoder:
                   callback, speculative: bool) -> GenerateOutput:
         m, cfg = self.model, self.model.config
         prompts = _prompts(input_ids, cfg.vocab_size)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = set(m.eos_token_ids if eos_token_id is None else
-                  [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        max_new_tokens = count("max_new_tokens", max_new_tokens, 1)
+        temperature = real("temperature", temperature, 0.0)
+        top_p, top_k = real("top_p", top_p, 0.0, 1.0, low_open=True), count("top_k", top_k)
+        if generator is not None and (not isinstance(generator, torch.Generator)
+                                      or generator.device.type != m.device.type):
+            raise ValueError(f"generator must be None or a torch.Generator on the model's {m.device.type}, got "
+                             f"{getattr(generator, 'device', generator)!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be None or callable, got {callback!r}")
+        eos = set(m.eos_token_ids) if eos_token_id is None else token_ids("eos_token_id", eos_token_id)
         B, P = len(prompts), max(map(len, prompts))
         step_len = self._step_tokens() if speculative else 1
         need = P + max_new_tokens + step_len
@@ -359,8 +368,9 @@ class HiddenTransferDecoder:
         return tree, accepted, accept_len, nxt, self._next_drafts(rows_in, hs, tree, lay, last, nxt)
 
     def _step_tokens(self) -> int:
-        """Tokens one step feeds per row: the tree and the pseudo chains (all of them at most)."""
-        return (self.tree.budget + self.lookup_nodes) * (1 + self.transfer.K)
+        """Tokens one step feeds per row: the tree's nodes and a pseudo chain under each chain owner."""
+        nodes = self.tree.size + self.lookup_nodes
+        return nodes + (nodes if self.n_chains is None else min(self.n_chains, nodes)) * self.transfer.K
 
     @staticmethod
     def _verify(logits, tree: StepTree, warp, generator, backend: str = "auto"):
@@ -441,11 +451,14 @@ def make_tree_policy(tree, K: int, budget: int, calibration: torch.Tensor | None
     policies made here (a TreePolicy given keeps its own)."""
     if isinstance(tree, TreePolicy):
         policy = tree
-    elif tree == "dynamic":
+    elif isinstance(tree, str) and tree == "dynamic":
         policy = TreePolicy(K, None, budget=budget, calibration=calibration)
-    else:
+    elif tree is None or isinstance(tree, (list, tuple)):
         policy = TreePolicy(K, [p for p in DEFAULT_PATHS if len(p) <= K] if tree is None else tree,
                             calibration=calibration)
+    else:
+        raise ValueError(f"tree must be None (the default static tree), 'dynamic', 'auto', a list of rank paths "
+                         f"or a TreePolicy, got {tree!r}")
     if policy.K != K:
         raise ValueError(f"tree: a TreePolicy for K={policy.K} drafts, but the drafter has K={K}")
     return policy
@@ -469,15 +482,36 @@ def prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int, int]
 
 
 def _prompts(input_ids, vocab_size: int) -> list[list[int]]:
-    """input_ids: list of token-id lists or LongTensor [B, S] -> list of non-empty int lists."""
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, S], got {input_ids.dtype} {list(input_ids.shape)}")
-        input_ids = input_ids.tolist()
-    if not isinstance(input_ids, (list, tuple)) or not input_ids or \
-            not all(isinstance(p, (list, tuple)) and p for p in input_ids):
-        raise ValueError("input_ids must be a non-empty list of non-empty token-id lists, or a tensor [B, S]")
-    bad = [x for p in input_ids for x in p if not isinstance(x, int) or not 0 <= x < vocab_size]
+    """input_ids: list of token-id lists (or 1-D arrays) or an integer tensor / array [B, S] -> list of
+    non-empty int lists."""
+    rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+    if not isinstance(rows, (list, tuple)) or not rows or (hasattr(input_ids, "tolist") and (
+            getattr(input_ids, "ndim", 0) != 2 or getattr(input_ids, "dtype", None) in (torch.bool, bool))):
+        raise ValueError(f"input_ids must be a non-empty list of token-id lists or an integer tensor [B, S], got "
+                         f"{_summary(input_ids)}")
+    rows = [r.tolist() if hasattr(r, "tolist") else r for r in rows]
+    if not all(isinstance(r, (list, tuple)) and r for r in rows):
+        raise ValueError(f"input_ids must hold non-empty token-id lists, got rows {[_summary(r) for r in rows[:5]]}")
+    prompts, bad = [], []
+    for r in rows:
+        prompts.append([])
+        for x in r:
+            try:
+                i = -1 if isinstance(x, bool) else operator.index(x)
+            except TypeError:
+                i = -1
+            prompts[-1].append(i)
+            if not 0 <= i < vocab_size:
+                bad.append(x)
     if bad:
         raise ValueError(f"input_ids must hold token ids in [0, {vocab_size}), got {bad[:5]}")
-    return [list(p) for p in input_ids]
+    return prompts
+
+
+def _summary(x) -> str:
+    """What a bad argument is, in a few words."""
+    if isinstance(x, torch.Tensor) or hasattr(x, "ndim") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} {x.dtype} {list(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        return f"{type(x).__name__} of {len(x)}"
+    return repr(x) if len(repr(x)) < 40 else type(x).__name__

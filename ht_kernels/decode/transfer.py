@@ -36,7 +36,7 @@ class TransferWeights:
     def first(self, depth: int) -> TransferWeights:
         """The first `depth` maps (the drafts of depths 1..depth), sharing this one's tensors. Pseudo state
         i attends pseudo states 1..i-1 only, so they are the first `depth` states of the full chain."""
-        if not isinstance(depth, int) or not 1 <= depth <= self.K:
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= self.K:
             raise ValueError(f"depth must be an int in [1, K={self.K}], got {depth!r}")
         mlp = None if self.mlp is None else (self.mlp[0][:depth], self.mlp[1][:depth])
         extra = None if self.extra is None else (self.extra[0], self.extra[1][:depth])
@@ -55,18 +55,24 @@ class TransferWeights:
     def load(cls, path: str | Path) -> TransferWeights:
         """From a safetensors file with tensors "weight" [K, D, D], "bias" [K, D] and a "layer" in its
         metadata (the rest of the metadata becomes `meta`)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
-            mlp = (f.get_tensor("mlp_down"), f.get_tensor("mlp_up")) if "mlp_down" in f.keys() else None
-            extra = f.get_tensor("extra_weight") if "extra_weight" in f.keys() else None
-            refine = (f.get_tensor("refine_down"), f.get_tensor("refine_up")) if "refine_down" in f.keys() else None
-            calibration = f.get_tensor("calibration").float() if "calibration" in f.keys() else None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names, meta = set(f.keys()), dict(f.metadata() or {})
+                if not {"weight", "bias"} <= names:
+                    raise ValueError(f"TransferWeights.load: {path} needs tensors weight and bias, has {sorted(names)}")
+                weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+                mlp = (f.get_tensor("mlp_down"), f.get_tensor("mlp_up")) if "mlp_down" in names else None
+                extra = f.get_tensor("extra_weight") if "extra_weight" in names else None
+                refine = (f.get_tensor("refine_down"), f.get_tensor("refine_up")) if "refine_down" in names else None
+                calibration = f.get_tensor("calibration").float() if "calibration" in names else None
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"TransferWeights.load: {path} is not a readable safetensors file: {e}") from None
         need = ["layer"] + ["extra_layer"] * (extra is not None) + ["refine_top"] * (refine is not None)
-        if any(k not in meta for k in need):
-            raise ValueError(f"TransferWeights.load: {path} needs {need} in its metadata, has {sorted(meta)}")
+        if any(k not in meta or not meta[k].strip().isdigit() for k in need):
+            raise ValueError(f"TransferWeights.load: {path} needs integers {need} in its metadata, has "
+                             f"{ {k: meta[k] for k in sorted(meta)} }")
         extra = None if extra is None else (int(meta.pop("extra_layer")), extra)
         refine = None if refine is None else (*refine, int(meta.pop("refine_top")))
         return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra, refine, calibration)
@@ -110,6 +116,7 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
         weights = TransferWeights.load(transfer)
     else:
         raise ValueError(f"transfer must be 'default', a weights file, TransferWeights or None, got {transfer!r}")
+    _check_types(weights)
     K = weights.K
     if tuple(weights.weight.shape) != (K, dim, dim) or tuple(weights.bias.shape) != (K, dim):
         raise ValueError(f"transfer weights must be [K, {dim}, {dim}] and [K, {dim}] for this model, got "
@@ -138,3 +145,19 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
             raise ValueError(f"transfer mlp must be [K, {dim}, r] and [K, r, {dim}] with K={K}, got "
                              f"{list(down.shape)} and {list(up.shape)}")
     return weights
+
+
+def _check_types(w: TransferWeights) -> None:
+    """Real-valued tensors where TransferWeights holds tensors, ints where it holds layers and counts."""
+    tensors = {"weight": w.weight, "bias": w.bias, **dict(zip(("mlp down", "mlp up"), w.mlp or ())),
+               **({} if w.extra is None else {"extra weight": w.extra[1]}),
+               **dict(zip(("refine down", "refine up"), (w.refine or ())[:2]))}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"transfer {name} must be a real-valued torch.Tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+    ints = {"layer": w.layer, **({} if w.extra is None else {"extra layer": w.extra[0]}),
+            **({} if w.refine is None else {"refine top": w.refine[2]})}
+    for name, n in ints.items():
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ValueError(f"transfer {name} must be an int, got {n!r}")

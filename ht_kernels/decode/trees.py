@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import count
+
 # Medusa-style default for K = 3: 16 nodes with the root, wide at depth 1, narrowing with depth.
 DEFAULT_PATHS = [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (3, 0),
                  (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
@@ -52,20 +54,27 @@ class TreePolicy:
 
     def __init__(self, K: int, paths: list[tuple[int, ...]] | None = None, budget: int = 16, width: int = 8,
                  calibration: torch.Tensor | None = None):
+        K, budget, width = count("TreePolicy: K", K, 1), count("TreePolicy: budget", budget, 1), \
+            count("TreePolicy: width", width, 1)
         if paths is not None:
-            paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
-            if not paths or any(len(p) == 0 or len(p) > K or min(p) < 0 for p in paths):
+            ok = isinstance(paths, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and all(isinstance(r, int) and not isinstance(r, bool) for r in p)
+                for p in paths)
+            paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p)) if ok else paths
+            if not ok or not paths or any(len(p) == 0 or len(p) > K or min(p) < 0 for p in paths):
                 raise ValueError(f"TreePolicy: paths must be non-empty rank tuples of depth 1..K={K}, got {paths}")
             missing = [p for p in paths if len(p) > 1 and p[:-1] not in set(paths)]
             if missing:
                 raise ValueError(f"TreePolicy: paths lack the prefixes of {missing}")
             widths = [1 + max((p[d] for p in paths if len(p) > d), default=0) for d in range(K)]
         else:
-            if budget < 1 or width < 1:
-                raise ValueError(f"TreePolicy: budget and width must be >= 1, got {budget} and {width}")
             widths = [width] * K
         if calibration is not None:
-            calibration = torch.as_tensor(calibration, dtype=torch.float32)
+            try:
+                calibration = torch.as_tensor(calibration, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"TreePolicy: calibration must be a [>= K={K}, 2] tensor, got "
+                                 f"{calibration!r}") from None
             if calibration.dim() != 2 or calibration.shape[0] < K or calibration.shape[1] != 2 \
                     or not bool((calibration[:K, 0] > 0).all()) or not bool(calibration[:K].isfinite().all()):
                 raise ValueError(f"TreePolicy: calibration must be [>= K={K}, 2] finite (a, b) with a > 0, got "
@@ -94,6 +103,9 @@ class TreePolicy:
     def choose(self, root: torch.Tensor, draft_logprobs: torch.Tensor) -> StepTree:
         """root: [B] int64; draft_logprobs: [B, K, V] log-probabilities of depths 1..K -> StepTree."""
         B, dev = root.shape[0], root.device
+        if root.dim() != 1 or draft_logprobs.dim() != 3 or tuple(draft_logprobs.shape[:2]) != (B, self.K):
+            raise ValueError(f"TreePolicy.choose: root must be [B] and draft_logprobs [B, K={self.K}, V], got "
+                             f"{list(root.shape)} and {list(draft_logprobs.shape)}")
         logp = draft_logprobs.float().clamp_min(_MIN_LOGPROB)
         if logp.shape[-1] < self.width:  # fewer tokens than ranks: the missing ranks score lowest
             logp = torch.cat([logp, logp.new_full((B, self.K, self.width - logp.shape[-1]), 2 * _MIN_LOGPROB)], -1)

@@ -55,7 +55,7 @@ class RootRefiner(nn.Module):
 
         logp: [..., K, V] drafts (fp32); states: [..., K, D] their LM-head inputs; root: [...] the next
         root's ids; embed: [V, D] the token embeddings; head: [V, D] the LM head's weight."""
-        cand_lp, cand = logp.topk(self.top, dim=-1)                                # [..., K, M]
+        cand_lp, cand = logp.topk(min(self.top, logp.shape[-1]), dim=-1)           # [..., K, M]
         z = self.logits(states, embed[root], head, cand)
         mass = cand_lp.logsumexp(-1, keepdim=True)
         return logp.scatter(-1, cand, z.float().log_softmax(-1) + mass)
