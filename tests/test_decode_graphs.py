@@ -122,6 +122,34 @@ def test_graph_replays_decode_like_eager_steps(dtype):
         assert a.sequences == b.sequences and a.accept_lengths == b.accept_lengths
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sampling_and_overflowing_drafts_on_cuda():
+    """Sampling takes a generator on the model's device (tree verification draws its uniforms there), and
+    a seed repeats a generation; drafts that overflow to inf and NaN leave greedy decoding plain
+    decoding's, on the CUDA kernels too (their masked values still meet a zero probability)."""
+    torch.manual_seed(0)
+    model = tiny_model(vocab=64).to("cuda")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    dec = HiddenTransferDecoder(model, transfer=random_transfer(model), tree="dynamic", budget=6)
+    for run in (dec.generate, dec.generate_ar):
+        seqs = [run(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9,
+                    generator=torch.Generator("cuda").manual_seed(7)).sequences for _ in range(2)]
+        assert seqs[0] == seqs[1] and all(0 <= x < 64 for s in seqs[0] for x in s)
+        with pytest.raises(ValueError, match="generator"):
+            run(prompts, max_new_tokens=4, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    D, big = model.config.dim, torch.finfo(torch.float32).max / 2
+    maps = TransferWeights(torch.randn(3, D, D).clamp(-1, 1) * big, torch.zeros(3, D), 2)
+    for backend in ("auto", "triton"):
+        model.attn_backend = backend
+        dec = HiddenTransferDecoder(model, transfer=maps, backend=backend, lookup=0.0)
+        ht, ar = dec.generate(prompts, max_new_tokens=12), dec.generate_ar(prompts, max_new_tokens=12)
+        if ht.sequences != ar.sequences:
+            assert_same_greedy(model.cpu(), prompts, ht.sequences, ar.sequences)
+            model.cuda()
+    model.attn_backend = "auto"
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
 def test_decoding_on_the_triton_kernels():
