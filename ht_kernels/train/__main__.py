@@ -124,9 +124,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from ..loading import load_model
 
-    rank, world, dist = _dist()
     t0 = time.time()
+    # The model loads before the process group starts: transformers' modeling code imports
+    # torch.distributed.fsdp, and that import made after init_process_group keeps the gloo group alive
+    # past destroy_process_group, whose threads then abort the process at exit.
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    rank, world, dist = _dist()
     held_out = None
     if args.dataset:
         from .dataset import load
