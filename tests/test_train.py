@@ -421,8 +421,15 @@ def test_cli_and_torchrun_data_parallel_match_one_process(tmp_path):
     run = lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
     one = run([sys.executable, "-m", "ht_kernels.train", "--out", str(tmp_path / "one"), *args])
     assert one.returncode == 0, one.stderr[-3000:]
+    # Each rank runs the CLI's main and then checks that no gloo thread outlives it: a process group kept
+    # alive past destroy_process_group aborts some exits (std::terminate in the interpreter's teardown).
+    rank_main = tmp_path / "rank_main.py"
+    rank_main.write_text("import os, sys\nfrom ht_kernels.train.__main__ import main\nrc = main(sys.argv[1:])\n"
+                         "left = [n for t in os.listdir('/proc/self/task')\n"
+                         "        if 'gloo' in (n := open(f'/proc/self/task/{t}/comm').read().strip())]\n"
+                         "sys.exit(rc or (f'gloo threads outlive the run: {left}' if left else 0))\n")
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ht_kernels.train", "--out", str(tmp_path / "two"), *args])
+               str(rank_main), "--out", str(tmp_path / "two"), *args])
     assert two.returncode == 0, two.stderr[-3000:]
     from safetensors.torch import load_file
 
