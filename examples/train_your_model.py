@@ -30,8 +30,9 @@ if args.model is None:  # a stand-in for your checkpoint: random weights, a real
     LlamaForCausalLM(config).save_pretrained(args.model)
     tokenizer.save_pretrained(args.model)
 
-train(["--model", args.model, "--out", args.out, "--dtype", "float32", "--prompts", "8", "--gen-tokens", "24",
-       "--steps", str(args.steps), "--batch-size", "4", "--K", "3"])
+if train(["--model", args.model, "--out", args.out, "--dtype", "float32", "--prompts", "8", "--gen-tokens", "24",
+          "--steps", str(args.steps), "--batch-size", "4", "--K", "3"]):
+    raise SystemExit(2)  # the error is printed
 
 model = ht.load_model(args.model)
 dec = ht.HiddenTransferDecoder(model, transfer=Path(args.out) / "transfer.safetensors")

@@ -11,6 +11,7 @@ import warnings
 
 from .decode.lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT
 from .drafts.prompts import encode_prompt
+from .train.cli import threads_arg
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -59,14 +60,6 @@ class TextStream:
         self.printed = max(self.printed, len(text))
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: an int >= 1."""
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ht_kernels", description="Lossless hidden-transfer decoding.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, help="seed of the sampler (temperature > 0)")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto (default): bfloat16 with --exact where the CPU has bf16 kernels, else float32")
-    g.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--threads", type=threads_arg, help="torch intra-op threads (default: torch's)")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     g.add_argument("--ar", action="store_true", help="plain one-token-per-step decoding instead")
     g.add_argument("--tree", choices=["auto", "default", "dynamic"], default="auto",

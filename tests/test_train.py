@@ -309,7 +309,7 @@ def test_bad_training_input(tmp_path):
               resume=True, progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n')
-    with pytest.raises(ValueError, match="needs 'prompt'"):
+    with pytest.raises(ValueError, match="needs a 'prompt' string"):
         load_jsonl(bad)
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no data rows"):
@@ -338,14 +338,14 @@ def test_data_two_rounds(smol, tmp_path):
     from ht_kernels.train.__main__ import build_data, parse_args
 
     args = parse_args(["--out", str(tmp_path), "--prompts", "4", "--reading", "2", "--gen-tokens", "100"])
-    data = build_data(smol, args, 0, 1, None)
+    data = build_data(smol, args, 512, 0, 1, None)
     assert len(data) == 6 and all(0 < len(e.tokens) - 1 - e.start <= 100 for e in data[:4])
     tok = smol.tokenizer
     own = [tok.decode(e.tokens[e.start + 1:], skip_special_tokens=True).strip() for e in data[:4]]
     for e in data[4:]:
         prompt = tok.decode(e.tokens[: e.start + 1])
         assert any(t in prompt for t in own) and 0 < len(e.tokens) - 1 - e.start <= 50
-    assert build_data(smol, args, 0, 1, None) == data
+    assert build_data(smol, args, 512, 0, 1, None) == data
 
 
 @pytest.mark.parametrize("tree", [None, "dynamic"])

@@ -33,10 +33,20 @@ class MedusaWeights:
     @classmethod
     def load(cls, path: str | Path) -> MedusaWeights:
         """From a safetensors file with tensors "weight" [K, D, D] and "bias" [K, D], and its metadata."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return cls(f.get_tensor("weight"), f.get_tensor("bias"), dict(f.metadata() or {}))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names, meta = set(f.keys()), dict(f.metadata() or {})
+                if not {"weight", "bias"} <= names:
+                    raise ValueError(f"MedusaWeights.load: {path} needs tensors weight and bias, has {sorted(names)}")
+                weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"MedusaWeights.load: {path} is not a readable safetensors file: {e}") from None
+        if "layer" in meta:
+            raise ValueError(f"MedusaWeights.load: {path} holds hidden-transfer maps (layer {meta['layer']}), not "
+                             f"Medusa heads")
+        return cls(weight, bias, meta)
 
     def save(self, path: str | Path) -> None:
         """To safetensors: "weight", "bias" and the metadata, with K and dim added."""

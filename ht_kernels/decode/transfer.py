@@ -72,7 +72,7 @@ class TransferWeights:
         need = ["layer"] + ["extra_layer"] * (extra is not None) + ["refine_top"] * (refine is not None)
         if any(k not in meta or not meta[k].strip().isdigit() for k in need):
             raise ValueError(f"TransferWeights.load: {path} needs integers {need} in its metadata, has "
-                             f"{ {k: meta[k] for k in sorted(meta)} }")
+                             f"{ {k: meta.get(k) for k in need} } (are these hidden-transfer maps?)")
         extra = None if extra is None else (int(meta.pop("extra_layer")), extra)
         refine = None if refine is None else (*refine, int(meta.pop("refine_top")))
         return cls(weight, bias, int(meta.pop("layer")), meta, mlp, extra, refine, calibration)

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from .cli import add_frozen_args, load_frozen
+from .cli import add_frozen_args, check_out_file, int_in, load_frozen, run_main
 
 
 def calibration_samples(logp: torch.Tensor, nxt: torch.Tensor, width: int = 8):
@@ -83,10 +83,14 @@ def reliability(x: torch.Tensor, hit: torch.Tensor, valid: torch.Tensor, calibra
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m ht_kernels.train.calibrate", description=__doc__.splitlines()[0])
     add_frozen_args(p, "the maps with their calibration (safetensors)")
-    p.add_argument("--examples", type=int, default=86, help="held-out conversations the fit uses")
-    p.add_argument("--width", type=int, default=8, help="candidates per draft (the trees' width)")
+    p.add_argument("--examples", type=int_in(1), default=86, help="held-out conversations the fit uses")
+    p.add_argument("--width", type=int_in(1), default=8, help="candidates per draft (the trees' width)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     from dataclasses import replace
@@ -95,7 +99,10 @@ def main(argv=None) -> int:
     from ..drafts.forced import draft_logprobs
     from .dataset import load
 
+    check_out_file("--out", args.out)
     model, weights = load_frozen(args)
+    if args.width > model.config.vocab_size:
+        raise ValueError(f"--width {args.width} is more than the model's {model.config.vocab_size} tokens")
     examples = load(args.dataset, model.tokenizer, "held-out")[:args.examples]
     if not examples:
         raise ValueError(f"--dataset {args.dataset} has no held-out conversations to fit on")

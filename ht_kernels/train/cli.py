@@ -1,29 +1,106 @@
-"""What the command lines of the trained drafts' add-ons (`refine`, `calibrate`) share: the frozen model's
-arguments, its loading, and the maps' file."""
+"""What the command lines of training share: argument types that name the option in their errors, the
+frozen model's arguments and its loading (`refine`, `calibrate`), and one way of reporting errors."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
+from pathlib import Path
 
 import torch
+
+MAX_THREADS = 1024
+
+
+def int_in(lo: int, hi: int | None = None):
+    """An argparse type: an int in [lo, hi] (hi None: no upper bound)."""
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {n}")
+        return n
+    parse.__name__ = "int"  # argparse's "invalid int value" for what int() refuses
+    return parse
+
+
+def float_in(lo: float, hi: float | None = None):
+    """An argparse type: a finite float in [lo, hi] (hi None: no upper bound)."""
+    def parse(value: str) -> float:
+        x = float(value)
+        if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {x}")
+        return x
+    parse.__name__ = "float"
+    return parse
+
+
+def path_arg(value: str) -> str:
+    """An argparse type: a non-empty path."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must be a non-empty path")
+    return value
+
+
+threads_arg = int_in(1, MAX_THREADS)
+
+
+def device_arg(value: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, ...)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a device: {e}") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or a CUDA device, got {value}")
+    return value
 
 
 def add_frozen_args(p: argparse.ArgumentParser, out_help: str) -> None:
     """--maps, --dataset, --out (out_help), --model, --dtype, --device, --threads."""
-    p.add_argument("--maps", required=True, help="trained transfer maps (safetensors)")
-    p.add_argument("--dataset", required=True, help="a dataset of python -m ht_kernels.train.dataset")
-    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--maps", required=True, type=path_arg, help="trained transfer maps (safetensors)")
+    p.add_argument("--dataset", required=True, type=path_arg, help="a dataset of python -m ht_kernels.train.dataset")
+    p.add_argument("--out", required=True, type=path_arg, help=out_help)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--threads", type=threads_arg)
 
 
 def load_frozen(args: argparse.Namespace):
-    """-> (the frozen model, the maps of --maps) after setting --threads."""
-    from ..decode.transfer import TransferWeights
+    """-> (the frozen model, the maps of --maps, checked against it) after setting --threads."""
+    from ..decode.transfer import resolve_transfer
+    from ..drafts.drafters import drafter_from_weights
     from ..loading import load_model
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    return model, TransferWeights.load(args.maps)
+    if not Path(args.maps).is_file():
+        raise ValueError(f"--maps {args.maps}: no such file")
+    weights = resolve_transfer(args.maps, "", model.config.dim, model.config.n_layers)
+    bad = [n for n, p in drafter_from_weights(weights).named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"--maps {args.maps}: its {bad} are not finite")
+    return model, weights
+
+
+def check_out_file(name: str, path: str) -> None:
+    """Refuse an output file that cannot be written, before the work that makes it."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise ValueError(f"{name} {path}: cannot write a file there (a directory, or a folder that is missing "
+                         f"or read-only)")
+
+
+def run_main(main, argv=None) -> int:
+    """main(argv) with the errors a user can fix (ValueError, OSError, ImportError) as one line on stderr
+    and exit status 2."""
+    try:
+        return main(argv)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -33,25 +33,42 @@ def reading_prompts(texts: list[str], n: int, seed: int = 0) -> list[str]:
     return [rng.choice(READING_TASKS).format(text=t) for t in rng.sample(texts, n)]
 
 
-def load_jsonl(path: str | Path) -> tuple[list[str], list[str], list[list[int]]]:
+def load_jsonl(path: str | Path, vocab_size: int | None = None) -> tuple[list[str], list[str], list[list[int]]]:
     """Rows {"prompt": str} / {"turns": [str, ...]} (answered by the model), {"text": str} and
-    {"tokens": [int, ...]} (used as they are) -> (prompts, texts, token lists)."""
+    {"tokens": [int, ...]} (used as they are; ids below vocab_size when it is given) -> (prompts, texts,
+    token lists). A row that is none of these raises a ValueError naming path:line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     prompts, texts, seqs = [], [], []
-    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if isinstance(row.get("tokens"), list):
-            seqs.append([int(x) for x in row["tokens"]])
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: a data row must be a JSON object, got {type(row).__name__}")
+        toks = row.get("tokens")
+        if toks is not None:
+            if (not isinstance(toks, list) or not toks
+                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks)):
+                raise ValueError(f"{path}:{i}: 'tokens' must be a non-empty list of integer token ids, got {toks!r:.80}")
+            if vocab_size is not None and not 0 <= min(toks) <= max(toks) < vocab_size:
+                bad = next(t for t in toks if not 0 <= t < vocab_size)
+                raise ValueError(f"{path}:{i}: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+            seqs.append(toks)
         elif isinstance(row.get("text"), str):
             texts.append(row["text"])
         elif isinstance(row.get("prompt"), str):
             prompts.append(row["prompt"])
-        elif isinstance(row.get("turns"), list) and row["turns"]:
-            prompts.append(str(row["turns"][0]))
+        elif isinstance(row.get("turns"), list) and row["turns"] and isinstance(row["turns"][0], str):
+            prompts.append(row["turns"][0])
         else:
-            raise ValueError(f"{path}:{i}: a data row needs 'prompt', 'turns', 'text' or 'tokens', got keys "
-                             f"{sorted(row)}")
+            raise ValueError(f"{path}:{i}: a data row needs a 'prompt' string, 'turns' of strings, a 'text' string "
+                             f"or 'tokens', got {json.dumps(row)[:80]}")
     if not prompts and not texts and not seqs:
         raise ValueError(f"{path}: no data rows")
     return prompts, texts, seqs

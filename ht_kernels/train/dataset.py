@@ -11,7 +11,7 @@ The pool is `tasks.conversations(seed)` (--tasks docs: reading and code tasks ov
 whose prompt has more than --max-prompt tokens; shard i
 answers pool entries i*S .. (i+1)*S - 1 (greedy, `data.synthesize`) and is written whole as
 OUT/shard-{i:05d}.npz, so a shard that is there is skipped and a stopped run resumes. A shard keeps only
-the answers (uint16) with each prompt's pool index and hash: `load` rebuilds the prompts from the installed
+the answers (uint16; uint32 for vocabularies over 65536 tokens) with each prompt's pool index and hash: `load` rebuilds the prompts from the installed
 sources and drops (with a warning) any whose tokens changed. OUT/manifest.json holds the recipe (a run
 with another recipe refuses the directory) and, per shard, its conversations, prompt and answer tokens,
 seconds, answer tokens/s and the CPU's capability (or the GPU's name). --shards N: stop after shard
@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,33 +40,35 @@ import torch
 from ..cpu import prepack_supported
 from ..drafts.examples import Example
 from . import german_tasks, open_tasks, tasks
+from .cli import device_arg, float_in, int_in, path_arg, run_main, threads_arg
 from .data import synthesize
 from .tasks import encode
 
 POOL = "pool.npz"      # the exported pool a --pool run keeps beside its shards, for `load`
 HELD_OUT_EVERY = 100  # pool index multiples of it are held out from training (`load`'s part)
+BAD_FILE = (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile, lzma.LZMAError)  # of damaged files
 RECIPE_KEYS = ("model", "dtype", "tasks", "seed", "max_prompt", "gen_tokens", "shard_size", "gen_batch")
 POOLS = {"docs": tasks.conversations, "open": open_tasks.conversations, "german": german_tasks.conversations}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ht_kernels.train.dataset", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="dataset directory (shards and manifest.json)")
+    p.add_argument("--out", required=True, type=path_arg, help="dataset directory (shards and manifest.json)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda")
     p.add_argument("--tasks", choices=sorted(POOLS), default="docs", help="the conversations: documentation "
                    "and code tasks, open-ended ones, or German text to translate")
-    p.add_argument("--seed", type=int, default=0, help="order of the pool")
-    p.add_argument("--max-prompt", type=int, default=1024, help="longer prompts are left out of the pool")
-    p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per answer at most")
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--gen-batch", type=int, default=32, help="prompts answered at once")
-    p.add_argument("--shards", type=int, help="build shards 0 .. N-1 only (default: the whole pool)")
-    p.add_argument("--minutes", type=float, help="start no new shard after this many minutes")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--export-pool", metavar="PATH", help="write the pool's encoded prompts to PATH (.npz) and stop")
-    p.add_argument("--pool", metavar="PATH", help="read the pool from a file of --export-pool (no sources needed)")
+    p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=0, help="order of the pool")
+    p.add_argument("--max-prompt", type=int_in(1), default=1024, help="longer prompts are left out of the pool")
+    p.add_argument("--gen-tokens", type=int_in(1), default=256, help="new tokens per answer at most")
+    p.add_argument("--shard-size", type=int_in(1), default=256)
+    p.add_argument("--gen-batch", type=int_in(1), default=32, help="prompts answered at once")
+    p.add_argument("--shards", type=int_in(1), help="build shards 0 .. N-1 only (default: the whole pool)")
+    p.add_argument("--minutes", type=float_in(0.0), help="start no new shard after this many minutes")
+    p.add_argument("--threads", type=threads_arg)
+    p.add_argument("--export-pool", metavar="PATH", type=path_arg, help="write the pool's encoded prompts to PATH (.npz) and stop")
+    p.add_argument("--pool", metavar="PATH", type=path_arg, help="read the pool from a file of --export-pool (no sources needed)")
     return p.parse_args(argv)
 
 
@@ -84,25 +87,53 @@ def pool(tokenizer, seed: int, max_prompt: int, kind: str = "docs") -> tuple[lis
     return index, prompts
 
 
-def save_pool(path: str | Path, tokenizer, seed: int, max_prompt: int, kind: str = "docs") -> None:
+def token_dtype(vocab_size: int) -> type:
+    """The unsigned integer type that shards and pools store token ids of this vocabulary in."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def save_pool(path: str | Path, tokenizer, seed: int, max_prompt: int, kind: str = "docs",
+              vocab_size: int = 1 << 16) -> None:
     """The pool's encoded prompts as one file (`--export-pool`), for a machine without the sources."""
     index, prompts = pool(tokenizer, seed, max_prompt, kind)
-    tokens = np.asarray([x for p in prompts for x in p], dtype=np.uint16)  # xz: two thirds of deflate's size
+    tokens = np.asarray([x for p in prompts for x in p], dtype=token_dtype(vocab_size))  # xz: 2/3 of deflate's size
     np.savez_compressed(path, index=np.asarray(index, dtype=np.int64), seed=seed, max_prompt=max_prompt, tasks=kind,
                         offsets=np.cumsum([0] + [len(p) for p in prompts]).astype(np.int64),
+                        dtype=tokens.dtype.name,
                         tokens_xz=np.frombuffer(lzma.compress(tokens.tobytes(), preset=9), dtype=np.uint8))
 
 
 def read_pool(path: str | Path, seed: int, max_prompt: int, kind: str = "docs") -> tuple[list[int], list[list[int]]]:
     """`pool` from a file of `save_pool`, which must hold the pool of these tasks, seed and max_prompt."""
-    z = np.load(path)
-    theirs = (str(z["tasks"]) if "tasks" in z else "docs", int(z["seed"]), int(z["max_prompt"]))
+    try:
+        with np.load(path) as z:
+            theirs = (str(z["tasks"]) if "tasks" in z else "docs", int(z["seed"]), int(z["max_prompt"]))
+            dtype = str(z["dtype"]) if "dtype" in z else "uint16"  # pools of before vocabularies over 2^16
+            raw, index, offsets = lzma.decompress(z["tokens_xz"].tobytes()), z["index"].tolist(), z["offsets"].tolist()
+        tokens = np.frombuffer(raw, dtype=np.dtype(dtype)).astype(np.int64).tolist()
+    except BAD_FILE as e:
+        raise ValueError(f"{path} is not a pool of --export-pool: {type(e).__name__}: {e}") from None
     if theirs != (kind, seed, max_prompt):
         raise ValueError(f"--pool {path} holds the pool of tasks {theirs[0]!r}, seed {theirs[1]} and max_prompt "
                          f"{theirs[2]}, not of tasks {kind!r}, seed {seed} and max_prompt {max_prompt}")
-    tokens = np.frombuffer(lzma.decompress(z["tokens_xz"].tobytes()), dtype=np.uint16).astype(np.int64).tolist()
-    offsets = z["offsets"].tolist()
-    return z["index"].tolist(), [tokens[a:b] for a, b in zip(offsets, offsets[1:])]
+    if len(offsets) != len(index) + 1 or offsets[-1] != len(tokens):
+        raise ValueError(f"{path} is not a pool of --export-pool: {len(index)} prompts, {len(offsets)} offsets "
+                         f"ending at {offsets[-1:]}, {len(tokens)} tokens")
+    return index, [tokens[a:b] for a, b in zip(offsets, offsets[1:])]
+
+
+def read_manifest(path: Path) -> dict:
+    """OUT/manifest.json: {"recipe": {...}, "shards": {...}, ...}; a manifest of before --tasks holds
+    documentation tasks."""
+    try:
+        manifest = json.loads(path.read_text())
+        recipe = manifest["recipe"]
+        recipe.setdefault("tasks", "docs")
+        if not isinstance(manifest["shards"], dict) or set(recipe) != set(RECIPE_KEYS) or recipe["tasks"] not in POOLS:
+            raise KeyError(f"a recipe of {list(RECIPE_KEYS)} (tasks one of {sorted(POOLS)}) and shards")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a dataset manifest: {type(e).__name__}: {e}") from None
+    return manifest
 
 
 def build(args) -> dict:
@@ -112,17 +143,17 @@ def build(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"recipe": recipe, "shards": {}}
-    manifest["recipe"].setdefault("tasks", "docs")  # datasets of before --tasks hold documentation tasks
+    manifest = read_manifest(manifest_path) if manifest_path.exists() else {"recipe": recipe, "shards": {}}
     if manifest["recipe"] != recipe:
         raise ValueError(f"--out {out} holds a dataset of recipe {manifest['recipe']}, not {recipe}")
     t0 = time.time()
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model.prepack_linears(model.dtype == torch.bfloat16 and prepack_supported(model.device, model.dtype))  # as decoders run
     if args.export_pool:
-        save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt, args.tasks)
+        save_pool(args.export_pool, model.tokenizer, args.seed, args.max_prompt, args.tasks, model.config.vocab_size)
         return manifest
     if args.pool and not (out / POOL).exists():
+        read_pool(args.pool, args.seed, args.max_prompt, args.tasks)  # refused before it is kept
         shutil.copyfile(args.pool, out / POOL)
     if (out / POOL).exists():  # the dataset's own pool: its prompts stay those its shards answered
         index, prompts = read_pool(out / POOL, args.seed, args.max_prompt, args.tasks)
@@ -132,7 +163,7 @@ def build(args) -> dict:
     manifest.update(pool=len(prompts), shard_size=args.shard_size, n_shards=n_shards)
     where = {"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else \
         {"cpu": torch.backends.cpu.get_cpu_capability()}
-    built = 0
+    built, dtype = 0, token_dtype(model.config.vocab_size)
     for s in range(min(n_shards, args.shards or n_shards)):
         path = out / f"shard-{s:05d}.npz"
         if path.exists():
@@ -151,7 +182,7 @@ def build(args) -> dict:
         np.savez_compressed(tmp, index=np.asarray(index[lo:hi], dtype=np.int64),
                             prompt_hash=np.asarray([prompt_hash(p) for p in prompts[lo:hi]], dtype=np.uint64),
                             offsets=np.cumsum([0] + [len(a) for a in answers]).astype(np.int64),
-                            answers=np.asarray([x for a in answers for x in a], dtype=np.uint16))
+                            answers=np.asarray([x for a in answers for x in a], dtype=dtype))
         tmp.replace(path)
         manifest["shards"][str(s)] = {"conversations": hi - lo, "prompt_tokens": sum(map(len, prompts[lo:hi])),
                                       "answer_tokens": n_answer, "seconds": round(seconds, 1),
@@ -176,8 +207,8 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         raise ValueError(f"load: {path} has no manifest.json (build it with python -m ht_kernels.train.dataset)")
-    recipe = json.loads(manifest_path.read_text())["recipe"]
-    kind = recipe.get("tasks", "docs")  # datasets of before --tasks hold documentation tasks
+    recipe = read_manifest(manifest_path)["recipe"]
+    kind = recipe["tasks"]
     if (path / POOL).exists():  # built from an exported pool: its prompts, no sources needed
         prompt_of = dict(zip(*read_pool(path / POOL, recipe["seed"], recipe["max_prompt"], kind))).get
     else:
@@ -187,9 +218,16 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
             return encode(tokenizer, convs[i]) if i < len(convs) else None
     examples, stale = [], 0
     for f in sorted(path.glob("shard-[0-9]*[0-9].npz")):
-        z = np.load(f)
-        offsets, answers = z["offsets"], z["answers"].astype(np.int64).tolist()
-        for j, (i, h) in enumerate(zip(z["index"].tolist(), z["prompt_hash"].tolist())):
+        try:
+            with np.load(f) as z:
+                index, hashes = z["index"].tolist(), z["prompt_hash"].tolist()
+                offsets, answers = z["offsets"].tolist(), z["answers"].astype(np.int64).tolist()
+        except BAD_FILE as e:
+            raise ValueError(f"load: {f} is not a shard of a dataset: {type(e).__name__}: {e}") from None
+        if not len(index) == len(hashes) == len(offsets) - 1 or offsets[-1:] != [len(answers)]:
+            raise ValueError(f"load: {f} is not a shard of a dataset: {len(index)} conversations, {len(hashes)} "
+                             f"hashes, {len(offsets)} offsets ending at {offsets[-1:]}, {len(answers)} answer tokens")
+        for j, (i, h) in enumerate(zip(index, hashes)):
             if part != "all" and (i % HELD_OUT_EVERY == 0) != (part == "held-out"):
                 continue
             prompt = prompt_of(i) or []
@@ -206,8 +244,12 @@ def load(path: str | Path, tokenizer, part: str = "all") -> list[Example]:
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     m = build(args)
     if args.export_pool:

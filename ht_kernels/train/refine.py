@@ -16,11 +16,14 @@ whose candidates hold none of the teacher's top-k mass are left out).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,7 +32,7 @@ import torch
 from ..drafts.examples import Example, collate
 from ..drafts.forced import anchor_positions, drafter_pass
 from ..drafts.refine import RootRefiner
-from .cli import add_frozen_args, load_frozen
+from .cli import add_frozen_args, check_out_file, float_in, int_in, load_frozen, path_arg, run_main
 from .objective import anchor_mask
 
 
@@ -115,17 +118,22 @@ def fit_refiner(model, f: dict[str, torch.Tensor], rank: int = 128, steps: int =
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m ht_kernels.train.refine", description=__doc__.splitlines()[0])
     add_frozen_args(p, "the maps with the refiner (safetensors)")
-    p.add_argument("--examples", type=int, default=2000, help="training conversations whose features are made")
-    p.add_argument("--held-out", type=int, default=48)
-    p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--top", type=int, default=32, help="candidates re-ranked per depth")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=512, help="anchors per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--features", help="a file that keeps the features: read when it is there, else written")
+    p.add_argument("--examples", type=int_in(1), default=2000, help="training conversations whose features are made")
+    p.add_argument("--held-out", type=int_in(1), default=48)
+    p.add_argument("--rank", type=int_in(1), default=128)
+    p.add_argument("--top", type=int_in(1), default=32, help="candidates re-ranked per depth")
+    p.add_argument("--steps", type=int_in(1), default=2000)
+    p.add_argument("--batch-size", type=int_in(1), default=512, help="anchors per step")
+    p.add_argument("--lr", type=float_in(0.0, 1.0), default=2e-3)
+    p.add_argument("--weight-decay", type=float_in(0.0), default=0.0)
+    p.add_argument("--features", type=path_arg,
+                   help="a file that keeps the features: read when it is there (made with the same arguments), else written")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     from dataclasses import replace
@@ -133,21 +141,38 @@ def main(argv=None) -> int:
     from ..drafts.drafters import drafter_from_weights
     from .dataset import load
 
+    check_out_file("--out", args.out)
     model, weights = load_frozen(args)
+    V, D = model.config.vocab_size, model.config.dim
+    if args.top > V or args.rank > 2 * D:
+        raise ValueError(f"--top must be at most the model's {V} tokens and --rank at most 2 * dim = {2 * D}, got "
+                         f"--top {args.top} and --rank {args.rank}")
     drafter = drafter_from_weights(replace(weights, refine=None)).to(model.device)
     t0 = time.time()
+    # the features depend on these alone: a --features file made from others is refused
+    recipe = {"maps": hashlib.sha256(Path(args.maps).read_bytes()).hexdigest(), "dataset": str(Path(args.dataset)),
+              "examples": args.examples, "held_out": args.held_out, "top": args.top, "model": args.model,
+              "dtype": args.dtype}
     if args.features and os.path.exists(args.features):
-        train_f, held_f = torch.load(args.features)
-        if train_f["cand"].shape[-1] != args.top:
-            raise ValueError(f"--features {args.features} holds top {train_f['cand'].shape[-1]} candidates, "
-                             f"not --top {args.top}")
+        try:
+            kept = torch.load(args.features)
+            theirs, train_f, held_f = json.loads(kept["recipe"]), kept["train"], kept["held_out"]
+        except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+            raise ValueError(f"--features {args.features} is not a features file of this command: "
+                             f"{type(e).__name__}: {e}") from None
+        if theirs != recipe:
+            diff = "; ".join(f"--{k.replace('_', '-')} {theirs.get(k)} then, {v} now" for k, v in recipe.items()
+                             if theirs.get(k) != v)
+            raise ValueError(f"--features {args.features} was made with other arguments: {diff}")
     else:
         train_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "train")[:args.examples],
                                    args.top)
-        held_f = refiner_features(model, drafter, load(args.dataset, model.tokenizer, "held-out")[:args.held_out],
-                                  args.top)
+        held = load(args.dataset, model.tokenizer, "held-out")[:args.held_out]
+        if not held:
+            raise ValueError(f"--dataset {args.dataset} has no held-out conversations to measure on")
+        held_f = refiner_features(model, drafter, held, args.top)
         if args.features:
-            torch.save((train_f, held_f), args.features)
+            torch.save({"recipe": json.dumps(recipe), "train": train_f, "held_out": held_f}, args.features)
     t_feat = time.time() - t0
     refiner = fit_refiner(model, train_f, args.rank, args.steps, args.batch_size, args.lr, args.weight_decay)
     stats = {"before": refiner_stats(None, model, held_f), "after": refiner_stats(refiner, model, held_f),
@@ -157,6 +182,8 @@ def main(argv=None) -> int:
     meta = {**weights.meta, "refine_recipe": " ".join(["python -m ht_kernels.train.refine", *argv]),
             "refine_held_out_top1": json.dumps([round(x, 4) for x in stats["after"]["top1"]])}
     refine = (refiner.down.detach().cpu().half(), refiner.up.detach().cpu().half(), args.top)
+    if not all(torch.isfinite(t).all() for t in refine[:2]):
+        raise ValueError(f"the refiner's weights are not finite in fp16: the fit diverged, lower --lr ({args.lr})")
     replace(weights, meta=meta, refine=refine).save(args.out)
     print(f"wrote {args.out}")
     return 0

@@ -22,6 +22,7 @@ from ..drafts.forced import anchor_positions, drafter_pass, frozen_pass
 from .objective import anchor_mask, distill_loss
 
 CHECKPOINT, CURVE = "checkpoint.safetensors", "curve.jsonl"
+MAX_BATCH = 65536  # sequences per step; more would not fit in memory, and drawing them would take long
 
 
 @dataclass
@@ -55,23 +56,39 @@ class TrainConfig:
     recall_weight: float = 0.5
     init_from: str | None = None
 
-    def check(self, n_layers: int) -> None:
+    def check(self, config) -> None:
+        """Refuse what the model (its `ModelConfig`) cannot train: ValueErrors naming the field."""
+        for name in ("method", "init"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
         if self.method not in ("transfer", "medusa"):
             raise ValueError(f"method must be 'transfer' or 'medusa', got {self.method!r}")
         if self.init not in ("lstsq", "identity"):
             raise ValueError(f"init must be 'lstsq' or 'identity', got {self.init!r}")
-        if not 1 <= self.K <= 8:
-            raise ValueError(f"K must be in [1, 8], got {self.K}")
-        if self.layer is not None and not 1 <= self.layer < n_layers:
-            raise ValueError(f"layer must be in [1, {n_layers}) for a {n_layers}-layer model, got {self.layer}")
-        for name in ("steps", "batch_size", "teacher_top_k", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("mlp_rank", "recall_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.chain, bool):
+            raise ValueError(f"chain must be a bool, got {self.chain!r}")
+        layer = config.n_layers // 2 if self.layer is None else self.layer  # the transfer layer
+        ints = {"K": (1, 8), "steps": (1, None), "batch_size": (1, MAX_BATCH), "warmup": (0, None),
+                "teacher_top_k": (1, config.vocab_size), "init_batches": (1, None), "seed": (0, 2 ** 63 - 1),
+                "save_every": (1, None), "mlp_rank": (0, config.dim), "recall_k": (0, config.vocab_size - 1),
+                "layer": (1, config.n_layers - 1), "extra_layer": (0, layer - 1)}
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if v is None and name in ("layer", "extra_layer"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+                raise ValueError(f"{name} must be an int in [{lo}, {'inf' if hi is None else hi}] for this "
+                                 f"{config.n_layers}-layer model of dim {config.dim} and {config.vocab_size} "
+                                 f"tokens, got {v!r}")
+        for name, ok, what in (("lr", lambda v: 0 <= v <= 1, "in [0, 1]"), ("depth_decay", lambda v: v > 0, "> 0"),
+                               ("recall_weight", lambda v: v >= 0, ">= 0")):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{name} must be a finite number {what}, got {v!r}")
         if (self.mlp_rank or self.extra_layer is not None) and self.method != "transfer":
             raise ValueError(f"mlp_rank and extra_layer apply to method 'transfer', got method {self.method!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ValueError(f"init_from must be None or the path of a weights file, got {self.init_from!r}")
 
 
 def _dist():
@@ -87,9 +104,23 @@ def _dist():
     return 0, 1, None
 
 
-def check_examples(examples: list[Example], K: int) -> None:
-    if not examples:
-        raise ValueError("training data is empty")
+def check_examples(examples: list[Example], K: int, config) -> None:
+    """Refuse training data the model (its `ModelConfig`) cannot run: ValueErrors naming the example."""
+    if not isinstance(examples, list) or not examples:
+        raise ValueError(f"training data is empty: examples must be a non-empty list of Example, got "
+                         f"{type(examples).__name__} of {len(examples) if hasattr(examples, '__len__') else '?'}")
+    V, N = config.vocab_size, config.max_seq_len
+    for i, e in enumerate(examples):
+        if not isinstance(e, Example) or not isinstance(e.tokens, list):
+            raise ValueError(f"example {i} must be an Example with a list of tokens, got {e!r:.100}")
+        toks = e.tokens
+        if not 1 <= len(toks) <= N:
+            raise ValueError(f"example {i} has {len(toks)} tokens; a sequence needs 1 to {N} (the model's context)")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks) or not 0 <= min(toks) <= max(toks) < V:
+            bad = next(t for t in toks if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V)
+            raise ValueError(f"example {i} holds token {bad!r}, not a token id in [0, {V})")
+        if not isinstance(e.start, int) or isinstance(e.start, bool) or not 0 <= e.start < len(toks):
+            raise ValueError(f"example {i}: start must be an int in [0, {len(toks)}) (its tokens), got {e.start!r}")
     if all(len(e.tokens) - e.start < K + 1 for e in examples):
         raise ValueError(f"every training sequence is too short: a sequence needs at least K + 1 = {K + 1} tokens "
                          f"from its first trained anchor on")
@@ -179,6 +210,12 @@ def init_from_weights(drafter, path: str) -> None:
         ours[name].copy_(p)
 
 
+def _check_finite(drafter, when: str) -> None:
+    bad = [name for name, p in drafter.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"the draft heads' {bad} are not finite at {when}")
+
+
 def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -196,26 +233,41 @@ def save_checkpoint(path: Path, drafter, opt, step: int, cfg: TrainConfig, meta:
 
 def load_checkpoint(path: Path, drafter, opt, cfg: TrainConfig) -> tuple[int, dict]:
     """Restore parameters and optimizer moments; returns the step to continue from and the metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata()
-        saved = json.loads(md["config"])
-        if saved != asdict(cfg):
-            diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-            raise ValueError(f"--resume: {path} was trained with another configuration (saved, now): {diff}")
-        step = int(md["step"])
-        with torch.no_grad():
-            for name, p in drafter.named_parameters():
-                t = f.get_tensor(name)
-                if t.shape != p.shape:
-                    raise ValueError(f"--resume: {path} holds {name} of shape {list(t.shape)}, this model needs "
-                                     f"{list(p.shape)}")
-                p.copy_(t)
-                if step > 0:
-                    opt.state[p] = {"step": torch.tensor(float(step)),
-                                    "exp_avg": f.get_tensor(f"adam.exp_avg.{name}").to(p.device),
-                                    "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{name}").to(p.device)}
+    def saved_as(name: str) -> list[str]:  # a parameter's tensors: itself, then its AdamW moments after step 0
+        return [name] + [f"adam.{k}.{name}" for k in ("exp_avg", "exp_avg_sq") if step > 0]
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md, names = f.metadata() or {}, set(f.keys())
+            saved = json.loads(md["config"])
+            if not isinstance(saved, dict):
+                raise KeyError("config")
+            step = md["step"]
+            if not step.isdigit() or not 0 <= int(step) <= cfg.steps:
+                raise ValueError(f"--resume: {path} holds step {step!r}, not one of 0..{cfg.steps}")
+            step = int(step)
+            if saved != asdict(cfg):
+                diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+                raise ValueError(f"--resume: {path} was trained with another configuration (saved, now): {diff}")
+            need = {n for name, _ in drafter.named_parameters() for n in saved_as(name)}
+            if need - names:
+                raise ValueError(f"--resume: {path} lacks the tensors {sorted(need - names)}")
+            tensors = {n: f.get_tensor(n) for n in need}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {path} is not a checkpoint of this trainer: {type(e).__name__}: {e}") from None
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            for n in saved_as(name):
+                if tensors[n].shape != p.shape or not torch.isfinite(tensors[n]).all():
+                    raise ValueError(f"--resume: {path} holds {n} of shape {list(tensors[n].shape)} "
+                                     f"({'finite' if torch.isfinite(tensors[n]).all() else 'not finite'}), "
+                                     f"this model needs finite {list(p.shape)}")
+            p.copy_(tensors[name])
+            if step > 0:
+                opt.state[p] = {"step": torch.tensor(float(step)),
+                                **{k: tensors[f"adam.{k}.{name}"].to(p.device) for k in ("exp_avg", "exp_avg_sq")}}
     return step, md
 
 
@@ -260,8 +312,10 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         from ..loading import load_model
 
         model = load_model(model)
-    cfg.check(model.config.n_layers)
-    check_examples(examples, cfg.K)
+    cfg.check(model.config)
+    if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
+        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
+    check_examples(examples, cfg.K, model.config)
     rank, world, dist = _dist()
     out_dir = Path(out_dir)
     if rank == 0:
@@ -279,6 +333,7 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
         init_from_weights(drafter, cfg.init_from)
     elif cfg.method == "transfer" and cfg.init == "lstsq":
         drafter.init_lstsq(*_lstsq_stats(model, drafter, examples, cfg, rank, world, dist))
+    _check_finite(drafter, f"the start of training ({ckpt if resume else cfg.init_from or cfg.init})")
     depth_w = torch.tensor([cfg.depth_decay ** i for i in range(cfg.K)], device=model.device)
     meta = {"method": cfg.method, **(meta or {})}
     bar = None
@@ -329,7 +384,8 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
             for p in drafter.parameters():
                 dist.all_reduce(p.grad)
             dist.all_reduce(stats)
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)):
+            raise ValueError(f"training diverged at step {step + 1}: its gradients are not finite (lr {cfg.lr})")
         opt.step()
         train_s += time.time() - t0
         window = 0.9 * window + stats
@@ -340,9 +396,11 @@ def train(model, examples: list[Example], cfg: TrainConfig, out_dir: str | Path,
             bar.update(1)
         if (step + 1) % eval_every == 0 or step + 1 == cfg.steps:
             measure(step + 1)
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(ckpt, drafter, opt, step + 1, cfg,
-                            {**meta, "train_seconds": f"{train_s:.1f}", "trained_tokens": str(tokens_seen)})
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _check_finite(drafter, f"step {step + 1} (lr {cfg.lr})")  # every process: the same parameters
+            if rank == 0:
+                save_checkpoint(ckpt, drafter, opt, step + 1, cfg,
+                                {**meta, "train_seconds": f"{train_s:.1f}", "trained_tokens": str(tokens_seen)})
     if bar is not None:
         bar.close()
     if dist is not None:
