@@ -11,7 +11,7 @@ import warnings
 
 from .decode.lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT
 from .drafts.prompts import encode_prompt
-from .train.cli import threads_arg
+from .train.cli import int_in, threads_arg
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k")
-    g.add_argument("--seed", type=int, help="seed of the sampler (temperature > 0)")
+    g.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), help="seed of the sampler (temperature > 0)")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto (default): bfloat16 with --exact where the CPU has bf16 kernels, else float32")
     g.add_argument("--threads", type=threads_arg, help="torch intra-op threads (default: torch's)")

@@ -115,11 +115,12 @@ def test_generate_errors_exit_2_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: load_model") and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("threads", ["0", "-1", "two"])
-def test_bad_thread_counts_exit_2(threads):
+@pytest.mark.parametrize("option,value", [("--threads", "0"), ("--threads", "-1"), ("--threads", "two"),
+                                          ("--threads", "100000"), ("--seed", str(2 ** 64)), ("--seed", "-1")])
+def test_bad_thread_counts_and_seeds_exit_2(option, value, capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(["generate", "--prompt", "hi", "--threads", threads])
-    assert e.value.code == 2
+        parse_args(["generate", "--prompt", "hi", option, value])
+    assert e.value.code == 2 and f"argument {option}" in capsys.readouterr().err
 
 
 def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):

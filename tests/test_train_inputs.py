@@ -283,8 +283,10 @@ def test_dataset_cli_refuses_bad_options_by_name(option, value, needle, tmp_path
 
 
 def _big_vocab_model(monkeypatch, vocab: int):
-    """A tiny model of `vocab` tokens whose pool is three prompts with ids above 2^16."""
+    """A tiny model of `vocab` tokens that answers with ids above 2^16, and whose pool is three prompts with such ids."""
     m = tiny_model(vocab=vocab, dim=32, n_layers=2)
+    with torch.no_grad():  # logits of 0 below 2^16: greedy answers pick ids above it
+        m.output.weight[:1 << 16] = 0
     m.tokenizer = types.SimpleNamespace(eos_token_id=None)
     monkeypatch.setattr(ht_kernels.loading, "load_model", lambda name, dtype, device: m)
     prompts = [[vocab - 1, 5, 65537], [3, 65536], [1]]
@@ -302,7 +304,7 @@ def test_dataset_keeps_token_ids_above_2_to_the_16(tmp_path, monkeypatch, capsys
     assert z["answers"].dtype == np.uint32
     got = dataset.load(tmp_path / "ds", None)
     assert [e.tokens[:e.start + 1] for e in got] == prompts
-    assert any(t > 65535 for e in got for t in e.tokens[e.start + 1:])  # the random model's answers
+    assert all(t > 65535 for e in got for t in e.tokens[e.start + 1:])
     assert dataset.load(tmp_path / "ds", None, "held-out") == got[:1]  # pool index 0
 
 
