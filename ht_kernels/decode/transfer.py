@@ -45,6 +45,12 @@ class TransferWeights:
         return TransferWeights(self.weight[:depth], self.bias[:depth], self.layer, self.meta, mlp, extra, refine,
                                calibration)
 
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The learned tensors by name: weight, bias and those of the block, the extra maps and the refiner."""
+        return {"weight": self.weight, "bias": self.bias, **dict(zip(("mlp down", "mlp up"), self.mlp or ())),
+                **({} if self.extra is None else {"extra weight": self.extra[1]}),
+                **dict(zip(("refine down", "refine up"), (self.refine or ())[:2]))}
+
     @classmethod
     def untrained(cls, dim: int, n_layers: int, K: int = 3, layer: int | None = None) -> TransferWeights:
         """Zero maps at layer n_layers // 2: useless drafts, still lossless decoding."""
@@ -149,10 +155,7 @@ def resolve_transfer(transfer, name: str, dim: int, n_layers: int) -> TransferWe
 
 def _check_types(w: TransferWeights) -> None:
     """Real-valued tensors where TransferWeights holds tensors, ints where it holds layers and counts."""
-    tensors = {"weight": w.weight, "bias": w.bias, **dict(zip(("mlp down", "mlp up"), w.mlp or ())),
-               **({} if w.extra is None else {"extra weight": w.extra[1]}),
-               **dict(zip(("refine down", "refine up"), (w.refine or ())[:2]))}
-    for name, t in tensors.items():
+    for name, t in w.named_tensors().items():
         if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"transfer {name} must be a real-valued torch.Tensor, got "
                              f"{getattr(t, 'dtype', type(t).__name__)}")

@@ -73,7 +73,6 @@ def add_frozen_args(p: argparse.ArgumentParser, out_help: str) -> None:
 def load_frozen(args: argparse.Namespace):
     """-> (the frozen model, the maps of --maps, checked against it) after setting --threads."""
     from ..decode.transfer import resolve_transfer
-    from ..drafts.drafters import drafter_from_weights
     from ..loading import load_model
 
     if args.threads is not None:
@@ -82,7 +81,7 @@ def load_frozen(args: argparse.Namespace):
     if not Path(args.maps).is_file():
         raise ValueError(f"--maps {args.maps}: no such file")
     weights = resolve_transfer(args.maps, "", model.config.dim, model.config.n_layers)
-    bad = [n for n, p in drafter_from_weights(weights).named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, t in weights.named_tensors().items() if not t.isfinite().all()]
     if bad:
         raise ValueError(f"--maps {args.maps}: its {bad} are not finite")
     return model, weights
