@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import ht_kernels
+from ht_kernels.train.cli import check_out_file, device_arg
 
 # Loose sanity bound on the relative RMS error of each output against the reference provider's.
 CHECK_BOUND = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 5e-3}
@@ -27,17 +28,18 @@ class Skip(Exception):
     """A provider or case that cannot run here; the message says why."""
 
 
-def parse_args(description: str, quick_help: str, extra=None) -> argparse.Namespace:
-    """The shared options; extra(parser) adds a script's own."""
+def parse_args(description: str, quick_help: str, extra=None, argv=None) -> argparse.Namespace:
+    """The shared options; extra(parser) adds a script's own; argv: as for argparse (None: the command line)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help=quick_help + " (the default without a GPU)")
     p.add_argument("--full", action="store_true", help="the full grid even on a CPU (hours)")
     p.add_argument("--json", metavar="PATH", help="also write the header, rows and skips to PATH as JSON")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if any")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls can be slow on CPUs)")
     p.add_argument("--providers", help="comma-separated subset to run (the reference always runs)")
-    p.add_argument("--case", help="only the cases with these values, e.g. B=8,L=16384")
+    p.add_argument("--case", type=case_arg, help="only the cases with these values, e.g. B=8,L=16384")
     p.add_argument("--timing", choices=["graph", "events"], default="graph",
                    help="CUDA: time replays of a CUDA graph of GRAPH_CALLS calls, the device time alone, as a "
                         "decoding step replays them (default), or each eager call between CUDA events, launch "
@@ -46,13 +48,34 @@ def parse_args(description: str, quick_help: str, extra=None) -> argparse.Namesp
                    help="CUDA: also list the device time of each kernel a provider launches (torch.profiler)")
     if extra:
         extra(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_outputs(json=args.json)
     args.device = torch.device(args.device)
     if args.device.type == "cpu" and not args.full and not args.quick:
         print("no GPU: running the --quick set (--full runs the whole grid on the CPU)")
         args.quick = True
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
+
+
+def case_arg(value: str) -> dict[str, str]:
+    """--case: comma-separated KEY=VALUE pairs."""
+    pairs = [kv.partition("=") for kv in value.split(",")]
+    if any(not k or not eq or not v for k, eq, v in pairs):
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE pairs, comma-separated, got {value}")
+    return {k: v for k, _, v in pairs}
+
+
+def check_outputs(**paths: str | None) -> None:
+    """Before the work: make the folders of the output files given (name: path, e.g. json=args.json) and
+    refuse one that cannot be written there; plot= also needs matplotlib (the `bench` extra)."""
+    for name, path in paths.items():
+        if path is None:
+            continue
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        check_out_file(f"--{name}", path)
+        if name == "plot":
+            import matplotlib  # noqa: F401 - ImportError: the one-line error names the package
 
 
 def header(device: torch.device, dtype: torch.dtype) -> dict:
@@ -189,12 +212,14 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
     columns to f(case, median_us). Returns the rows (one dict per case and provider).
     """
     if args.providers:
-        providers = {k: v for k, v in providers.items() if k in args.providers.split(",") or k == reference}
+        want = args.providers.split(",")
+        if set(want) - set(providers):
+            raise ValueError(f"--providers {args.providers}: the providers are {','.join(providers)}")
+        providers = {k: v for k, v in providers.items() if k in want or k == reference}
     if args.case:
-        want = dict(kv.split("=") for kv in args.case.split(","))
-        cases = [c for c in cases if all(str(c.get(k)) == v for k, v in want.items())]
+        cases = [c for c in cases if all(str(c.get(k)) == v for k, v in args.case.items())]
         if not cases:
-            raise SystemExit(f"--case {args.case}: no case has these values")
+            raise ValueError(f"--case {','.join(f'{k}={v}' for k, v in args.case.items())}: no case has these values")
     head = header(args.device, args.dtype)
     print("  ".join(f"{k}: {v}" for k, v in head.items()))
     columns = [*cases[0], "provider", "median us", "p20-p80 us", "timed", *metrics, f"x {baseline}"]
@@ -229,7 +254,6 @@ def run(args, cases: list[dict], setup, providers: dict, *, reference: str, base
         print(f"skipped: {name} ({reason})" + (f" in {n} of {n_run} cases" if n != n_run else ""))
     if args.json:
         skips = [{"provider": p, "reason": r, "cases": n} for (p, r), n in provider_skips.items()]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
             {"header": head, "rows": rows, "skipped_cases": case_skips, "skipped_providers": skips}, indent=1))
     return rows

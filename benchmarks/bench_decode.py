@@ -43,9 +43,10 @@ import ht_kernels as ht
 from ht_kernels.cli import resolve_transfer_arg, resolve_tree_arg
 from ht_kernels.cpu import best_dtype
 from ht_kernels.decode.autotree import TreeChoice, format_table
-from ht_kernels.drafts.prompts import encode_prompt
+from ht_kernels.drafts.prompts import encode_prompt, load_prompts
 from ht_kernels.loading import LAYER_NAMES, TOP_NAMES
-from _harness import header
+from ht_kernels.train.cli import device_arg, float_in, int_in, path_arg, run_main, threads_arg
+from _harness import check_outputs, header
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 METHODS = ("ht", "ar", "hf")
@@ -57,30 +58,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or an HF directory")
     p.add_argument("--transfer", default="default", help="default (shipped weights), a weights file, or none")
-    p.add_argument("--prompts", default=str(PROMPTS), help='JSONL with "turns" (first turn used) or "prompt"')
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+    p.add_argument("--prompts", default=str(PROMPTS), type=path_arg,
+                   help='JSONL with "turns" (first turn used) or "prompt"')
+    p.add_argument("--limit", type=int_in(0), default=DEFAULT_LIMIT,
                    help=f"the first N prompts, 0 for all (default {DEFAULT_LIMIT}: the built-in set's first "
                         f"{DEFAULT_LIMIT} prompts are one per category; with the other defaults that run takes ~6 "
                         f"minutes in fp32 on a 2-core CPU with one thread)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int_in(1), default=128)
     p.add_argument("--stop-at-eos", action="store_true",
                    help="end each generation at the model's end-of-sequence tokens")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto (default): bfloat16 with --exact on a CPU with bf16 kernels, float32 on other CPUs, "
                         "bfloat16 on a GPU")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default) or cuda")
+    p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0), default=1.0, help="in (0, 1]; 1: no top-p")
+    p.add_argument("--top-k", type=int_in(0), default=0, help="0: no top-k")
+    p.add_argument("--seed", type=int_in(0, 2 ** 62), default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ht,ar,hf")
     p.add_argument("--tree", choices=["auto", "default", "dynamic"], default="auto",
                    help="ht's tree: auto (default; measured on this machine once, then cached), the static "
                         "default, or dynamic with --budget nodes")
-    p.add_argument("--budget", type=int, default=16, help="nodes of a dynamic tree")
-    p.add_argument("--n-chains", type=int, help="pseudo chains under the n best nodes only (default: all)")
+    p.add_argument("--budget", type=int_in(1), default=16, help="nodes of a dynamic tree")
+    p.add_argument("--n-chains", type=int_in(1), help="pseudo chains under the n best nodes only (default: all)")
     p.add_argument("--tree-table", action="store_true", help="print tree auto's measured candidates")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=threads_arg, help="torch intra-op threads (default: torch's)")
     p.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], default="auto",
                    help="backend of ht/ar's tree attention and step ops (default auto)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="ht/ar: eager steps on CUDA")
@@ -89,26 +91,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact", action="store_true",
                    help="ht/ar (CPU bf16): rows computed independently of the rows beside them, so ht gives ar's "
                         "tokens bit for bit")
-    p.add_argument("--lookup", type=float, help="ht: the context lookup's weight (0: off; default: the decoder's)")
-    p.add_argument("--lookup-nodes", type=int, help="ht: nodes carrying the lookup's guess on (default: the "
+    p.add_argument("--lookup", type=float_in(0.0, 1.0),
+                   help="ht: the context lookup's weight in [0, 1) (0: off; default: the decoder's)")
+    p.add_argument("--lookup-nodes", type=int_in(0), help="ht: nodes carrying the lookup's guess on (default: the "
                                                     "decoder's)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int_in(1), default=1,
                    help="run every prompt and method this many times, the methods' order rotating (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the summary and per-(prompt, method) rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: accepted-length histogram, tokens/s per method")
     args = p.parse_args(argv)
+    if args.top_p == 0:
+        p.error("argument --top-p: must be in (0, 1], got 0.0")
+    if args.lookup == 1:
+        p.error("argument --lookup: must be in [0, 1), got 1.0")
     args.methods = [m for m in args.methods.split(",") if m]
     if not args.methods or set(args.methods) - set(METHODS):
         p.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {','.join(args.methods)}")
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
-
-
-def load_prompts(path: str, limit: int | None) -> list[str]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    prompts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows]
-    return prompts[:limit or None]
 
 
 def hf_sharing_weights(model):
@@ -248,6 +247,8 @@ def plot(path: str, rows: list[dict], summary: dict, methods: list[str], title: 
 def main(argv=None) -> None:
     t0 = time.perf_counter()
     args = parse_args(argv)
+    check_outputs(json=args.json, plot=args.plot)
+    texts = [text for text, _ in load_prompts(args.prompts)][:args.limit or None]
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, why = getattr(torch, args.dtype, None), None
@@ -255,7 +256,7 @@ def main(argv=None) -> None:
         dtype, exact, why = best_dtype(args.device)
         args.exact = args.exact or exact
     model = ht.load_model(args.model, dtype=dtype, device=args.device)
-    prompts = [encode_prompt(model.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
+    prompts = [encode_prompt(model.tokenizer, p) for p in texts]
     runners, dec = make_runners(model, args)
     tree = None if dec is None else {"tree": args.tree, "budget": dec.tree.budget, "n_chains": dec.n_chains,
                                      "depth": dec.transfer.K, "lookup": dec.lookup, "lookup_nodes": dec.lookup_nodes,
@@ -318,7 +319,6 @@ def main(argv=None) -> None:
     if hf_same is not None:
         print(f"identical to ar (hf): {hf_same:.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"summary": summary, "tree": tree, "rows": rows}))
     if args.plot:
         plot(args.plot, rows, summary, args.methods, title)
@@ -326,4 +326,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -36,18 +36,28 @@ from ht_kernels.baselines.medusa import MedusaDecoder, MedusaWeights
 from ht_kernels.decode.decoder import make_tree_policy
 from ht_kernels.decode.lookup import with_lookup
 from ht_kernels.decode.replay import replay_accept_lengths, root_guesses
-from ht_kernels.decode.transfer import TransferWeights
+from ht_kernels.decode.transfer import TransferWeights, resolve_transfer
 from ht_kernels.drafts.drafters import drafter_from_weights
 from ht_kernels.drafts.forced import draft_logprobs
-from ht_kernels.drafts.prompts import encode_prompt
+from ht_kernels.drafts.prompts import encode_prompt, load_prompts
 from ht_kernels.train.data import synthesize
 from ht_kernels.train.evaluate import depth_accuracy, pseudo_similarity
-from _harness import header
+from ht_kernels.train.cli import device_arg, int_in, path_arg, run_main, threads_arg
+from _harness import check_outputs, header
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "specbench_dev.jsonl"
 def tree_spec(name: str) -> tuple[str | None, int]:
     """--trees entry -> (tree, budget) of the decoder: "default" (the static 16-node tree) or "dynamicN"."""
     return (None, 16) if name == "default" else ("dynamic", int(name[len("dynamic"):]))
+
+
+def trees_arg(value: str) -> list[str]:
+    """--trees: comma-separated tree names, each "default" or "dynamicN" (N >= 1)."""
+    trees = value.split(",")
+    bad = [t for t in trees if t != "default" and not re.fullmatch(r"dynamic[1-9][0-9]*", t)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"must be default or dynamicN, comma-separated, got {','.join(bad)}")
+    return trees
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,27 +67,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with NAME ending in ':nochain' runs the chain ablation, ':norefine' leaves out its root "
                         "refiner, ':nocal' its calibrated draft scores")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prompts", default=str(DEV), help='JSONL with "turns" (first turn) or "prompt"')
-    p.add_argument("--limit", type=int, default=0, help="first N prompts (0: all)")
-    p.add_argument("--stride", type=int, default=1, help="every S-th prompt (5: 48 of the 240 dev prompts, "
+    p.add_argument("--prompts", default=str(DEV), type=path_arg, help='JSONL with "turns" (first turn) or "prompt"')
+    p.add_argument("--limit", type=int_in(0), default=0, help="first N prompts (0: all)")
+    p.add_argument("--stride", type=int_in(1), default=1, help="every S-th prompt (5: 48 of the 240 dev prompts, "
                                                          "all 13 categories)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int_in(1), default=128)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--trees", default="default,dynamic64",
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--trees", type=trees_arg, default="default,dynamic64",
                    help="comma-separated: default (the static 16-node tree) or dynamicN (the best N nodes)")
-    p.add_argument("--decode", type=int, default=0, help="also decode the first N prompts for real")
-    p.add_argument("--similarity", type=int, default=0, help="cosine similarity on the first N prompts")
+    p.add_argument("--decode", type=int_in(0), default=0, help="also decode the first N prompts for real")
+    p.add_argument("--similarity", type=int_in(0), default=0, help="cosine similarity on the first N prompts")
     p.add_argument("--lookup", default="", help="also measure each drafter with the context lookup's guesses "
                                                 "mixed in at this weight (or these, comma-separated)")
-    p.add_argument("--lookup-ngram", type=int, default=3)
+    p.add_argument("--lookup-ngram", type=int_in(1), default=3)
     p.add_argument("--lookup-nodes", default="0", help="with --lookup: nodes carrying the guess on (or "
                                                        "comma-separated counts)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=threads_arg)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
     args = p.parse_args(argv)
-    args.trees = args.trees.split(",")
+    args.drafter = [spec.partition("=")[::2] for spec in args.drafter]
+    bad = [f"{name}={file}" for name, file in args.drafter if not name or not file.strip()]
+    if bad:
+        p.error(f"argument --drafter: must be NAME=PATH, got {', '.join(bad)}")
     try:
         args.lookup = [float(w) for w in args.lookup.split(",") if w]
     except ValueError:
@@ -90,19 +103,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lookup-nodes must be counts >= 0, comma-separated, got {args.lookup_nodes!r}")
     if not args.lookup_nodes or min(args.lookup_nodes) < 0 or (max(args.lookup_nodes) and not args.lookup):
         p.error(f"--lookup-nodes must be counts >= 0, and needs --lookup, got {args.lookup_nodes}")
-    bad = [t for t in args.trees if t != "default" and not re.fullmatch(r"dynamic[1-9][0-9]*", t)]
-    if bad:
-        p.error(f"--trees must be default or dynamicN, got {','.join(bad)}")
     return args
 
 
 def load_weights(path: str):
     """A transfer file has a 'layer' in its metadata; anything else is taken as Medusa heads."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        is_transfer = "layer" in (f.metadata() or {})
+    if not Path(path).is_file():
+        raise ValueError(f"--drafter {path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            is_transfer = "layer" in (f.metadata() or {})
+    except SafetensorError as e:
+        raise ValueError(f"--drafter {path}: not a readable safetensors file ({e})") from None
     return TransferWeights.load(path) if is_transfer else MedusaWeights.load(path)
+
+
+def check_weights(model, name: str, weights) -> None:
+    """Refuse a drafter whose tensors do not fit the model, before the continuations are made."""
+    c, K = model.config, weights.K
+    try:
+        if isinstance(weights, TransferWeights):
+            resolve_transfer(weights, "", c.dim, c.n_layers)
+        elif tuple(weights.weight.shape) != (K, c.dim, c.dim) or tuple(weights.bias.shape) != (K, c.dim):
+            raise ValueError(f"Medusa heads must be [K, {c.dim}, {c.dim}] and [K, {c.dim}] for this model, got "
+                             f"{list(weights.weight.shape)} and {list(weights.bias.shape)}")
+    except ValueError as e:
+        raise ValueError(f"--drafter {name}: {e}") from None
 
 
 def measure(model, name: str, weights, examples, categories: list[str], args) -> list[dict]:
@@ -225,15 +253,17 @@ def plot(path: str, rows: list[dict], title: str) -> None:
 def main(argv=None) -> None:
     t0 = time.perf_counter()
     args = parse_args(argv)
+    check_outputs(json=args.json, plot=args.plot)
+    path = Path(args.prompts)
+    rows = load_prompts(path)[:: args.stride][: args.limit or None]
+    texts, categories = [text for text, _ in rows], [category for _, category in rows]
+    drafters = [(name, load_weights(file)) for name, file in args.drafter]  # a bad file fails before the work
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = ht.load_model(args.model, dtype=dtype, device=args.device)
-    path = Path(args.prompts)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = rows[:: args.stride][: args.limit or None]
-    texts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows]
-    categories = [r.get("category", "all") for r in rows]
+    for name, weights in drafters:
+        check_weights(model, name, weights)
     head = header(model.device, dtype)
     title = "  ".join(f"{k}: {v}" for k, v in head.items())
     print(title)
@@ -242,13 +272,11 @@ def main(argv=None) -> None:
     examples = synthesize(model, prompts, args.max_new_tokens, batch_size=32, eos_token_id=())  # fixed lengths
     print(f"continuations: {time.perf_counter() - t0:.0f} s", flush=True)
     results = []
-    for spec in args.drafter:
-        name, _, file = spec.partition("=")
-        results += measure(model, name, load_weights(file), examples, categories, args)
+    for name, weights in drafters:
+        results += measure(model, name, weights, examples, categories, args)
         print(f"{name}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print_rows(results, args.trees)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"header": head, "args": vars(args), "rows": results}, indent=1))
     if args.plot:
         plot(args.plot, results, title)
@@ -256,4 +284,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,19 +26,28 @@ from ht_kernels.drafts.prompts import encode_prompt
 from ht_kernels.loading import load_model
 from ht_kernels.train.corpus import passages
 from ht_kernels.train.data import synthesize
-from _harness import header
+from ht_kernels.train.cli import int_in, run_main, threads_arg
+from _harness import check_outputs, header
+
+
+def budgets_arg(value: str) -> list[int]:
+    """--budgets: comma-separated token counts, each >= 1."""
+    parse = int_in(1)
+    return [parse(v) for v in value.split(",")]
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--budgets", default="1000000,4096,2048,1024")
+    p.add_argument("--rows", type=int_in(1), default=32)
+    p.add_argument("--new-tokens", type=int_in(1), default=128)
+    p.add_argument("--budgets", type=budgets_arg, default="1000000,4096,2048,1024",
+                   help="prefill pass sizes in tokens, comma-separated, each >= 1")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=threads_arg)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    check_outputs(json=args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=getattr(torch, args.dtype))
@@ -49,7 +59,7 @@ def main(argv=None) -> dict:
     dec = HiddenTransferDecoder(model, transfer=None, prepack=model.prepacked)
     rows, base = [], None
     with torch.inference_mode():
-        for budget in map(int, args.budgets.split(",")):
+        for budget in args.budgets:
             dec.prefill_tokens = budget
             cache = model.new_cache(len(prompts), max(map(len, prompts)) + 8)
             t = time.perf_counter()
@@ -73,4 +83,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -7,11 +7,13 @@ pseudo[n, i, :] = hidden[n] @ weight[i].T + bias[i] for N hidden states of width
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import ht_kernels as ht
+from ht_kernels.train.cli import run_main
 from _harness import Skip, copy_gb_per_s, parse_args, run
 
 QUICK_HELP = "small CPU-friendly set: N in {1, 16, 256}, K in {3, 5}, D 576 (fp32 on CPU unless --dtype)"
@@ -23,8 +25,8 @@ def cases(quick: bool) -> list[dict]:
     return [dict(D=D, K=K, N=N) for D, K, N in grid]
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], QUICK_HELP)
+def main(argv=None) -> None:
+    args = parse_args(__doc__.splitlines()[0], QUICK_HELP, argv=argv)
     dev, dtype = args.device, args.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
 
@@ -67,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import ht_kernels as ht
-from _harness import header
+from ht_kernels.train.cli import device_arg, int_in, run_main, threads_arg
+from _harness import check_outputs, header
 
 TREES = {"default": (None, 16), "dynamic16": ("dynamic", 16), "dynamic32": ("dynamic", 32)}
 
@@ -33,12 +34,12 @@ TREES = {"default": (None, 16), "dynamic16": ("dynamic", 16), "dynamic32": ("dyn
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--context", type=int, default=2048, help="prompt tokens (default 2048)")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--context", type=int_in(1), default=2048, help="prompt tokens (default 2048)")
+    p.add_argument("--new-tokens", type=int_in(1), default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default) or cuda")
     p.add_argument("--trees", default="default,dynamic32", help=f"ht's trees, a subset of {','.join(TREES)}")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=threads_arg, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--child", help=argparse.SUPPRESS)  # "ar" or a tree name: measure one method, print JSON
     args = p.parse_args(argv)
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(measure(args)))
         return
+    check_outputs(json=args.json)
     head = header(torch.device(args.device), getattr(torch, args.dtype))
     print("  ".join(f"{k}: {v}" for k, v in head.items()))
     print(f"model: {args.model}, {args.context}-token prompt, {args.new_tokens} new tokens, batch 1, greedy; "
@@ -97,7 +99,8 @@ def main(argv=None) -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            raise SystemExit(f"bench_memory: {method} failed:\n{done.stderr[-2000:]}")
+            last = done.stderr.strip().splitlines()[-1].removeprefix("error: ") if done.stderr.strip() else "failed"
+            raise ValueError(f"{method}: {last} (exit status {done.returncode})")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     ar = rows[0]
     print(f"{'method':>15}  {'step tokens':>11}  {'tau':>5}  {'before MiB':>10}  {'peak MiB':>9}  {'x plain':>7}  "
@@ -109,9 +112,8 @@ def main(argv=None) -> None:
         print(f"{r['method']:>15}  {r['step_tokens']:11d}  {r['tau']:5.2f}  {r['base_mib']:10.1f}  "
               f"{r['peak_mib']:9.1f}  {ratio:>7}  {r['total_x_plain']:12.2f}x")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"header": head, "context": args.context, "rows": rows}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

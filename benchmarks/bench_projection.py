@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +33,9 @@ from ht_kernels.decode.lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEI
 from ht_kernels.decode.sampling import greedy
 from ht_kernels.decode.transfer import TransferWeights
 from ht_kernels.model import ModelConfig, Transformer
-from _harness import header
-from bench_drafts import tree_spec
+from ht_kernels.train.cli import device_arg, int_in, path_arg, run_main, threads_arg
+from _harness import check_outputs, header
+from bench_drafts import tree_spec, trees_arg
 
 SHAPES = {
     "llama2-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
@@ -49,17 +52,19 @@ SHIPPED_T = 20 / 30  # the shipped maps' transfer layer over SmolLM2's depth
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="llama2-7b,llama3-8b", help=f"comma-separated subset of {','.join(SHAPES)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=shapes_arg, default="llama2-7b,llama3-8b",
+                   help=f"comma-separated subset of {','.join(SHAPES)}")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--context", type=int, default=2048, help="prefix tokens in the cache")
-    p.add_argument("--trees", default="default,dynamic16,dynamic32,dynamic64",
+    p.add_argument("--context", type=int_in(1), default=2048, help="prefix tokens in the cache")
+    p.add_argument("--trees", type=trees_arg, default="default,dynamic16,dynamic32,dynamic64",
                    help="comma-separated: default (the static 16-node tree) or dynamicN")
-    p.add_argument("--tau", default=MEASURED_TAU, help="tree=tau pairs (default: the shipped maps' tau)")
-    p.add_argument("--tau-json", help="take tau from the first transfer row of a bench_drafts.py --json file")
+    p.add_argument("--tau", type=tau_arg, default=MEASURED_TAU, help="tree=tau pairs (default: the shipped maps' tau)")
+    p.add_argument("--tau-json", type=path_arg,
+                   help="take tau from the first transfer row of a bench_drafts.py --json file")
     p.add_argument("--graphs", action="store_true", help="also time each step as a CUDA graph replay")
-    p.add_argument("--reps", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (CPU runs)")
+    p.add_argument("--reps", type=int_in(1), default=20, help="timed steps per measurement")
+    p.add_argument("--threads", type=threads_arg, help="torch intra-op threads (CPU runs)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.threads:
@@ -70,12 +75,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def shapes_arg(value: str) -> list[str]:
+    """--shapes: comma-separated names of SHAPES."""
+    shapes = value.split(",")
+    if not shapes or set(shapes) - set(SHAPES):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(SHAPES)}, got {value}")
+    return shapes
+
+
+def tau_arg(value: str) -> dict[str, float]:
+    """--tau: comma-separated tree=tau pairs, tau >= 1."""
+    try:
+        tau = {k: float(v) for k, v in (kv.split("=") for kv in value.split(",") if kv)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be tree=tau pairs, comma-separated, got {value}") from None
+    if any(not (math.isfinite(t) and t >= 1) for t in tau.values()):
+        raise argparse.ArgumentTypeError(f"tau must be finite and >= 1 (tokens per step), got {value}")
+    return tau
+
+
 def taus(args) -> dict[str, float]:
-    if args.tau_json:
+    """--tau, or the tau of --tau-json's first transfer row measured with the decoder's lookup settings."""
+    if not args.tau_json:
+        return args.tau
+    try:
         rows = json.loads(Path(args.tau_json).read_text())["rows"]
         return next(r["tau"] for r in rows if r.get("kind") == "transfer" and r.get("lookup") == LOOKUP_WEIGHT
                     and r.get("lookup_nodes") == LOOKUP_NODES)
-    return {k: float(v) for k, v in (kv.split("=") for kv in args.tau.split(",") if kv)}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, StopIteration):
+        raise ValueError(f"--tau-json {args.tau_json}: not a bench_drafts.py --json file with a transfer row at "
+                         f"lookup {LOOKUP_WEIGHT} and {LOOKUP_NODES} lookup nodes") from None
 
 
 def timed(fn, reps: int, device: torch.device) -> float:
@@ -113,6 +142,12 @@ def peak_mib(fn, device: torch.device, base: int) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def fits(context: int, step_tokens: int, what: str, cfg: ModelConfig) -> None:
+    if context + step_tokens > cfg.max_seq_len:
+        raise ValueError(f"--context {context}: a {what} step ({step_tokens} tokens) after it needs "
+                         f"{context + step_tokens} positions, more than the shape's {cfg.max_seq_len}")
+
+
 def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[dict]:
     dev, C = args.device, args.context
     torch.manual_seed(0)
@@ -121,6 +156,7 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
     rows = []
     with torch.inference_mode():
         plain_dec = ht.HiddenTransferDecoder(model, transfer=None)
+        fits(C, 1, f"{name} plain", cfg)
         plain_cache = model.new_cache(1, C + 1)
         plain_cache.lengths.fill_(C)
         token = torch.zeros(1, dtype=torch.long, device=dev)
@@ -131,12 +167,13 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
         rows.append(dict(shape=name, tree="plain", tokens=1, ms=t_plain, graph_ms=g_plain, peak_mib=mem_plain))
         print(f"{name}: plain step {t_plain:.2f} ms" + (f" (graph {g_plain:.2f} ms)" if g_plain else ""), flush=True)
         plain_cache = None
-        for tree_name in args.trees.split(","):
+        for tree_name in args.trees:
             tree, budget = tree_spec(tree_name)
             # The transfer layer at the shipped maps' fraction of the depth (t = 20 of 30 layers).
             maps = TransferWeights.untrained(cfg.dim, cfg.n_layers, layer=round(cfg.n_layers * SHIPPED_T))
             dec = ht.HiddenTransferDecoder(model, transfer=maps, tree=tree, budget=budget)
             K = dec.transfer.K
+            fits(C, dec._step_tokens(), f"{name} {tree_name}", cfg)
             cache = model.new_cache(1, C + dec._step_tokens())
             cache.lengths.fill_(C)
             history = torch.zeros(1, cache.max_len, dtype=torch.long, device=dev)  # the lookup's tokens
@@ -166,10 +203,11 @@ def measure(name: str, cfg: ModelConfig, args, tau: dict[str, float]) -> list[di
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_outputs(json=args.json)
     head = header(args.device, args.dtype)
     print("  ".join(f"{k}: {v}" for k, v in head.items()) + f"  context: {args.context}")
     tau = taus(args)
-    rows = [r for name in args.shapes.split(",") for r in measure(name, SHAPES[name], args, tau)]
+    rows = [r for name in args.shapes for r in measure(name, SHAPES[name], args, tau)]
     print(f"\n{'shape':>10} {'tree':>10} {'tokens':>6} {'step ms':>8} {'graph ms':>8} {'x plain':>7} "
           f"{'tau':>5} {'proj. x':>7} {'peak MiB':>9}")
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
@@ -178,10 +216,9 @@ def main(argv=None) -> None:
               f"{fmt(r.get('step_x_plain'), '7.2f'):>7} {fmt(r.get('tau'), '5.2f'):>5} "
               f"{fmt(r.get('projected_speedup'), '7.2f'):>7} {fmt(r['peak_mib'], '9.0f'):>9}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"header": head, "context": args.context, "tau": tau, "rows": rows},
                                               indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

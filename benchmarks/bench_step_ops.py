@@ -8,10 +8,12 @@ their committed slots, as the decoder does after each step; the output checked i
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 
 import ht_kernels as ht
+from ht_kernels.train.cli import run_main
 from _harness import parse_args, run
 
 QUICK_HELP = "small CPU-friendly set: 4 layers, B in {1, 2}, T in {16, 64}, 2 KV heads of 64"
@@ -23,8 +25,8 @@ def cases(quick: bool) -> list[dict]:
     return [dict(layers=L, B=B, T=T, Hkv=H, D=D) for L, B, T, H, D in grid]
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], QUICK_HELP)
+def main(argv=None) -> None:
+    args = parse_args(__doc__.splitlines()[0], QUICK_HELP, argv=argv)
     dev, dtype = args.device, args.dtype
 
     def setup(case: dict) -> dict:
@@ -54,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +28,8 @@ from ht_kernels.loading import load_model
 from ht_kernels.train.dataset import load
 from ht_kernels.train.objective import anchor_mask, distill_loss
 from ht_kernels.train.trainer import TrainConfig, make_drafter, n_trained
-from _harness import header
+from ht_kernels.train.cli import int_in, path_arg, run_main, threads_arg
+from _harness import check_outputs, header
 
 PHASES = ("frozen", "drafter", "loss", "backward")
 
@@ -35,21 +37,23 @@ PHASES = ("frozen", "drafter", "loss", "backward")
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="datasets/smollm2-135m")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dataset", type=path_arg, default="datasets/smollm2-135m")
+    p.add_argument("--batch-size", type=int_in(1), default=8)
     p.add_argument("--layer", type=int, default=20)
     p.add_argument("--method", choices=["transfer", "medusa"], default="transfer")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int_in(1), default=3)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=threads_arg)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    check_outputs(json=args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=getattr(torch, args.dtype))
     head = header(model.device, model.dtype)
     print(head)
     cfg = TrainConfig(method=args.method, layer=args.layer, batch_size=args.batch_size)
+    cfg.check(model.config)
     drafter = make_drafter(cfg, model).to(model.device)
     batch = load(args.dataset, model.tokenizer, "train")[:args.batch_size]
     depth_w = torch.tensor([cfg.depth_decay ** i for i in range(cfg.K)], device=model.device)
@@ -90,4 +94,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

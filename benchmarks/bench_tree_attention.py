@@ -12,12 +12,14 @@ bf16 peak) as a percentage of the measured time.
 from __future__ import annotations
 
 import itertools
+import sys
 import os
 
 import torch
 import torch.nn.functional as F
 
 import ht_kernels as ht
+from ht_kernels.train.cli import run_main
 from _harness import Skip, copy_gb_per_s, dense_peak_tflops, parse_args, run
 
 QUICK_HELP = ("small CPU-friendly set: B in {1, 2}, L in {256, 1024}, T in {16, 64}, Hq/Hkv 8/2, D 64 "
@@ -78,8 +80,8 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], QUICK_HELP)
+def main(argv=None) -> None:
+    args = parse_args(__doc__.splitlines()[0], QUICK_HELP, argv=argv)
     dev, dtype = args.device, args.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
 
@@ -170,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

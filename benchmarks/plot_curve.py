@@ -6,15 +6,28 @@ cross-entropy and top-1 per depth against the training tokens seen.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
+
+from ht_kernels.drafts.prompts import jsonl_rows
+from ht_kernels.train.cli import check_out_file, run_main
 
 
 def read(run: str) -> list[dict]:
     path = Path(run) / "curve.jsonl"
     if not path.exists():
-        raise SystemExit(f"{path} does not exist: train with --dataset to measure a held-out curve")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise ValueError(f"{path} does not exist: train with --dataset to measure a held-out curve")
+    rows = []
+    for i, row in jsonl_rows(path):
+        held = row.get("held_out")
+        numbers = all(isinstance(row.get(k), (int, float)) for k in ("tokens", "step", "seconds"))
+        if not (numbers and isinstance(held, dict) and all(isinstance(held.get(k), list) and held[k]
+                                                             for k in ("ce", "top1"))):
+            raise ValueError(f"{path}:{i}: a curve row needs tokens, step, seconds and held_out's ce and top1 lists")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no curve rows yet")
+    return rows
 
 
 def main(argv=None) -> None:
@@ -25,7 +38,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
-        raise SystemExit(f"--labels names {len(labels)} runs, {len(args.runs)} given")
+        p.error(f"--labels names {len(labels)} runs, {len(args.runs)} given")
+    check_out_file("--out", args.out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,4 +65,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 
+import sys
+
 import torch
 
+from ht_kernels.train.cli import int_in, run_main
 from _harness import Skip, parse_args, run
 from bench_tree_attention import gb_per_s, make_inputs
 
@@ -34,16 +37,22 @@ def name(config: dict, splits: int | None) -> str:
     return f"{tiles}/{splits or 'auto'}"
 
 
-def main() -> None:
+def splits_arg(value: str) -> list[int]:
+    """--splits: comma-separated KV split counts in [1, 64]."""
+    count = int_in(1, 64)
+    return [count(s) for s in value.split(",") if s]
+
+
+def main(argv=None) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     from ht_kernels import tree_attention
     from ht_kernels.triton.tree_attention import TUNE_CANDIDATES, table_key, tree_attention_fwd
 
     args = parse_args(__doc__.splitlines()[0], "one small case, every candidate checked under the interpreter",
-                      lambda p: p.add_argument("--splits", default="1,2,4,8,16",
-                                               help="KV split counts tried besides the heuristic's"))
+                      lambda p: p.add_argument("--splits", type=splits_arg, default="1,2,4,8,16",
+                                               help="KV split counts tried besides the heuristic's"), argv=argv)
     dev, dtype = args.device, args.dtype
-    splits = [None] + [int(s) for s in args.splits.split(",") if s]
+    splits = [None] + args.splits
 
     def setup(case: dict) -> dict:
         B, L, T, Hq, D = (case[k] for k in ("B", "L", "T", "Hq", "D"))
@@ -102,4 +111,4 @@ def print_table_entries(rows: list, tiles: dict, table_key, arch: int, dtype: to
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

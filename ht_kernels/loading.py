@@ -195,7 +195,10 @@ def _from_gguf(path: str, dtype: torch.dtype, device) -> Transformer:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as e:  # what gguf raises on a damaged or truncated file
+        raise ValueError(f"load_model: {path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
     if arch != "llama":

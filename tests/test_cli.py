@@ -1,8 +1,8 @@
 """The CLI (`python -m ht_kernels generate`) and benchmarks/bench_decode.py end to end on a tiny random model.
 
-The model is an HF directory saved in a temporary folder: a random LlamaForCausalLM and a byte-level
-tokenizer (256 byte tokens, no merges, two chat specials) built offline, so every string round-trips and a
-multi-byte character spans several tokens.
+The model (conftest's `tiny`) is an HF directory saved in a temporary folder: a random LlamaForCausalLM and a
+byte-level tokenizer (256 byte tokens, no merges, two chat specials) built offline, so every string round-trips
+and a multi-byte character spans several tokens.
 """
 from __future__ import annotations
 
@@ -18,48 +18,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import torch
 
 import ht_kernels as ht
 from ht_kernels.cli import TextStream, main, parse_args
 from ht_kernels.cpu import best_dtype
+from conftest import byte_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 SUMMARY = re.compile(r"^(\d+) tokens in \d+\.\d s: \d+\.\d tokens/s, mean accepted length (\d+\.\d\d)$")
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|im_start|>", "<|im_end|>"]
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", additional_special_tokens=specials)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.5, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 class Recorder(io.StringIO):
@@ -300,5 +268,13 @@ def test_plot_curve(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "a: 5 steps, 500 tokens" in out and "0.350/0.100" in out and "0.450/0.100" in out
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="curve.jsonl"):
+    with pytest.raises(ValueError, match="curve.jsonl does not exist"):
         plot_curve.main([str(tmp_path), "--out", str(tmp_path / "d.png")])
+    (tmp_path / "c").mkdir()
+    for text, match in (("", "no curve rows yet"), ('{"step": 0}\n', ":1: a curve row needs"),
+                        ("[1]\n", ":1: a row must be")):
+        (tmp_path / "c" / "curve.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            plot_curve.main([str(tmp_path / "c"), "--out", str(tmp_path / "d.png")])
+    with pytest.raises(ValueError, match="--out .*: cannot write a file there"):
+        plot_curve.main([str(tmp_path / "a"), "--out", str(tmp_path)])

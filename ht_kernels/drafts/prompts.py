@@ -2,12 +2,16 @@
 
 `builtin_prompts` crosses task templates with topics (writing, explanation, advice, reasoning, math,
 code, extraction, summarisation, translation, role play); none comes from an evaluation set. Tree auto
-calibrates on them and training answers them. `encode_prompt` wraps a prompt in the model's chat template.
+calibrates on them and training answers them. `encode_prompt` wraps a prompt in the model's chat template;
+`load_prompts` reads prompt files (JSONL), naming the line of a bad row.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import random
+from collections.abc import Iterator
+from pathlib import Path
 
 TOPICS = [
     "the water cycle", "black holes", "photosynthesis", "the French Revolution", "machine learning",
@@ -223,3 +227,40 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     if chat:
         raise ValueError("the model's tokenizer has no chat template: pass --no-chat to use the prompt as is")
     return tokenizer(prompt).input_ids
+
+
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file (UTF-8, a byte-order mark allowed); a
+    line that is not a JSON object raises a ValueError naming path:line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: a row must be a JSON object, got {type(row).__name__}")
+        yield i, row
+
+
+def load_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, category) of each row {"prompt": str} or {"turns": [str, ...]} (the first turn) of a JSONL
+    file, with an optional "category" string ("all" without one). A bad row or a file without rows raises
+    a ValueError naming path:line or the path."""
+    out = []
+    for i, row in jsonl_rows(path):
+        turns = row.get("turns")
+        text = row.get("prompt") if "prompt" in row else turns[0] if isinstance(turns, list) and turns else None
+        category = row.get("category", "all")
+        if not isinstance(text, str) or not isinstance(category, str):
+            raise ValueError(f"{path}:{i}: a prompt row needs a 'prompt' string or 'turns' of strings (and a "
+                             f"'category' string if any), got {json.dumps(row)[:80]}")
+        out.append((text, category))
+    if not out:
+        raise ValueError(f"{path}: no prompt rows")
+    return out

@@ -3,8 +3,8 @@ frozen model's arguments and its loading (`refine`, `calibrate`), and one way of
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -88,18 +88,27 @@ def load_frozen(args: argparse.Namespace):
 
 
 def check_out_file(name: str, path: str) -> None:
-    """Refuse an output file that cannot be written, before the work that makes it."""
+    """Refuse an output file that cannot be written, before the work that makes it (a file opened to append
+    and closed; one that did not exist is removed again)."""
     p = Path(path)
-    if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
-        raise ValueError(f"{name} {path}: cannot write a file there (a directory, or a folder that is missing "
-                         f"or read-only)")
+    existed = p.exists()
+    try:
+        if p.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a directory")
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name} {path}: cannot write a file there ({e.strerror or e})") from None
+    if not existed:
+        p.unlink()
 
 
 def run_main(main, argv=None) -> int:
-    """main(argv) with the errors a user can fix (ValueError, OSError, ImportError) as one line on stderr
-    and exit status 2."""
+    """main(argv) -> its exit status (main's int, else 0), with the errors a user can fix (ValueError, OSError,
+    ImportError) printed as one line on stderr and exit status 2."""
     try:
-        return main(argv)
+        status = main(argv)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return status if isinstance(status, int) else 0

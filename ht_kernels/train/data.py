@@ -14,6 +14,7 @@ from pathlib import Path
 from ..decode.decoder import HiddenTransferDecoder
 from ..decode.replay import answers
 from ..drafts.examples import Example
+from ..drafts.prompts import jsonl_rows
 
 READING_TASKS = [
     "Summarize: {text}", "Summarize the following article in a few sentences.\n\n{text}",
@@ -37,20 +38,8 @@ def load_jsonl(path: str | Path, vocab_size: int | None = None) -> tuple[list[st
     """Rows {"prompt": str} / {"turns": [str, ...]} (answered by the model), {"text": str} and
     {"tokens": [int, ...]} (used as they are; ids below vocab_size when it is given) -> (prompts, texts,
     token lists). A row that is none of these raises a ValueError naming path:line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     prompts, texts, seqs = [], [], []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: a data row must be a JSON object, got {type(row).__name__}")
+    for i, row in jsonl_rows(path):
         toks = row.get("tokens")
         if toks is not None:
             if (not isinstance(toks, list) or not toks
