@@ -112,6 +112,9 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu") -
     """
     if isinstance(name_or_path, torch.nn.Module):
         return _from_hf_model(name_or_path)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"load_model: dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    device = _check_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ValueError(f"load_model: name_or_path must be {SUPPORTED}; got a {type(name_or_path).__name__}")
     path = os.fspath(name_or_path)
@@ -124,6 +127,19 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu") -
     if os.path.isfile(os.path.join(path, "config.json")):
         return _from_hf_dir(path, dtype, device)
     raise ValueError(f"load_model: name_or_path must be {SUPPORTED}; got {path!r}, which is none of these")
+
+
+def _check_device(device) -> torch.device:
+    """A CPU or an existing CUDA device as torch.device, else a ValueError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load_model: device must be cpu or a CUDA device, got {device!r} ({e})") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"load_model: device {device!r}, but this machine has {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"load_model: device must be cpu or a CUDA device, got {device!r}")
+    return dev
 
 
 def _smollm2_path() -> str:
@@ -158,17 +174,32 @@ def _from_hf_model(hf_model: torch.nn.Module) -> Transformer:
 def _from_hf_dir(path: str, dtype: torch.dtype, device) -> Transformer:
     import json
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    hf_config, gen = (json.loads(f.read_text()) if f.is_file() else {}
-                      for f in (Path(path, "config.json"), Path(path, "generation_config.json")))
-    config = config_from_hf(hf_config)
+    def read_json(f: Path) -> dict:
+        try:
+            value = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"load_model: {str(f)!r} is not JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"load_model: {str(f)!r} must hold a JSON object, got {type(value).__name__}")
+        return value
+
+    hf_config, gen = (read_json(Path(path, f)) for f in ("config.json", "generation_config.json"))
+    try:
+        config = config_from_hf(hf_config)
+    except KeyError as e:
+        raise ValueError(f"load_model: {os.path.join(path, 'config.json')!r} lacks {e}") from None
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"load_model: the HF directory {path!r} has no *.safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(os.path.join(path, f), device=str(device)))
+        try:
+            state.update(load_file(os.path.join(path, f), device="cpu" if device.type == "cpu" else str(device)))
+        except SafetensorError as e:
+            raise ValueError(f"load_model: {os.path.join(path, f)!r} is not a readable safetensors file ({e})") from None
     model = Transformer(config, device="meta")
     model.load_weights({k: t.to(dtype) for k, t in _rename(state, hf=True).items()})
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -37,6 +37,20 @@ class ModelConfig:
     max_seq_len: int = 2048
     name: str = "llama"
 
+    def __post_init__(self):
+        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len")
+        bad = {k: getattr(self, k) for k in sizes
+               if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 1}
+        if bad:
+            raise ValueError(f"ModelConfig: sizes must be integers >= 1, got {bad}")
+        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"ModelConfig: n_heads must be a multiple of n_kv_heads and head_dim even, got "
+                             f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}")
+        for k in ("norm_eps", "rope_theta"):
+            x = getattr(self, k)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not 0 < x < math.inf:
+                raise ValueError(f"ModelConfig: {k} must be a finite number > 0, got {x!r}")
+
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """[head_dim / 2] fp32 inverse frequencies, with HF's "linear" or "llama3" scaling."""
