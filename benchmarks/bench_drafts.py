@@ -122,13 +122,12 @@ def load_weights(path: str):
 
 def check_weights(model, name: str, weights) -> None:
     """Refuse a drafter whose tensors do not fit the model, before the continuations are made."""
-    c, K = model.config, weights.K
+    c = model.config
     try:
         if isinstance(weights, TransferWeights):
             resolve_transfer(weights, "", c.dim, c.n_layers)
-        elif tuple(weights.weight.shape) != (K, c.dim, c.dim) or tuple(weights.bias.shape) != (K, c.dim):
-            raise ValueError(f"Medusa heads must be [K, {c.dim}, {c.dim}] and [K, {c.dim}] for this model, got "
-                             f"{list(weights.weight.shape)} and {list(weights.bias.shape)}")
+        else:
+            weights.check(c.dim)
     except ValueError as e:
         raise ValueError(f"--drafter {name}: {e}") from None
 

@@ -114,7 +114,10 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu") -
         return _from_hf_model(name_or_path)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"load_model: dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    device = _check_device(device)
+    try:
+        device = check_device(device)
+    except ValueError as e:
+        raise ValueError(f"load_model: device {e}") from None
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ValueError(f"load_model: name_or_path must be {SUPPORTED}; got a {type(name_or_path).__name__}")
     path = os.fspath(name_or_path)
@@ -129,16 +132,16 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu") -
     raise ValueError(f"load_model: name_or_path must be {SUPPORTED}; got {path!r}, which is none of these")
 
 
-def _check_device(device) -> torch.device:
-    """A CPU or an existing CUDA device as torch.device, else a ValueError."""
+def check_device(device) -> torch.device:
+    """device as a torch.device when it is the CPU or a CUDA device this machine has, else a ValueError."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"load_model: device must be cpu or a CUDA device, got {device!r} ({e})") from None
+        raise ValueError(f"{device!r} is not a device ({e})") from None
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"load_model: device {device!r}, but this machine has {torch.cuda.device_count()} CUDA devices")
+        raise ValueError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"load_model: device must be cpu or a CUDA device, got {device!r}")
+        raise ValueError(f"{device!r}: must be cpu or a CUDA device")
     return dev
 
 

@@ -30,6 +30,12 @@ class MedusaWeights:
     def K(self) -> int:
         return self.weight.shape[0]
 
+    def check(self, dim: int) -> None:
+        """Refuse heads that do not fit a model of width `dim`."""
+        if tuple(self.weight.shape) != (self.K, dim, dim) or tuple(self.bias.shape) != (self.K, dim):
+            raise ValueError(f"Medusa heads must be [K, {dim}, {dim}] and [K, {dim}] for this model, got "
+                             f"{list(self.weight.shape)} and {list(self.bias.shape)}")
+
     @classmethod
     def load(cls, path: str | Path) -> MedusaWeights:
         """From a safetensors file with tensors "weight" [K, D, D] and "bias" [K, D], and its metadata."""
@@ -70,10 +76,7 @@ class MedusaDecoder(HiddenTransferDecoder):
 
             model = load_model(model)
         heads = heads if isinstance(heads, MedusaWeights) else MedusaWeights.load(heads)
-        D = model.config.dim
-        if tuple(heads.weight.shape) != (heads.K, D, D) or tuple(heads.bias.shape) != (heads.K, D):
-            raise ValueError(f"heads must be [K, {D}, {D}] and [K, {D}] for this model, got "
-                             f"{list(heads.weight.shape)} and {list(heads.bias.shape)}")
+        heads.check(model.config.dim)
         self.model, self.heads = model, heads
         param = next(model.parameters())
         self.weight = heads.weight.to(param.device, param.dtype)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..loading import check_device
+
 MAX_THREADS = 1024
 
 
@@ -49,13 +51,9 @@ threads_arg = int_in(1, MAX_THREADS)
 def device_arg(value: str) -> str:
     """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, ...)."""
     try:
-        device = torch.device(value)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(f"not a device: {e}") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu or a CUDA device, got {value}")
+        check_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
