@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", type=path_arg, default="datasets/smollm2-135m")
     p.add_argument("--batch-size", type=int_in(1), default=8)
-    p.add_argument("--layer", type=int, default=20)
+    p.add_argument("--layer", type=int_in(1), default=20)
     p.add_argument("--method", choices=["transfer", "medusa"], default="transfer")
     p.add_argument("--reps", type=int_in(1), default=3)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")

@@ -11,7 +11,7 @@ import warnings
 
 from .decode.lookup import NODES as LOOKUP_NODES, WEIGHT as LOOKUP_WEIGHT
 from .drafts.prompts import encode_prompt
-from .train.cli import int_in, threads_arg
+from .train.cli import float_in, int_in, threads_arg
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -67,10 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt", required=True)
     g.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or an HF directory")
     g.add_argument("--transfer", default="default", help="default (shipped weights), a weights file, or none")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    g.add_argument("--max-new-tokens", type=int_in(1), default=128)
+    g.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0, open_lo=True), default=1.0)
+    g.add_argument("--top-k", type=int_in(0), default=0, help="0: no top-k")
     g.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), help="seed of the sampler (temperature > 0)")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto (default): bfloat16 with --exact where the CPU has bf16 kernels, else float32")
@@ -80,12 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--tree", choices=["auto", "default", "dynamic"], default="auto",
                    help="auto (default): the tree with the most tokens/s on this machine, measured once (about a "
                         "minute) and cached; default: the static 16-node tree; dynamic: the best --budget nodes")
-    g.add_argument("--budget", type=int, default=16, help="nodes of a dynamic tree")
+    g.add_argument("--budget", type=int_in(1), default=16, help="nodes of a dynamic tree")
     g.add_argument("--exact", action="store_true",
                    help="bfloat16: the tokens of plain decoding bit for bit, not only up to near-ties (slower)")
-    g.add_argument("--lookup", type=float, default=LOOKUP_WEIGHT,
+    g.add_argument("--lookup", type=float_in(0.0, 1.0, open_hi=True), default=LOOKUP_WEIGHT,
                    help=f"weight of the context lookup's guesses among the drafts (default {LOOKUP_WEIGHT}; 0: off)")
-    g.add_argument("--lookup-nodes", type=int, help=f"tree nodes carrying the lookup's guess on (default "
+    g.add_argument("--lookup-nodes", type=int_in(0), help=f"tree nodes carrying the lookup's guess on (default "
                                                     f"{LOOKUP_NODES} with the lookup)")
     return p.parse_args(argv)
 

@@ -83,12 +83,24 @@ def test_generate_errors_exit_2_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: load_model") and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("option,value", [("--threads", "0"), ("--threads", "-1"), ("--threads", "two"),
-                                          ("--threads", "100000"), ("--seed", str(2 ** 64)), ("--seed", "-1")])
-def test_bad_thread_counts_and_seeds_exit_2(option, value, capsys):
+@pytest.mark.parametrize("option,value", [
+    ("--threads", "0"), ("--threads", "-1"), ("--threads", "two"), ("--threads", "100000"),
+    ("--seed", str(2 ** 64)), ("--seed", "-1"), ("--max-new-tokens", "0"), ("--max-new-tokens", "1.5"),
+    ("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "0"),
+    ("--top-p", "1.5"), ("--top-k", "-1"), ("--budget", "0"), ("--lookup", "1"), ("--lookup", "-0.1"),
+    ("--lookup", "nan"), ("--lookup-nodes", "-1")])
+def test_bad_options_exit_2_before_the_model_loads(option, value, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["generate", "--prompt", "hi", option, value])
     assert e.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,parsed", [
+    ("--top-p", "1", 1.0), ("--top-p", "1e-9", 1e-9), ("--lookup", "0", 0.0), ("--temperature", "0", 0.0),
+    ("--top-k", "0", 0), ("--budget", "1", 1), ("--lookup-nodes", "0", 0), ("--max-new-tokens", "1", 1)])
+def test_option_bounds_are_accepted(option, value, parsed):
+    args = parse_args(["generate", "--prompt", "hi", option, value])
+    assert getattr(args, option[2:].replace("-", "_")) == parsed
 
 
 def test_bench_decode_end_to_end(tiny, tmp_path, capsys, monkeypatch):

@@ -3,7 +3,6 @@ mass, its features are the drafts of the decoder's anchors with the right roots 
 a dependence of the next tokens on the root that the drafts cannot see."""
 from __future__ import annotations
 
-import pytest
 import torch
 from test_decode import random_transfer, tiny_model
 from test_train import _examples

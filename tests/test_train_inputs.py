@@ -213,6 +213,10 @@ def _train_argv(tmp_path, *extra):
     ("--recall-weight", "nan", "finite number >= 0.0, got nan"), ("--recall-weight", "-5", "got -5.0"),
     ("--out", "", "non-empty path"), ("--init-from", " ", "non-empty path"), ("--data", "", "non-empty path"),
     ("--device", "foo", "not a device"), ("--device", "cuda:7", "CUDA devices"), ("--steps", "x", "invalid int"),
+    ("--steps", "0", "must be >= 1, got 0"), ("--K", "9", "must be in [1, 8], got 9"), ("--K", "0", "got 0"),
+    ("--batch-size", "100000", "must be in [1, 65536]"), ("--save-every", "0", "must be >= 1"),
+    ("--mlp-rank", "-1", "must be >= 0"), ("--recall-k", "-1", "must be >= 0"), ("--layer", "0", "must be >= 1"),
+    ("--extra-layer", "-1", "must be >= 0"),
 ])
 def test_train_cli_refuses_bad_options_by_name(option, value, needle, tmp_path, capsys, model):
     argv = _train_argv(tmp_path)
@@ -223,8 +227,7 @@ def test_train_cli_refuses_bad_options_by_name(option, value, needle, tmp_path, 
 @pytest.mark.parametrize("extra,needles", [
     (["--recall-k", str(V)], ["recall_k must be an int in [0, 31]"]),
     (["--mlp-rank", "65"], ["mlp_rank must be an int in [0, 64]"]),
-    (["--batch-size", "100000"], ["batch_size must be an int in [1, 65536]"]),
-    (["--K", "9"], ["K must be an int in [1, 8]"]),
+    (["--layer", "4"], ["layer must be an int in [1, 3]"]),
     (["--max-len", "65"], ["--max-len 65 is more than the model's context of 64"]),
     (["--reading", "2"], ["--reading 2 asks about the model's answers"]),
     (["--resume"], ["--resume: no checkpoint"]),

@@ -31,7 +31,7 @@ from ..drafts.examples import Example
 from ..drafts.prompts import builtin_prompts, encode_prompt
 from .cli import device_arg, float_in, int_in, path_arg, run_main, threads_arg
 from .data import load_jsonl, reading_prompts, synthesize, windows
-from .trainer import TrainConfig, _dist, train
+from .trainer import MAX_BATCH, MAX_K, TrainConfig, _dist, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,21 +41,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (one process per device)")
     p.add_argument("--method", choices=["transfer", "medusa"], default="transfer")
-    p.add_argument("--K", type=int, default=3, help="draft depths")
-    p.add_argument("--layer", type=int, help="transfer layer t (default: n_layers // 2)")
+    p.add_argument("--K", type=int_in(1, MAX_K), default=3, help="draft depths")
+    p.add_argument("--layer", type=int_in(1), help="transfer layer t (default: n_layers // 2)")
     p.add_argument("--no-chain", action="store_true", help="ablation: pseudo i does not attend pseudo 1..i-1")
     p.add_argument("--init", choices=["lstsq", "identity"], default="lstsq")
     p.add_argument("--init-from", type=path_arg, help="start from these trained weights (a transfer or medusa .safetensors of "
                    "the same method, layer and shapes) instead of --init")
-    p.add_argument("--mlp-rank", type=int, default=0, help="a residual low-rank SiLU block after the maps (0: none)")
-    p.add_argument("--extra-layer", type=int, help="maps of the hidden state after this many layers too (< --layer)")
-    p.add_argument("--recall-k", type=int, default=0, help="add a top-k recall term to the loss (0: none)")
+    p.add_argument("--mlp-rank", type=int_in(0), default=0, help="a residual low-rank SiLU block after the maps (0: none)")
+    p.add_argument("--extra-layer", type=int_in(0), help="maps of the hidden state after this many layers too (< --layer)")
+    p.add_argument("--recall-k", type=int_in(0), default=0, help="add a top-k recall term to the loss (0: none)")
     p.add_argument("--recall-weight", type=float_in(0.0), default=0.5)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (all processes together)")
+    p.add_argument("--steps", type=int_in(1), default=400)
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=4, help="sequences per step (all processes together)")
     p.add_argument("--lr", type=float_in(0.0, 1.0), default=1e-3)
     p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=0)
-    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--save-every", type=int_in(1), default=50)
     p.add_argument("--prompts", type=int_in(0), default=800, help="built-in prompts to answer (0: none)")
     p.add_argument("--reading", type=int_in(0), default=0,
                    help="then ask the model to summarise / answer questions about N of its own answers")

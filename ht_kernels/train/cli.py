@@ -26,12 +26,14 @@ def int_in(lo: int, hi: int | None = None):
     return parse
 
 
-def float_in(lo: float, hi: float | None = None):
-    """An argparse type: a finite float in [lo, hi] (hi None: no upper bound)."""
+def float_in(lo: float, hi: float | None = None, *, open_lo: bool = False, open_hi: bool = False):
+    """An argparse type: a finite float in [lo, hi] (hi None: no upper bound; open_lo / open_hi exclude the bound)."""
     def parse(value: str) -> float:
         x = float(value)
-        if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
-            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        if (not math.isfinite(x) or x < lo or (open_lo and x == lo)
+                or (hi is not None and (x > hi or (open_hi and x == hi)))):
+            bound = f"{'>' if open_lo else '>='} {lo}" if hi is None else \
+                f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {x}")
         return x
     parse.__name__ = "float"

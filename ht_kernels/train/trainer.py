@@ -23,6 +23,7 @@ from .objective import anchor_mask, distill_loss
 
 CHECKPOINT, CURVE = "checkpoint.safetensors", "curve.jsonl"
 MAX_BATCH = 65536  # sequences per step; more would not fit in memory, and drawing them would take long
+MAX_K = 8  # draft depths at most
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TrainConfig:
         if not isinstance(self.chain, bool):
             raise ValueError(f"chain must be a bool, got {self.chain!r}")
         layer = config.n_layers // 2 if self.layer is None else self.layer  # the transfer layer
-        ints = {"K": (1, 8), "steps": (1, None), "batch_size": (1, MAX_BATCH), "warmup": (0, None),
+        ints = {"K": (1, MAX_K), "steps": (1, None), "batch_size": (1, MAX_BATCH), "warmup": (0, None),
                 "teacher_top_k": (1, config.vocab_size), "init_batches": (1, None), "seed": (0, 2 ** 63 - 1),
                 "save_every": (1, None), "mlp_rank": (0, config.dim), "recall_k": (0, config.vocab_size - 1),
                 "layer": (1, config.n_layers - 1), "extra_layer": (0, layer - 1)}
