@@ -7,7 +7,6 @@ import torch
 
 FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu if FLASH_CPU else None
 # From KERNEL_ROWS query rows per (batch, head) on, the fused CPU kernel gives a row the same bits beside
 # any others (bf16; measured: 1-3 rows take another path). RowExactCPUPlan pads to it, splits keys at
 # multiples of EXACT_BLOCK and attends a window of EXACT_WINDOW keys past the split.
@@ -143,7 +142,7 @@ class FlashCPUPlan(_CPUPlan):
         if self.dead is not None and not self.dead_finite:
             kh, vh = kh.masked_fill(self.dead, 0.0), vh.masked_fill(self.dead, 0.0)
         qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-        out, lse = FLASH(qh, kh, vh, attn_mask=self.bias, scale=softmax_scale)
+        out, lse = _flash(qh, kh, vh, attn_mask=self.bias, scale=softmax_scale)
         out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
         lse = lse.reshape(B, Hq, T)
         if self.blind is not None:  # queries that see nothing: out 0, lse -inf
@@ -241,7 +240,7 @@ class RowExactCPUPlan(_CPUPlan):
             qw = self.q_w
             qw[:, :, :G].copy_(q.view(B * T, Hkv, G, D))
         kw, vw = self._window(k_cache), self._window(v_cache)
-        out, lse = FLASH(qw, kw, vw, attn_mask=self.bias_w, scale=softmax_scale)
+        out, lse = _flash(qw, kw, vw, attn_mask=self.bias_w, scale=softmax_scale)
         out, lse = out[:, :, :G], lse[:, :, :G]                                   # [B T, Hkv, G(, D)]
         if self.groups:  # the prefixes [0, E), merged in fp64, weighted by their share of the softmax
             out_p, lse_p = self._prefixes(q, qw, k_cache, v_cache, softmax_scale)
@@ -258,7 +257,7 @@ class RowExactCPUPlan(_CPUPlan):
         if B == 1 and len(self.groups) == 1 and self.groups[0][2] is None:  # one prefix for all rows
             e = self.groups[0][1]  # one row: the window's query rows are the prefix's
             qp = qw if T == 1 else _rows(q[0].view(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D))
-            o, l = FLASH(qp, k_cache[:, :e].transpose(1, 2), v_cache[:, :e].transpose(1, 2), scale=softmax_scale)
+            o, l = _flash(qp, k_cache[:, :e].transpose(1, 2), v_cache[:, :e].transpose(1, 2), scale=softmax_scale)
             return (o[0, :, :G * T].view(Hkv, G, T, D).permute(2, 0, 1, 3),
                     l[0, :, :G * T].view(Hkv, G, T).permute(2, 0, 1))
         out_p = q.new_zeros(B, T, Hkv, G, D)
@@ -266,7 +265,7 @@ class RowExactCPUPlan(_CPUPlan):
         for b, e, sel in self.groups:  # the rows of one prefix in one entry, as G n query rows
             qs = q[b] if sel is None else q[b, sel]                                        # [n, Hq, D]
             n = qs.shape[0]
-            o, l = FLASH(_rows(qs.view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * n, D)),
+            o, l = _flash(_rows(qs.view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * n, D)),
                          k_cache[b:b + 1, :e].transpose(1, 2), v_cache[b:b + 1, :e].transpose(1, 2),
                          scale=softmax_scale)
             at = (b, slice(None) if sel is None else sel)
@@ -280,6 +279,14 @@ def _rows(q: torch.Tensor) -> torch.Tensor:
     if q.shape[2] >= KERNEL_ROWS:
         return q
     return torch.cat([q, q.new_zeros(q.shape[0], q.shape[1], KERNEL_ROWS - q.shape[2], q.shape[3])], 2)
+
+
+def _flash(q, k, v, attn_mask=None, scale=None):
+    """PyTorch's fused CPU flash-attention kernel on q [N, H, M, D], k, v [N, H, S, D]. The kernel reads the
+    head dim as if its stride were 1 (a strided one gives wrong values, NaN from the gaps), so such
+    inputs are copied first."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 def _materialized(q, k_cache, v_cache, lens, tree_mask, softmax_scale):
