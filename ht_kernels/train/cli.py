@@ -30,8 +30,9 @@ def float_in(lo: float, hi: float | None = None, *, open_lo: bool = False, open_
     """An argparse type: a finite float in [lo, hi] (hi None: no upper bound; open_lo / open_hi exclude the bound)."""
     def parse(value: str) -> float:
         x = float(value)
-        if (not math.isfinite(x) or x < lo or (open_lo and x == lo)
-                or (hi is not None and (x > hi or (open_hi and x == hi)))):
+        too_low = x <= lo if open_lo else x < lo
+        too_high = hi is not None and (x >= hi if open_hi else x > hi)
+        if not math.isfinite(x) or too_low or too_high:
             bound = f"{'>' if open_lo else '>='} {lo}" if hi is None else \
                 f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {x}")
