@@ -10,6 +10,7 @@
 # Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11 (the
 # first command keeps half of SmolLM2's GGUF for gpu_decode.sh, the next call; see there):
 #     cp gpu/smollm2.gguf.partaa /tmp/; bash benchmarks/gpu_check.sh   # under $OUT: gpu_check.log, 7 JSON files
+# carrying gpu/smollm2.gguf.partaa and gpu/fi (FlashInfer's wheels), both made by benchmarks/gpu_prepare.sh.
 # Record the figures, with the card's name, the date and the commit, in benchmarks/RESULTS.md.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -45,7 +46,17 @@ step timeout 150 python3 benchmarks/tune_tree_attention.py --splits 1 --json "$o
 step timeout 90 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
 step timeout 40 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --case B=1,L=4096 --profile \
     --json "$out/tree_attention_profile.json"
-step timeout 50 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
+# The peers on the target case. FlashInfer where gpu/fi holds its wheels (gpu_prepare.sh): installed under /tmp/fi
+# for this step only, behind the image's packages; its prefill module JIT-compiles on first use with the CUDA
+# toolkit that built the extension above (torch's CUDA_HOME), linking an empty libcuda.so where it has no stubs.
+peers=()
+if ls gpu/fi/*.whl > /dev/null 2>&1 && TAIL=3 step python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/fi gpu/fi/*.whl; then
+  mkdir -p /tmp/fi/stub && gcc -shared -o /tmp/fi/stub/libcuda.so -Wl,-soname,libcuda.so.1 -x c /dev/null
+  peers=(PYTHONPATH="$PYTHONPATH:/tmp/fi" FLASHINFER_WORKSPACE_BASE=/tmp/fi FLASHINFER_EXTRA_LDFLAGS=-L/tmp/fi/stub
+         CUDA_HOME="${CUDA_HOME:-$(python3 -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)')}")
+fi
+step env "${peers[@]}" timeout 120 python3 benchmarks/bench_tree_attention.py --providers sdpa,flex,flashinfer,triton,cuda \
     --case Hkv=8,B=8,L=16384,T=64 --json "$out/tree_attention_flex.json"
 step timeout 45 python3 benchmarks/bench_hidden_transfer.py --providers matmul,auto,triton,cuda --json "$out/hidden_transfer.json"
 step timeout 30 python3 benchmarks/bench_step_ops.py --json "$out/step_ops.json"

