@@ -37,8 +37,10 @@ def main(folder: str) -> None:
           "a row says events)")
     for name, r in ta.items():
         if name in ("triton", "cuda", "cuda-sm90"):
-            vs = "".join(f", {peers[p]['median_us'] / r['median_us']:.2f}x {p}"
-                         for p in ("flashinfer", "flex") if peers.get(p, {}).get("median_us"))
+            # Against the peers timed in the same run as this provider (the Hopper kernel's run has none).
+            own = peers.get(name, {}).get("median_us")
+            vs = "".join(f", {peers[p]['median_us'] / own:.2f}x {p}"
+                         for p in ("flashinfer", "flex") if own and peers.get(p, {}).get("median_us"))
             print(f"{'tree_attention B8 L16384 T64 32/8 D128: >=60% roof, 1.5x flashinfer, flex':<66} {name:>8} "
                   f"{cell(r, 'median_us', '{:.1f}'):>10} {cell(r, '% roof', '{:.0f}%')} roof" + vs)
     for name, r in wide.items():
