@@ -8,7 +8,7 @@
 # then the GPU tests of the Triton tree attention, of the other kernels and of the decoding step as a CUDA
 # graph, and the target table.
 # Run from the repository root on the device machine, whose python3 holds torch, triton and pybind11 (the
-# first command keeps half of SmolLM2's GGUF for gpu_decode.sh, the next call; see there):
+# first command keeps the first part of SmolLM2's GGUF for gpu_decode.sh, the next call; see there):
 #     cp gpu/smollm2.gguf.partaa /tmp/; bash benchmarks/gpu_check.sh   # under $OUT: gpu_check.log, 7 JSON files
 # carrying gpu/smollm2.gguf.partaa and gpu/fi (FlashInfer's wheels), both made by benchmarks/gpu_prepare.sh.
 # Record the figures, with the card's name, the date and the commit, in benchmarks/RESULTS.md.
