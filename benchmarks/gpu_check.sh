@@ -46,9 +46,10 @@ step timeout 150 python3 benchmarks/tune_tree_attention.py --splits 1 --json "$o
 step timeout 90 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --json "$out/tree_attention.json"
 step timeout 40 python3 benchmarks/bench_tree_attention.py --providers sdpa,triton,cuda --case B=1,L=4096 --profile \
     --json "$out/tree_attention_profile.json"
-# The peers on the target case. FlashInfer where gpu/fi holds its wheels (gpu_prepare.sh): installed under /tmp/fi
-# for this step only, behind the image's packages; its prefill module JIT-compiles on first use with the CUDA
-# toolkit that built the extension above (torch's CUDA_HOME), linking an empty libcuda.so where it has no stubs.
+# The peers on the target case. FlashInfer where gpu/fi holds its wheels (gpu_prepare.sh: FlashInfer and
+# apache-tvm-ffi, which the image lacks): installed under /tmp/fi, on PYTHONPATH for this step only; its prefill
+# module JIT-compiles on first use with the CUDA toolkit that built the extension above (torch's CUDA_HOME),
+# linking an empty libcuda.so where that toolkit has no driver stubs.
 peers=()
 if ls gpu/fi/*.whl > /dev/null 2>&1 && TAIL=3 step python3 -m pip install -q --no-index --no-deps --no-compile \
     --target /tmp/fi gpu/fi/*.whl; then
