@@ -44,14 +44,15 @@ def logits_after(model: Transformer, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens]), torch.arange(n)[None], cache, mask)[0, -1]
 
 
-def assert_same_greedy(model, prompts, got, expected) -> None:
-    """Identical sequences, except that a difference is allowed where plain decoding faced a tie."""
+def assert_same_greedy(model, prompts, got, expected, tie: float = TIE) -> None:
+    """Identical sequences, except that a difference is allowed where plain decoding faced a tie (its top two
+    logits closer than `tie`)."""
     for prompt, a, b in zip(prompts, got, expected):
         if a == b:
             continue
         i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else min(len(a), len(b))
         top2 = logits_after(model, prompt + b[:i]).topk(2).values
-        assert top2[0] - top2[1] < TIE, f"differs at new token {i}: {a[i:i + 5]} vs plain {b[i:i + 5]}"
+        assert top2[0] - top2[1] < tie, f"differs at new token {i}: {a[i:i + 5]} vs plain {b[i:i + 5]}"
 
 
 class ScriptedDrafts(HiddenTransferDecoder):
@@ -227,14 +228,20 @@ def _chi2_critical(df: int) -> float:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_drafts_that_overflow_stay_lossless(dtype):
     """Maps near the dtype's largest value make pseudo states inf or NaN: real nodes hide them, and their
-    tokens stay plain decoding's (a masked NaN value used to reach them as 0 * NaN)."""
+    tokens stay plain decoding's (a masked NaN value used to reach them as 0 * NaN): bit for bit in bf16
+    (exact), up to plain decoding's near-ties in fp16 and fp32, whose tree steps round differently."""
     model = tiny_model().to(dtype)
     D, big = model.config.dim, torch.finfo(dtype).max / 2
     transfer = TransferWeights(torch.randn(3, D, D).clamp(-1, 1) * big, torch.zeros(3, D), 2)
+    exact = dtype == torch.bfloat16
     for tree in (None, "dynamic"):
-        dec = HiddenTransferDecoder(model, transfer, tree=tree, lookup=0.0, exact=dtype == torch.bfloat16)
+        dec = HiddenTransferDecoder(model, transfer, tree=tree, lookup=0.0, exact=exact)
         ar, ht = dec.generate_ar(PROMPTS, max_new_tokens=8), dec.generate(PROMPTS, max_new_tokens=8)
-        assert ht.sequences == ar.sequences
+        if exact:
+            assert ht.sequences == ar.sequences
+        else:
+            # fp16 logits between 4 and 8 lie 2^-8 apart: a near-tie there is a few such steps.
+            assert_same_greedy(model, PROMPTS, ht.sequences, ar.sequences, tie=TIE if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
