@@ -15,11 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu && mkdir -p gpu
 python -m pip download -q --no-deps --only-binary=:all: -d gpu/whl gguf==0.19.0
-platforms=()
-for p in manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_12 manylinux2010 manylinux_2_5 manylinux1; do
-  platforms+=(--platform "${p}_x86_64")
-done
-python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 "${platforms[@]}" -d gpu/fi \
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d gpu/fi \
     flashinfer-python==0.5.3 apache-tvm-ffi==0.1.15.post2
 # Split the GGUF where both calls carry the same: tree + part aa + gpu/fi, and tree + part ab + gpu/whl.
 bytes() { cat "$@" | wc -c; }
